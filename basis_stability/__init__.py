@@ -1,0 +1,40 @@
+"""basis_stability: record how a network's weight bases settle during training, analyse it, and
+exploit it to train low-rank (OIALR).
+
+The public API is imported lazily so that ``import basis_stability`` stays light (no h5py,
+matplotlib or click until used)::
+
+    from basis_stability import Recorder, open_run, every
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "Recorder": "record", "RecordConfig": "record", "every": "record", "every_epoch": "record",
+    "at": "record", "logspaced": "record", "record_checkpoints": "record",
+    "open_run": "store", "Run": "store", "FORMAT_VERSION": "store",
+    "select_layers": "views", "LayerView": "views", "register_view": "views",
+    "validate_run": "store.validate",
+    "build_model": "zoo", "load_dataset": "zoo",
+    "TrainConfig": "train", "fit": "train",
+    "BstabError": "errors",
+}
+
+__all__ = ["__version__", *sorted(_API)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'basis_stability' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,17 @@
+"""torch.distributed helpers: who writes files."""
+
+from __future__ import annotations
+
+
+def rank() -> int:
+    """This process's global rank, 0 when torch.distributed is not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def is_writer() -> bool:
+    """Only global rank 0 writes run files; every other rank is a no-op."""
+    return rank() == 0

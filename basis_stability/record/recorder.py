@@ -1,0 +1,244 @@
+"""The recorder: snapshots a model's layer matrices into a run file.
+
+Three lines in a plain loop::
+
+    with Recorder(model, "run.h5") as rec:          # also records the initial weights
+        for epoch in range(1, epochs + 1):
+            train_one_epoch(...)
+            rec.snapshot(epoch=epoch, metrics={"loss": loss, "acc": acc})
+
+or let the optimizer fire a schedule by itself::
+
+    rec = Recorder(model, "run.h5").attach(optimizer, every(10))
+    ...                                              # training; rec.log(loss=...) adds metrics
+    rec.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import _dist
+from ..errors import ConfigError, expected
+from ..views import LayerView, Selection, select_layers, unwrap_model
+from .schedules import Schedule
+
+log = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MODES = ("create", "overwrite", "append")
+
+
+@dataclass
+class RecordConfig:
+    """What to record and how.
+
+    Attributes:
+        include: name patterns a layer must match (globs, or ``re:`` regular expressions).
+        exclude: name patterns that drop a layer.
+        types: layer kinds to keep (``linear``, ``conv*``, ``mha``, ``embedding``, ...).
+        dtype: storage dtype, ``float32`` (exact, default), ``float16`` or ``bfloat16``.
+        initial: take a snapshot of the initial weights (step 0, epoch 0) when a run is created.
+        metadata: free-form JSON-able facts about the run (hyper-parameters, dataset, ...).
+    """
+
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    types: Sequence[str] | None = None
+    dtype: str = "float32"
+    initial: bool = True
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _TORCH_DTYPES:
+            raise ConfigError(expected("dtype", f"one of {', '.join(_TORCH_DTYPES)}", self.dtype,
+                                       "float32 is exact; the others halve the file."))
+
+
+def _resolve(model: nn.Module, dotted: str) -> torch.Tensor:
+    obj: Any = model
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_storage(view: LayerView, weight: torch.Tensor, dtype: str) -> np.ndarray:
+    """Copy one layer's tall matrix to host memory in the storage dtype (bfloat16 as raw bits)."""
+    with torch.no_grad():
+        mat = view.matrix(weight.detach()).to("cpu", dtype=_TORCH_DTYPES[dtype])
+        if dtype == "bfloat16":
+            return mat.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return mat.numpy()
+
+
+class Recorder:
+    """Records snapshots of a model's layer matrices into one run file.
+
+    Args:
+        model: the model (DDP and ``torch.compile`` wrappers are unwrapped).
+        path: the run file (``.h5``).
+        config: a :class:`RecordConfig`; keyword arguments override its fields.
+        mode: ``create`` (refuse an existing file), ``overwrite`` (replace it) or ``append``
+            (resume after the last complete snapshot; creates the file if missing).
+
+    Under torch.distributed only global rank 0 opens and writes the file; on other ranks every
+    method is a cheap no-op, so the same code runs on all ranks.
+
+    Raises:
+        NoEligibleLayersError: no layer matched the selection.
+        RunExistsError: ``mode="create"`` and the file exists.
+        RunMismatchError: ``mode="append"`` and the run holds other layers or shapes.
+    """
+
+    def __init__(self, model: nn.Module, path: str | Path, config: RecordConfig | None = None, *,
+                 mode: str = "create", **overrides: Any) -> None:
+        if mode not in _MODES:
+            raise ConfigError(expected("mode", f"one of {', '.join(_MODES)}", mode,
+                                       "Use append to continue an existing run."))
+        self.config = RecordConfig(**{**asdict(config or RecordConfig()), **overrides})
+        self.model = unwrap_model(model)
+        self.selection: Selection = select_layers(
+            self.model, self.config.include, self.config.exclude, self.config.types)
+        for name, reason in self.selection.skipped:
+            log.info("not recording %s: %s", name, reason)
+        self.path = Path(path)
+        self.step = 0
+        self._pending: dict[str, float] = {}
+        self._hook = None
+        self._schedule: Schedule | None = None
+        self._metrics_fn: Callable[[], Mapping[str, float]] | None = None
+        self._fired = 0
+        self._steps_per_epoch: int | None = None
+        self._writer = self._open(mode) if _dist.is_writer() else None
+
+    @property
+    def views(self) -> list[LayerView]:
+        return self.selection.views
+
+    @property
+    def n_snapshots(self) -> int:
+        """Snapshots in the file (0 on ranks that do not write)."""
+        return self._writer.n_snapshots if self._writer else 0
+
+    def _open(self, mode: str):
+        from ..store.writer import RunWriter
+
+        if mode == "append" and self.path.exists():
+            writer = RunWriter.resume(self.path, self.views)
+            steps = writer._index["step"][-1:] if writer.n_snapshots else []
+            self.step = max(int(steps[0]), 0) if len(steps) else 0
+            log.info("resuming %s after snapshot %d (step %d)", self.path,
+                     writer.n_snapshots - 1, self.step)
+            return writer
+        cfg = {**asdict(self.config), "skipped": self.selection.skipped}
+        writer = RunWriter.create(self.path, self.views, model_class=type(self.model).__name__,
+                                  storage_dtype=self.config.dtype, config=cfg,
+                                  force=mode == "overwrite")
+        if self.config.initial:
+            self._write(writer, step=0, epoch=0.0, metrics={})
+        return writer
+
+    # ------------------------------------------------------------------ snapshots
+    def _matrices(self):
+        for view in self.views:  # one layer at a time: never a whole state_dict copy
+            yield to_storage(view, _resolve(self.model, view.param_name), self.config.dtype)
+
+    def _write(self, writer, *, step: int, epoch: float, metrics: Mapping[str, float]) -> int:
+        return writer.append(self._matrices(), step=step, epoch=epoch, metrics=metrics)
+
+    def snapshot(self, *, epoch: float | None = None, step: int | None = None,
+                 metrics: Mapping[str, float] | None = None) -> int | None:
+        """Write one snapshot of every selected layer and commit it (flushed to disk).
+
+        Args:
+            epoch: the epoch the weights belong to (e.g. ``epoch + 1`` after training epoch
+                ``epoch``); NaN when not given and no schedule can tell.
+            step: the optimizer step; defaults to the steps counted by :meth:`attach` (or -1).
+            metrics: scalar metrics to store with this snapshot (plus any from :meth:`log`).
+
+        Returns:
+            The index of the new snapshot, or None on a rank that does not write.
+        """
+        if step is None:
+            step = self.step if self._hook is not None else -1
+        if epoch is None:
+            epoch = self._epoch_of(step)
+        merged = {**self._pending, **(metrics or {})}
+        self._pending.clear()
+        if self._writer is None:
+            return None
+        return self._write(self._writer, step=int(step), epoch=float(epoch), metrics=merged)
+
+    def _epoch_of(self, step: int) -> float:
+        if self._steps_per_epoch and step >= 0:
+            return step / self._steps_per_epoch
+        return self._schedule.epoch_of(step) if self._schedule else math.nan
+
+    def log(self, **metrics: float) -> None:
+        """Remember metrics for the next snapshot (useful with :meth:`attach`)."""
+        self._pending.update({k: float(v) for k, v in metrics.items()})
+
+    # ------------------------------------------------------------------ schedules
+    def attach(self, optimizer: torch.optim.Optimizer, schedule: Schedule,
+               metrics_fn: Callable[[], Mapping[str, float]] | None = None,
+               steps_per_epoch: int | None = None) -> Recorder:
+        """Snapshot by itself after the optimizer steps that ``schedule`` selects.
+
+        Args:
+            optimizer: the optimizer whose ``step()`` drives the schedule.
+            schedule: e.g. ``every(10)``, ``at([1, 5, 50])``, ``logspaced(1, 5000, 30)``,
+                ``every_epoch(len(loader))``.
+            metrics_fn: called at each scheduled snapshot for metrics to store with it.
+            steps_per_epoch: when given, snapshots are stamped with the fractional epoch
+                ``step / steps_per_epoch``.
+
+        Returns:
+            ``self``, so that ``rec = Recorder(...).attach(opt, every(10))`` reads naturally.
+        """
+        if not isinstance(schedule, Schedule):
+            raise ConfigError(expected("schedule", "a Schedule such as every(10)", schedule,
+                                       "Import schedules from basis_stability.record."))
+        if self._hook is not None:
+            self._hook.remove()
+        self._schedule, self._metrics_fn = schedule, metrics_fn
+        self._steps_per_epoch = steps_per_epoch
+        self._hook = optimizer.register_step_post_hook(self._on_step)
+        return self
+
+    def _on_step(self, *_: Any) -> None:
+        self.step += 1
+        if self._schedule is not None and self._schedule(self.step):
+            self._fired += 1
+            extra = self._metrics_fn() if self._metrics_fn else None
+            self.snapshot(step=self.step, metrics=extra)
+
+    def close(self) -> None:
+        """Flush and close the file; warn loudly if an attached schedule never fired."""
+        if self._hook is not None:
+            self._hook.remove()
+            if self._fired == 0:
+                warnings.warn(
+                    f"The recorder for {self.path} was attached to an optimizer but its schedule "
+                    f"{self._schedule} never fired ({self.step} optimizer steps seen); nothing was "
+                    "recorded after the initial weights. Check that optimizer.step() runs and "
+                    "that the schedule's steps are within training.", RuntimeWarning,
+                    stacklevel=2)
+            self._hook = None
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

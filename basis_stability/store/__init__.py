@@ -1,0 +1,8 @@
+"""Store: the versioned, crash-safe HDF5 run file (writer, lazy reader, validator)."""
+
+from .format import FORMAT_NAME, FORMAT_VERSION
+from .reader import LayerInfo, LayerSnapshots, Run, open_run
+from .writer import RunWriter, recover
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "LayerInfo", "LayerSnapshots", "Run", "RunWriter",
+           "open_run", "recover"]

@@ -1,0 +1,50 @@
+"""Constants and small helpers of the run-file format (prose spec: checkpoints_spec/FORMAT.md).
+
+The machine-checkable description ``run_format.json`` beside this file is the single source of the
+format name and version; the writer, the reader and ``bstab validate`` all read them from it.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+# (T,) compound dataset; its length is the number of committed snapshots (written last).
+SNAPSHOT_DTYPE = np.dtype(
+    [("step", "<i8"), ("epoch", "<f8"), ("wall_time", "<f8"), ("unix_time", "<f8")]
+)
+NAME_DTYPE = "S128"
+
+
+@lru_cache(maxsize=1)
+def format_description() -> dict[str, Any]:
+    """The parsed ``run_format.json`` description."""
+    text = resources.files(__package__).joinpath("run_format.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+FORMAT_NAME: str = format_description()["format"]
+FORMAT_VERSION: str = format_description()["format_version"]
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """``"1.0" -> (1, 0)``; raises ``ValueError`` on anything else."""
+    major, minor = str(text).split(".")
+    return int(major), int(minor)
+
+
+def h5_dtype(storage_dtype: str) -> np.dtype:
+    """The on-disk dtype for a storage dtype (bfloat16 is stored as its raw uint16 bits)."""
+    return np.dtype(format_description()["layer"]["dtypes"][storage_dtype])
+
+
+def decode(raw: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """On-disk values -> float32 array (bfloat16 bits are widened exactly)."""
+    if storage_dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)

@@ -1,0 +1,86 @@
+"""A readable text summary of a run file (what ``bstab inspect`` prints)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .reader import Run, open_run
+
+
+def _size(n_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return ""  # unreachable
+
+
+def _span(values: np.ndarray, fmt: str = "g") -> str:
+    known = values[np.isfinite(values)] if values.dtype.kind == "f" else values[values >= 0]
+    if not len(known):
+        return "not recorded"
+    return f"{known[0]:{fmt}} -> {known[-1]:{fmt}}"
+
+
+def nonfinite_counts(run: Run) -> dict[str, int]:
+    """Per layer, how many committed snapshots hold a NaN or an Inf (reads every snapshot)."""
+    counts = {}
+    for info in run.layers:
+        snaps = run.layer(info.name)
+        counts[info.name] = sum(not np.isfinite(snaps[t]).all() for t in range(len(snaps)))
+    return counts
+
+
+def summarize(path: str | os.PathLike, scan: bool = True) -> str:
+    """The ``bstab inspect`` text for ``path``."""
+    with open_run(Path(path)) as run:
+        a = run.attrs
+        lines = [
+            f"{run.path}  ({_size(run.file_size())}, format {a['format']} {a['format_version']})",
+            f"model      {run.model_class}  (recorded {a.get('created', '?')} by basis_stability "
+            f"{a.get('package_version', '?')}, torch {a.get('torch_version', '?')})",
+            f"storage    {a.get('storage_dtype', '?')}",
+            f"snapshots  {run.n_snapshots}   epochs {_span(run.epochs)}   "
+            f"steps {_span(run.steps, 'd')}   wall time {_span(run.wall_time, '.1f')} s",
+        ]
+        bad = nonfinite_counts(run) if scan else {}
+        total = sum(info.n_params for info in run.layers)
+        lines.append(f"layers     {len(run.layers)} ({total:,} matrix entries per snapshot)")
+        width = max([len(i.name) for i in run.layers] + [5])
+        lines.append(f"  {'layer':{width}s}  {'kind':9s} {'matrix':>11s}  {'original':18s}"
+                     + ("  NaN/Inf" if scan else ""))
+        for info in run.layers:
+            mat = f"{info.shape[0]}x{info.shape[1]}"
+            orig = "x".join(map(str, info.orig_shape)) + (" (T)" if info.transposed else "")
+            flag = ""
+            if scan:
+                flag = f"  {bad[info.name]} snapshot(s) !" if bad[info.name] else "  none"
+            lines.append(f"  {info.name:{width}s}  {info.kind:9s} {mat:>11s}  {orig:18s}{flag}")
+        skipped = run.config.get("skipped") or []
+        if skipped:
+            lines.append(f"skipped    {len(skipped)} layer(s) at recording:")
+            lines += [f"  {name}: {reason}" for name, reason in skipped[:20]]
+        lines += _metric_lines(run)
+        if scan and any(bad.values()):
+            lines.append("WARNING: some snapshots hold NaN/Inf weights (recorded as they were).")
+    return "\n".join(lines)
+
+
+def _metric_lines(run: Run) -> list[str]:
+    names = run.metric_names
+    if not names:
+        return ["metrics    none"]
+    values = run.metrics_array()
+    out = [f"metrics    {', '.join(names)}"]
+    for j, name in enumerate(names):
+        col = values[:, j]
+        seen = col[~np.isnan(col)]
+        if len(seen):
+            out.append(f"  {name:12s} {len(seen):5d} values  first {seen[0]:.4g}  "
+                       f"last {seen[-1]:.4g}  min {np.min(seen):.4g}  max {np.max(seen):.4g}")
+        else:
+            out.append(f"  {name:12s} no values")
+    return out

@@ -1,0 +1,227 @@
+"""Check a run file against the machine-checkable format description (``run_format.json``).
+
+Example:
+    >>> report = validate_run("run.h5")  # doctest: +SKIP
+    >>> report.ok, [str(f) for f in report.findings]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import RunFileError
+from ..views import tall_shape
+from . import format as fmt
+from .reader import _open_h5, _plain
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error", "warning" or "info"
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level.upper():7s} {self.where}: {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    path: Path
+    findings: list[Finding] = field(default_factory=list)
+    n_snapshots: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.level == "error" for f in self.findings)
+
+    def add(self, level: str, where: str, message: str) -> None:
+        self.findings.append(Finding(level, where, message))
+
+
+def _check_attr(report: ValidationReport, where: str, attrs: h5py.AttributeManager, key: str,
+                rule: dict) -> None:
+    if key not in attrs:
+        if rule.get("required"):
+            report.add("error", where, f"missing attribute `{key}`")
+        return
+    value = _plain(attrs[key])
+    kind = rule["type"]
+    if kind in ("str", "json") and not isinstance(value, str):
+        report.add("error", where, f"attribute `{key}` should be a string, got {type(value)}")
+        return
+    if kind == "json":
+        try:
+            json.loads(value)
+        except ValueError:
+            report.add("error", where, f"attribute `{key}` is not valid JSON")
+    if kind == "bool" and not isinstance(value, (bool, np.bool_)):
+        report.add("error", where, f"attribute `{key}` should be a boolean, got {value!r}")
+    if kind == "int_array" and not (isinstance(value, list)
+                                    and all(isinstance(v, int) for v in value)):
+        report.add("error", where, f"attribute `{key}` should be an integer array, got {value!r}")
+    if "equals" in rule and value != rule["equals"]:
+        report.add("error", where, f"attribute `{key}` is {value!r}, expected {rule['equals']!r}")
+    if "one_of" in rule and value not in rule["one_of"]:
+        report.add("error", where, f"attribute `{key}` is {value!r}, expected one of "
+                                   f"{rule['one_of']}")
+    if "pattern" in rule and isinstance(value, str) and not re.match(rule["pattern"], value):
+        report.add("error", where, f"attribute `{key}` = {value!r} does not match "
+                                   f"{rule['pattern']}")
+
+
+def _check_root(report: ValidationReport, f: h5py.File, spec: dict) -> None:
+    for key, rule in spec["root_attributes"].items():
+        _check_attr(report, "/", f.attrs, key, rule)
+    version = _plain(f.attrs.get("format_version", ""))
+    try:
+        major, minor = fmt.parse_version(version)
+        ours = fmt.parse_version(spec["format_version"])
+        if major != ours[0]:
+            report.add("error", "/", f"format version {version} has another major version than "
+                                     f"this validator ({spec['format_version']})")
+        elif minor > ours[1]:
+            report.add("warning", "/", f"format version {version} is newer than this validator "
+                                       f"({spec['format_version']}); unknown parts are ignored")
+    except ValueError:
+        pass  # already reported by the pattern rule
+    for group in spec["groups"]:
+        if not isinstance(f.get(group), h5py.Group):
+            report.add("error", f"/{group}", "missing group")
+
+
+def _check_snapshots(report: ValidationReport, f: h5py.File, spec: dict) -> int:
+    rule = spec["snapshots"]
+    ds = f.get(rule["path"])
+    if not isinstance(ds, h5py.Dataset):
+        report.add("error", f"/{rule['path']}", "missing dataset")
+        return 0
+    names = ds.dtype.names or ()
+    for name, dtype in rule["fields"].items():
+        if name not in names:
+            report.add("error", f"/{rule['path']}", f"missing field `{name}`")
+        elif ds.dtype[name] != np.dtype(dtype):
+            report.add("error", f"/{rule['path']}", f"field `{name}` is {ds.dtype[name]}, "
+                                                    f"expected {dtype}")
+    if ds.ndim != 1 or ds.maxshape != (None,):
+        report.add("error", f"/{rule['path']}", f"should be extendable 1-D, is {ds.maxshape}")
+        return 0
+    n = len(ds)
+    if n and "step" in names:
+        steps = ds["step"]
+        known = steps[steps >= 0]
+        if np.any(np.diff(known) < 0):
+            report.add("warning", "/snapshots", "steps are not non-decreasing")
+    return n
+
+
+def _check_metrics(report: ValidationReport, f: h5py.File, spec: dict, n: int) -> None:
+    names = f.get(spec["metrics"]["names"]["path"])
+    values = f.get(spec["metrics"]["values"]["path"])
+    if not isinstance(names, h5py.Dataset) or not isinstance(values, h5py.Dataset):
+        report.add("error", "/metrics", "missing names or values dataset")
+        return
+    if names.dtype.kind != "S" or names.ndim != 1:
+        report.add("error", "/metrics/names", f"should be 1-D bytes, is {names.dtype}")
+    if values.ndim != 2 or values.dtype != np.float64:
+        report.add("error", "/metrics/values", f"should be 2-D float64, is {values.dtype}")
+        return
+    if values.shape[0] and values.shape[1] != len(names):
+        report.add("error", "/metrics/values", f"has {values.shape[1]} columns for "
+                                               f"{len(names)} metric names")
+    if values.shape[0] > n + 1:
+        report.add("error", "/metrics/values", f"has {values.shape[0]} rows for {n} snapshots")
+    bad = [names[j].decode() for j in range(min(values.shape[1], len(names)))
+           if np.isinf(values[:n, j]).any()]
+    if bad:
+        report.add("warning", "/metrics", f"infinite values in {', '.join(bad)}")
+
+
+def _check_layer(report: ValidationReport, name: str, ds: object, spec: dict, n: int) -> None:
+    where = f"/layers/{name}"
+    rule = spec["layer"]
+    if not isinstance(ds, h5py.Dataset):
+        report.add("error", where, "is not a dataset")
+        return
+    if ds.ndim != rule["ndim"]:
+        report.add("error", where, f"should be (T, m, n), has shape {ds.shape}")
+        return
+    for key, attr_rule in rule["attributes"].items():
+        _check_attr(report, where, ds.attrs, key, attr_rule)
+    storage = _plain(ds.attrs.get("storage_dtype", ""))
+    if storage in rule["dtypes"] and ds.dtype != np.dtype(rule["dtypes"][storage]):
+        report.add("error", where, f"dtype {ds.dtype} does not store {storage}")
+    m, k = ds.shape[1:]
+    if m < k:
+        report.add("error", where, f"matrix {m}x{k} is not tall (rows >= columns)")
+    if ds.chunks != (1, m, k):
+        report.add("warning", where, f"chunks {ds.chunks}, expected one snapshot per chunk")
+    if ds.maxshape[0] is not None:
+        report.add("error", where, "is not extendable along snapshots")
+    if "orig_shape" in ds.attrs and "transposed" in ds.attrs:
+        shape, transposed = tall_shape([int(d) for d in ds.attrs["orig_shape"]])
+        if shape != (m, k) or transposed != bool(ds.attrs["transposed"]):
+            report.add("error", where, f"orig_shape {tuple(ds.attrs['orig_shape'])} does not "
+                                       f"give the stored {m}x{k} matrix")
+    rows = ds.shape[0]
+    if rows < n:
+        report.add("error", where, f"has {rows} snapshots but /snapshots commits {n}")
+    elif rows == n + 1:
+        report.add("info", where, "holds a half-written last snapshot that readers ignore")
+    elif rows > n + 1:
+        report.add("error", where, f"has {rows} rows for {n} committed snapshots")
+    _check_finite(report, where, ds, storage, min(rows, n))
+
+
+def _check_finite(report: ValidationReport, where: str, ds: h5py.Dataset, storage: str,
+                  n: int) -> None:
+    bad = []
+    for t in range(n):
+        mat = fmt.decode(ds[t], storage) if storage in fmt.STORAGE_DTYPES else ds[t]
+        if not np.isfinite(mat).all():
+            bad.append(t)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        report.add("warning", where, f"NaN/Inf values in {len(bad)} snapshot(s): {shown}")
+
+
+def validate_run(path: str | os.PathLike) -> ValidationReport:
+    """Check ``path`` against the format description; never raises for a bad file.
+
+    Returns:
+        A :class:`ValidationReport`; ``report.ok`` is False when any finding is an error.
+    """
+    path = Path(path)
+    report = ValidationReport(path)
+    spec = fmt.format_description()
+    if not path.is_file():
+        report.add("error", str(path), "no such file")
+        return report
+    if not h5py.is_hdf5(path):
+        report.add("error", str(path), "not an HDF5 file")
+        return report
+    try:
+        f = _open_h5(path)
+    except RunFileError as exc:
+        report.add("error", str(path), str(exc))
+        return report
+    with f:
+        _check_root(report, f, spec)
+        if not report.ok and "format" not in f.attrs:
+            return report
+        n = report.n_snapshots = _check_snapshots(report, f, spec)
+        _check_metrics(report, f, spec, n)
+        layers = f.get("layers")
+        if isinstance(layers, h5py.Group):
+            if not len(layers):
+                report.add("error", "/layers", "holds no layer")
+            for name, ds in layers.items():
+                _check_layer(report, name, ds, spec, n)
+    return report
