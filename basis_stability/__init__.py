@@ -15,13 +15,24 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "Recorder": "record", "RecordConfig": "record", "every": "record", "every_epoch": "record",
-    "at": "record", "logspaced": "record", "record_checkpoints": "record",
-    "open_run": "store", "Run": "store", "FORMAT_VERSION": "store",
-    "select_layers": "views", "LayerView": "views", "register_view": "views",
+    "Recorder": "record",
+    "RecordConfig": "record",
+    "every": "record",
+    "every_epoch": "record",
+    "at": "record",
+    "logspaced": "record",
+    "record_checkpoints": "record",
+    "open_run": "store",
+    "Run": "store",
+    "FORMAT_VERSION": "store",
+    "select_layers": "views",
+    "LayerView": "views",
+    "register_view": "views",
     "validate_run": "store.validate",
-    "build_model": "zoo", "load_dataset": "zoo",
-    "TrainConfig": "train", "fit": "train",
+    "build_model": "zoo",
+    "load_dataset": "zoo",
+    "TrainConfig": "train",
+    "fit": "train",
     "BstabError": "errors",
 }
 

@@ -24,8 +24,9 @@ def _clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except BstabError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
-            click.echo("\nInterrupted. Every snapshot committed so far is kept in the run file.",
-                       err=True)
+            click.echo(
+                "\nInterrupted. Every snapshot committed so far is kept in the run file.", err=True
+            )
             sys.exit(130)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
@@ -34,7 +35,8 @@ def _clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             raise click.ClickException(
                 f"Unexpected {type(exc).__name__}: {exc}. This is a bug in basis_stability; "
-                "rerun with `bstab -vv ...` for the traceback and report it.") from None
+                "rerun with `bstab -vv ...` for the traceback and report it."
+            ) from None
 
     return wrapper
 
@@ -52,38 +54,87 @@ _MODELS = ["mlp", "cnn", "vit-tiny"]
 
 
 @main.command()
-@click.option("--model", type=click.Choice(_MODELS), default="cnn", show_default=True,
-              help="Built-in model to train.")
-@click.option("--dataset", type=click.Choice(["digits", "mnist1d"]), default="digits",
-              show_default=True, help="Offline dataset (digits ships with scikit-learn).")
+@click.option(
+    "--model",
+    type=click.Choice(_MODELS),
+    default="cnn",
+    show_default=True,
+    help="Built-in model to train.",
+)
+@click.option(
+    "--dataset",
+    type=click.Choice(["digits", "mnist1d"]),
+    default="digits",
+    show_default=True,
+    help="Offline dataset (digits ships with scikit-learn).",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
-              show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), default="adamw",
-              show_default=True)
-@click.option("--schedule", default="epoch", show_default=True,
-              help="When to snapshot: epoch, every:N (steps), at:S1,S2,... or log:N.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-              default="float32", show_default=True, help="Storage dtype of the snapshots.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option(
+    "--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), default="adamw", show_default=True
+)
+@click.option(
+    "--schedule",
+    default="epoch",
+    show_default=True,
+    help="When to snapshot: epoch, every:N (steps), at:S1,S2,... or log:N.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Storage dtype of the snapshots.",
+)
 @click.option("--include", multiple=True, help="Layer name glob (or re:REGEX); repeatable.")
 @click.option("--exclude", multiple=True, help="Layer name glob (or re:REGEX) to drop.")
 @click.option("--types", multiple=True, help="Layer kinds: linear, conv*, mha, embedding, ...")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Run file. Default: runs/MODEL-DATASET-seedN.h5, never overwriting.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run file. Default: runs/MODEL-DATASET-seedN.h5, never overwriting.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
-@click.option("--from-checkpoints", "checkpoints", metavar="GLOB", default=None,
-              help="Build the run from existing state-dict checkpoints instead of training.")
+@click.option(
+    "--from-checkpoints",
+    "checkpoints",
+    metavar="GLOB",
+    default=None,
+    help="Build the run from existing state-dict checkpoints instead of training.",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--list", "list_only", is_flag=True,
-              help="Only list the layers that would be recorded and skipped.")
+@click.option(
+    "--list",
+    "list_only",
+    is_flag=True,
+    help="Only list the layers that would be recorded and skipped.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @_clean_errors
-def record(model: str, dataset: str, epochs: int, seed: int, batch_size: int, lr: float,
-           optimizer: str, schedule: str, dtype: str, include: tuple[str, ...],
-           exclude: tuple[str, ...], types: tuple[str, ...], output: Path | None, force: bool,
-           checkpoints: str | None, device: str, list_only: bool, no_progress: bool) -> None:
+def record(
+    model: str,
+    dataset: str,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    schedule: str,
+    dtype: str,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    types: tuple[str, ...],
+    output: Path | None,
+    force: bool,
+    checkpoints: str | None,
+    device: str,
+    list_only: bool,
+    no_progress: bool,
+) -> None:
     """Train a built-in model and snapshot its layers into a run file.
 
     With no options: the cnn on scikit-learn's digits for 40 epochs, a snapshot of the initial
@@ -98,20 +149,28 @@ def record(model: str, dataset: str, epochs: int, seed: int, batch_size: int, lr
     """
     from .record import RecordConfig
 
-    rec_cfg = RecordConfig(include=include or None, exclude=exclude or None,
-                           types=types or None, dtype=dtype)
+    rec_cfg = RecordConfig(
+        include=include or None, exclude=exclude or None, types=types or None, dtype=dtype
+    )
     if output is not None and output.exists() and not force and not list_only:
-        raise click.ClickException(f"{output} already exists. Pass --force to overwrite it or "
-                                   "choose another --output; nothing was written.")
+        raise click.ClickException(
+            f"{output} already exists. Pass --force to overwrite it or "
+            "choose another --output; nothing was written."
+        )
     if checkpoints is not None:
         _record_checkpoints(checkpoints, rec_cfg, output, force, list_only, not no_progress)
         return
     from . import jobs
     from .train import TrainConfig
 
-    job = jobs.RecordJob(model, dataset, TrainConfig(epochs=epochs, batch_size=batch_size,
-                                                     lr=lr, optimizer=optimizer, seed=seed),
-                         rec_cfg, schedule, device)
+    job = jobs.RecordJob(
+        model,
+        dataset,
+        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed),
+        rec_cfg,
+        schedule,
+        device,
+    )
     if list_only:
         from .views import select_layers
 
@@ -119,16 +178,20 @@ def record(model: str, dataset: str, epochs: int, seed: int, batch_size: int, lr
         _print_selection(select_layers(net, rec_cfg.include, rec_cfg.exclude, rec_cfg.types))
         return
     path = output or jobs.default_run_path(f"{model}-{dataset}-seed{seed}")
-    result = jobs.run_record_job(job, path, mode="overwrite" if force else "create",
-                                 progress=not no_progress)
+    result = jobs.run_record_job(
+        job, path, mode="overwrite" if force else "create", progress=not no_progress
+    )
     last = result.history[-1]
-    click.echo(f"Recorded {result.n_snapshots} snapshots of {result.n_layers} layers "
-               f"(final val_acc {last['val_acc']:.3f}) to {result.path}")
+    click.echo(
+        f"Recorded {result.n_snapshots} snapshots of {result.n_layers} layers "
+        f"(final val_acc {last['val_acc']:.3f}) to {result.path}"
+    )
     click.echo(f"Next: bstab inspect {result.path}")
 
 
-def _record_checkpoints(pattern: str, cfg: Any, output: Path | None, force: bool,
-                        list_only: bool, progress: bool) -> None:
+def _record_checkpoints(
+    pattern: str, cfg: Any, output: Path | None, force: bool, list_only: bool, progress: bool
+) -> None:
     from .jobs import default_run_path
     from .record import find_checkpoints, record_checkpoints
     from .record.checkpoints import open_checkpoint
@@ -179,11 +242,15 @@ def validate(run_path: Path) -> None:
     for finding in report.findings:
         click.echo(str(finding))
     if not report.ok:
-        raise click.ClickException(f"{run_path} does not conform to the run format "
-                                   f"({sum(f.level == 'error' for f in report.findings)} errors).")
+        raise click.ClickException(
+            f"{run_path} does not conform to the run format "
+            f"({sum(f.level == 'error' for f in report.findings)} errors)."
+        )
     warnings = sum(f.level == "warning" for f in report.findings)
-    click.echo(f"OK: {run_path} conforms to the run format ({report.n_snapshots} snapshots"
-               f"{f', {warnings} warnings' if warnings else ''}).")
+    click.echo(
+        f"OK: {run_path} conforms to the run format ({report.n_snapshots} snapshots"
+        f"{f', {warnings} warnings' if warnings else ''})."
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

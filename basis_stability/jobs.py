@@ -49,13 +49,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(expected("device", "an available device", name,
-                                   "No CUDA GPU is visible here; use --device cpu."))
+        raise ConfigError(
+            expected(
+                "device",
+                "an available device",
+                name,
+                "No CUDA GPU is visible here; use --device cpu.",
+            )
+        )
     try:
         return torch.device(name)
     except RuntimeError:
-        raise ConfigError(expected("device", "cpu, cuda, cuda:N or auto", name,
-                                   "Use --device cpu.")) from None
+        raise ConfigError(
+            expected("device", "cpu, cuda, cuda:N or auto", name, "Use --device cpu.")
+        ) from None
 
 
 def build(job: RecordJob) -> tuple[torch.nn.Module, object]:
@@ -66,8 +73,9 @@ def build(job: RecordJob) -> tuple[torch.nn.Module, object]:
     return model.to(resolve_device(job.device)), data
 
 
-def run_record_job(job: RecordJob, path: str | Path, mode: str = "create",
-                   progress: bool = True) -> RecordResult:
+def run_record_job(
+    job: RecordJob, path: str | Path, mode: str = "create", progress: bool = True
+) -> RecordResult:
     """Train a built-in model and record it into ``path``."""
     model, data = build(job)
     steps_per_epoch = math.ceil(len(data.x_train) / job.train.batch_size)
@@ -75,17 +83,26 @@ def run_record_job(job: RecordJob, path: str | Path, mode: str = "create",
     if schedule_text.startswith("log:") and schedule_text.count(":") == 1:
         schedule_text += f":{steps_per_epoch * job.train.epochs}"
     schedule = parse_schedule(schedule_text, steps_per_epoch)
-    meta = {**job.record.metadata, "job": {"model": job.model, "dataset": job.dataset,
-                                           "schedule": job.schedule, "device": job.device,
-                                           "steps_per_epoch": steps_per_epoch,
-                                           "train": asdict(job.train)}}
+    meta = {
+        **job.record.metadata,
+        "job": {
+            "model": job.model,
+            "dataset": job.dataset,
+            "schedule": job.schedule,
+            "device": job.device,
+            "steps_per_epoch": steps_per_epoch,
+            "train": asdict(job.train),
+        },
+    }
     record_cfg = RecordConfig(**{**asdict(job.record), "metadata": meta})
     optimizer = make_optimizer(model, job.train)
     with Recorder(model, path, record_cfg, mode=mode) as rec:
         by_epoch = isinstance(schedule, every_epoch)
         if by_epoch:
+
             def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
                 rec.snapshot(epoch=epoch, step=epoch * steps_per_epoch, metrics=metrics)
+
             on_loss = None
         else:
             rec.attach(optimizer, schedule, steps_per_epoch=steps_per_epoch)
@@ -93,6 +110,14 @@ def run_record_job(job: RecordJob, path: str | Path, mode: str = "create",
 
             def on_loss(loss: float) -> None:
                 rec.log(batch_loss=loss)
-        history = fit(model, data, job.train, optimizer=optimizer, on_epoch_end=on_epoch_end,
-                      on_loss=on_loss, progress=progress)
+
+        history = fit(
+            model,
+            data,
+            job.train,
+            optimizer=optimizer,
+            on_epoch_end=on_epoch_end,
+            on_loss=on_loss,
+            progress=progress,
+        )
         return RecordResult(Path(path), history, rec.n_snapshots, len(rec.views))

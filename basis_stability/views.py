@@ -178,8 +178,10 @@ def _type_filter(types: Iterable[str | type] | None) -> set[str] | None:
         if isinstance(t, type):
             entry = next((v for k, v in _REGISTRY.items() if issubclass(t, k)), None)
             if entry is None:
-                raise ConfigError(f"Expected `types` to hold supported layer types but got {t!r}."
-                                  f" Supported: {', '.join(sorted(known))}.")
+                raise ConfigError(
+                    f"Expected `types` to hold supported layer types but got {t!r}."
+                    f" Supported: {', '.join(sorted(known))}."
+                )
             wanted.add(entry[0])
             continue
         name = str(t).lower()
@@ -187,8 +189,10 @@ def _type_filter(types: Iterable[str | type] | None) -> set[str] | None:
         name = aliases.get(name, name)
         hits = {k for k in known if fnmatch.fnmatch(k, name)}
         if not hits:
-            raise ConfigError(f"Expected `types` to hold supported layer types but got {t!r}."
-                              f" Supported: {', '.join(sorted(known))}.")
+            raise ConfigError(
+                f"Expected `types` to hold supported layer types but got {t!r}."
+                f" Supported: {', '.join(sorted(known))}."
+            )
         wanted |= hits
     return wanted
 
@@ -221,8 +225,11 @@ class _Filter:
 
 
 def _make_filter(include, exclude, types) -> _Filter:
-    return _Filter(_compile_patterns(include, "include"), _compile_patterns(exclude, "exclude"),
-                   _type_filter(types))
+    return _Filter(
+        _compile_patterns(include, "include"),
+        _compile_patterns(exclude, "exclude"),
+        _type_filter(types),
+    )
 
 
 def _finish(views: list[LayerView], skipped: list[tuple[str, str]], source: str) -> Selection:
@@ -267,8 +274,12 @@ def select_layers(
         if entry is None:
             own = [n for n, p in module.named_parameters(recurse=False) if p is not None]
             if own:
-                skipped.append((mod_name or "<root>",
-                                f"no matrix view for {type(module).__name__} ({', '.join(own)})"))
+                skipped.append(
+                    (
+                        mod_name or "<root>",
+                        f"no matrix view for {type(module).__name__} ({', '.join(own)})",
+                    )
+                )
             continue
         kind, handler = entry
         for suffix, attr in handler(module):
@@ -290,14 +301,18 @@ def strip_wrapper_prefix(key: str) -> str:
     """Drop the ``module.``/``_orig_mod.`` prefixes that DDP and torch.compile add to keys."""
     for prefix in ("module.", "_orig_mod."):
         while key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key
 
 
 def _kind_from_key(key: str, ndim: int) -> tuple[str, str] | None:
     """Guess (layer name, kind) from a state-dict key; None when it is not a matrix."""
-    for attr, suffix in (("in_proj_weight", "in_proj"), ("q_proj_weight", "q_proj"),
-                         ("k_proj_weight", "k_proj"), ("v_proj_weight", "v_proj")):
+    for attr, suffix in (
+        ("in_proj_weight", "in_proj"),
+        ("q_proj_weight", "q_proj"),
+        ("k_proj_weight", "k_proj"),
+        ("v_proj_weight", "v_proj"),
+    ):
         if key == attr or key.endswith("." + attr):
             base = key[: -len(attr)].rstrip(".")
             return (f"{base}.{suffix}" if base else suffix), "mha"

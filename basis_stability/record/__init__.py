@@ -4,5 +4,15 @@ from .checkpoints import find_checkpoints, record_checkpoints
 from .recorder import RecordConfig, Recorder
 from .schedules import Schedule, at, every, every_epoch, logspaced, parse_schedule
 
-__all__ = ["RecordConfig", "Recorder", "Schedule", "at", "every", "every_epoch",
-           "find_checkpoints", "logspaced", "parse_schedule", "record_checkpoints"]
+__all__ = [
+    "RecordConfig",
+    "Recorder",
+    "Schedule",
+    "at",
+    "every",
+    "every_epoch",
+    "find_checkpoints",
+    "logspaced",
+    "parse_schedule",
+    "record_checkpoints",
+]

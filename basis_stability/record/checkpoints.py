@@ -41,13 +41,17 @@ def find_checkpoints(pattern: str) -> list[Path]:
     paths = sorted((Path(p) for p in glob.glob(pattern, recursive=True)), key=natural_key)
     paths = [p for p in paths if p.is_file()]
     if not paths:
-        raise CheckpointError(f"Expected `--from-checkpoints` to match checkpoint files but "
-                              f"{pattern!r} matched nothing. Quote the glob so the shell does "
-                              "not expand it, and check the folder.")
+        raise CheckpointError(
+            f"Expected `--from-checkpoints` to match checkpoint files but "
+            f"{pattern!r} matched nothing. Quote the glob so the shell does "
+            "not expand it, and check the folder."
+        )
     wrong = [p.name for p in paths if p.suffix not in _SUFFIXES]
     if wrong:
-        raise CheckpointError(f"Expected checkpoint files ({', '.join(_SUFFIXES)}) but "
-                              f"{pattern!r} also matched {', '.join(wrong[:5])}. Narrow the glob.")
+        raise CheckpointError(
+            f"Expected checkpoint files ({', '.join(_SUFFIXES)}) but "
+            f"{pattern!r} also matched {', '.join(wrong[:5])}. Narrow the glob."
+        )
     return paths
 
 
@@ -75,10 +79,15 @@ class Checkpoint:
 
 def _unnest(obj: object, path: Path) -> tuple[Mapping[str, torch.Tensor], dict[str, float]]:
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict. Save "
-                              "`model.state_dict()` (not the model object).")
-    scalars = {k: float(v) for k, v in obj.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a state dict. Save "
+            "`model.state_dict()` (not the model object)."
+        )
+    scalars = {
+        k: float(v)
+        for k, v in obj.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     for key in _NESTED:
         if isinstance(obj.get(key), Mapping):
             return obj[key], scalars
@@ -100,8 +109,10 @@ def open_checkpoint(path: Path) -> Iterator[Checkpoint]:
     except CheckpointError:
         raise
     except Exception as exc:  # torch/safetensors raise many types for unreadable files
-        raise CheckpointError(f"Cannot read checkpoint {path}: {exc}. Check that it is a "
-                              "state dict saved with torch.save or safetensors.") from None
+        raise CheckpointError(
+            f"Cannot read checkpoint {path}: {exc}. Check that it is a "
+            "state dict saved with torch.save or safetensors."
+        ) from None
     state, scalars = _unnest(obj, path)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     yield Checkpoint(path, {k: tuple(v.shape) for k, v in tensors.items()}, scalars, tensors)
@@ -120,15 +131,26 @@ def _check_same(first: Checkpoint, other: Checkpoint, views: list[LayerView]) ->
     missing = sorted(set(want) - set(have))
     reshaped = sorted(k for k in have if tuple(have[k]) != tuple(want[k]))
     if missing or reshaped:
-        detail = (f"missing {', '.join(missing[:8])}" if missing else
-                  "; ".join(f"{k} is {have[k]} not {want[k]}" for k in reshaped[:8]))
-        raise CheckpointError(f"Checkpoints have differing keys: {other.path.name} differs from "
-                              f"{first.path.name} ({detail}). Pass checkpoints of one model, or "
-                              "--exclude the differing layers.")
+        detail = (
+            f"missing {', '.join(missing[:8])}"
+            if missing
+            else "; ".join(f"{k} is {have[k]} not {want[k]}" for k in reshaped[:8])
+        )
+        raise CheckpointError(
+            f"Checkpoints have differing keys: {other.path.name} differs from "
+            f"{first.path.name} ({detail}). Pass checkpoints of one model, or "
+            "--exclude the differing layers."
+        )
 
 
-def record_checkpoints(pattern: str, path: str | Path, config: RecordConfig | None = None, *,
-                       force: bool = False, progress: bool = False) -> Path:
+def record_checkpoints(
+    pattern: str,
+    path: str | Path,
+    config: RecordConfig | None = None,
+    *,
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
     """Write the checkpoints matching ``pattern`` into a new run file, in natural order.
 
     Args:
@@ -155,18 +177,32 @@ def record_checkpoints(pattern: str, path: str | Path, config: RecordConfig | No
     for f in files[1:]:  # check every file before writing anything
         with open_checkpoint(f) as other:
             _check_same(first, other, views)
-    meta = {**config.metadata, "source": "checkpoints", "pattern": pattern,
-            "files": [f.name for f in files], "skipped": selection.skipped}
-    cfg = {"include": config.include, "exclude": config.exclude, "types": config.types,
-           "dtype": config.dtype, "metadata": meta}
-    writer = RunWriter.create(path, views, model_class="state_dict", storage_dtype=config.dtype,
-                              config=cfg, force=force)
+    meta = {
+        **config.metadata,
+        "source": "checkpoints",
+        "pattern": pattern,
+        "files": [f.name for f in files],
+        "skipped": selection.skipped,
+    }
+    cfg = {
+        "include": config.include,
+        "exclude": config.exclude,
+        "types": config.types,
+        "dtype": config.dtype,
+        "metadata": meta,
+    }
+    writer = RunWriter.create(
+        path, views, model_class="state_dict", storage_dtype=config.dtype, config=cfg, force=force
+    )
     with writer:
         for i, f in enumerate(tqdm(files, desc="checkpoints", unit="file", disable=not progress)):
             with open_checkpoint(f) as ckpt:
                 mats = (to_storage(v, ckpt.tensor(v.param_name), config.dtype) for v in views)
                 step = int(ckpt.scalars.get("step", ckpt.scalars.get("global_step", -1)))
-                metrics = {k: v for k, v in ckpt.scalars.items()
-                           if k not in ("epoch", "step", "global_step") and np.isfinite(v)}
+                metrics = {
+                    k: v
+                    for k, v in ckpt.scalars.items()
+                    if k not in ("epoch", "step", "global_step") and np.isfinite(v)
+                }
                 writer.append(mats, step=step, epoch=_epoch_of(ckpt, i), metrics=metrics)
     return Path(path)

@@ -61,8 +61,14 @@ class RecordConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in _TORCH_DTYPES:
-            raise ConfigError(expected("dtype", f"one of {', '.join(_TORCH_DTYPES)}", self.dtype,
-                                       "float32 is exact; the others halve the file."))
+            raise ConfigError(
+                expected(
+                    "dtype",
+                    f"one of {', '.join(_TORCH_DTYPES)}",
+                    self.dtype,
+                    "float32 is exact; the others halve the file.",
+                )
+            )
 
 
 def _resolve(model: nn.Module, dotted: str) -> torch.Tensor:
@@ -100,15 +106,29 @@ class Recorder:
         RunMismatchError: ``mode="append"`` and the run holds other layers or shapes.
     """
 
-    def __init__(self, model: nn.Module, path: str | Path, config: RecordConfig | None = None, *,
-                 mode: str = "create", **overrides: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | Path,
+        config: RecordConfig | None = None,
+        *,
+        mode: str = "create",
+        **overrides: Any,
+    ) -> None:
         if mode not in _MODES:
-            raise ConfigError(expected("mode", f"one of {', '.join(_MODES)}", mode,
-                                       "Use append to continue an existing run."))
+            raise ConfigError(
+                expected(
+                    "mode",
+                    f"one of {', '.join(_MODES)}",
+                    mode,
+                    "Use append to continue an existing run.",
+                )
+            )
         self.config = RecordConfig(**{**asdict(config or RecordConfig()), **overrides})
         self.model = unwrap_model(model)
         self.selection: Selection = select_layers(
-            self.model, self.config.include, self.config.exclude, self.config.types)
+            self.model, self.config.include, self.config.exclude, self.config.types
+        )
         for name, reason in self.selection.skipped:
             log.info("not recording %s: %s", name, reason)
         self.path = Path(path)
@@ -137,13 +157,22 @@ class Recorder:
             writer = RunWriter.resume(self.path, self.views)
             steps = writer._index["step"][-1:] if writer.n_snapshots else []
             self.step = max(int(steps[0]), 0) if len(steps) else 0
-            log.info("resuming %s after snapshot %d (step %d)", self.path,
-                     writer.n_snapshots - 1, self.step)
+            log.info(
+                "resuming %s after snapshot %d (step %d)",
+                self.path,
+                writer.n_snapshots - 1,
+                self.step,
+            )
             return writer
         cfg = {**asdict(self.config), "skipped": self.selection.skipped}
-        writer = RunWriter.create(self.path, self.views, model_class=type(self.model).__name__,
-                                  storage_dtype=self.config.dtype, config=cfg,
-                                  force=mode == "overwrite")
+        writer = RunWriter.create(
+            self.path,
+            self.views,
+            model_class=type(self.model).__name__,
+            storage_dtype=self.config.dtype,
+            config=cfg,
+            force=mode == "overwrite",
+        )
         if self.config.initial:
             self._write(writer, step=0, epoch=0.0, metrics={})
         return writer
@@ -156,8 +185,13 @@ class Recorder:
     def _write(self, writer, *, step: int, epoch: float, metrics: Mapping[str, float]) -> int:
         return writer.append(self._matrices(), step=step, epoch=epoch, metrics=metrics)
 
-    def snapshot(self, *, epoch: float | None = None, step: int | None = None,
-                 metrics: Mapping[str, float] | None = None) -> int | None:
+    def snapshot(
+        self,
+        *,
+        epoch: float | None = None,
+        step: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> int | None:
         """Write one snapshot of every selected layer and commit it (flushed to disk).
 
         Args:
@@ -189,9 +223,13 @@ class Recorder:
         self._pending.update({k: float(v) for k, v in metrics.items()})
 
     # ------------------------------------------------------------------ schedules
-    def attach(self, optimizer: torch.optim.Optimizer, schedule: Schedule,
-               metrics_fn: Callable[[], Mapping[str, float]] | None = None,
-               steps_per_epoch: int | None = None) -> Recorder:
+    def attach(
+        self,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        metrics_fn: Callable[[], Mapping[str, float]] | None = None,
+        steps_per_epoch: int | None = None,
+    ) -> Recorder:
         """Snapshot by itself after the optimizer steps that ``schedule`` selects.
 
         Args:
@@ -206,8 +244,14 @@ class Recorder:
             ``self``, so that ``rec = Recorder(...).attach(opt, every(10))`` reads naturally.
         """
         if not isinstance(schedule, Schedule):
-            raise ConfigError(expected("schedule", "a Schedule such as every(10)", schedule,
-                                       "Import schedules from basis_stability.record."))
+            raise ConfigError(
+                expected(
+                    "schedule",
+                    "a Schedule such as every(10)",
+                    schedule,
+                    "Import schedules from basis_stability.record.",
+                )
+            )
         if self._hook is not None:
             self._hook.remove()
         self._schedule, self._metrics_fn = schedule, metrics_fn
@@ -231,8 +275,10 @@ class Recorder:
                     f"The recorder for {self.path} was attached to an optimizer but its schedule "
                     f"{self._schedule} never fired ({self.step} optimizer steps seen); nothing was "
                     "recorded after the initial weights. Check that optimizer.step() runs and "
-                    "that the schedule's steps are within training.", RuntimeWarning,
-                    stacklevel=2)
+                    "that the schedule's steps are within training.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             self._hook = None
         if self._writer is not None:
             self._writer.close()

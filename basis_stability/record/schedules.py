@@ -77,8 +77,14 @@ class at(Schedule):  # noqa: N801
     def __init__(self, steps: Iterable[int]) -> None:
         chosen = frozenset(int(s) for s in steps)
         if not chosen or min(chosen) < 1:
-            raise ConfigError(expected("steps", "a non-empty set of steps >= 1", sorted(chosen),
-                                       "Steps count optimizer steps from 1."))
+            raise ConfigError(
+                expected(
+                    "steps",
+                    "a non-empty set of steps >= 1",
+                    sorted(chosen),
+                    "Steps count optimizer steps from 1.",
+                )
+            )
         object.__setattr__(self, "steps", chosen)
 
     def __call__(self, step: int) -> bool:
@@ -115,5 +121,11 @@ def parse_schedule(text: str, steps_per_epoch: int) -> Schedule:
         raise
     except ValueError:
         pass
-    raise ConfigError(expected("--schedule", "'epoch', 'every:N', 'at:S1,S2,...' or 'log:N'",
-                               text, "For example --schedule every:10."))
+    raise ConfigError(
+        expected(
+            "--schedule",
+            "'epoch', 'every:N', 'at:S1,S2,...' or 'log:N'",
+            text,
+            "For example --schedule every:10.",
+        )
+    )

@@ -4,5 +4,13 @@ from .format import FORMAT_NAME, FORMAT_VERSION
 from .reader import LayerInfo, LayerSnapshots, Run, open_run
 from .writer import RunWriter, recover
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "LayerInfo", "LayerSnapshots", "Run", "RunWriter",
-           "open_run", "recover"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "LayerInfo",
+    "LayerSnapshots",
+    "Run",
+    "RunWriter",
+    "open_run",
+    "recover",
+]

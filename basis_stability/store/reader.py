@@ -93,8 +93,9 @@ class Run:
         self.path = path
         self._file = file
         self.attrs: dict[str, Any] = {k: _plain(v) for k, v in file.attrs.items()}
-        self.layers: list[LayerInfo] = [_layer_info(name, ds)
-                                        for name, ds in file["layers"].items()]
+        self.layers: list[LayerInfo] = [
+            _layer_info(name, ds) for name, ds in file["layers"].items()
+        ]
         self._by_name = {info.name: info for info in self.layers}
         self.n_snapshots = len(file["snapshots"])
 
@@ -119,8 +120,9 @@ class Run:
         try:
             return self._by_name[name]
         except KeyError:
-            raise KeyError(f"No layer {name!r} in {self.path}; it has: "
-                           f"{', '.join(self.layer_names[:20])}") from None
+            raise KeyError(
+                f"No layer {name!r} in {self.path}; it has: {', '.join(self.layer_names[:20])}"
+            ) from None
 
     def layer(self, name: str) -> LayerSnapshots:
         """The lazily-read snapshots of one layer."""
@@ -161,8 +163,14 @@ class Run:
         import pandas as pd
 
         idx = self._index()
-        frame = pd.DataFrame({"snapshot": np.arange(self.n_snapshots), "step": idx["step"],
-                              "epoch": idx["epoch"], "wall_time": idx["wall_time"]})
+        frame = pd.DataFrame(
+            {
+                "snapshot": np.arange(self.n_snapshots),
+                "step": idx["step"],
+                "epoch": idx["epoch"],
+                "wall_time": idx["wall_time"],
+            }
+        )
         metrics = self.metrics_array()
         for j, name in enumerate(self.metric_names):
             frame[name] = metrics[:, j]
@@ -197,8 +205,10 @@ class Run:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Run({str(self.path)!r}, layers={len(self.layers)}, "
-                f"snapshots={self.n_snapshots}, model={self.model_class!r})")
+        return (
+            f"Run({str(self.path)!r}, layers={len(self.layers)}, "
+            f"snapshots={self.n_snapshots}, model={self.model_class!r})"
+        )
 
 
 def _plain(value: Any) -> Any:
@@ -213,10 +223,15 @@ def _plain(value: Any) -> Any:
 
 def _layer_info(name: str, ds: h5py.Dataset) -> LayerInfo:
     a = ds.attrs
-    return LayerInfo(name=name, param_name=str(a["param_name"]), kind=str(a["kind"]),
-                     orig_shape=tuple(int(d) for d in a["orig_shape"]),
-                     shape=(int(ds.shape[1]), int(ds.shape[2])),
-                     transposed=bool(a["transposed"]), storage_dtype=str(a["storage_dtype"]))
+    return LayerInfo(
+        name=name,
+        param_name=str(a["param_name"]),
+        kind=str(a["kind"]),
+        orig_shape=tuple(int(d) for d in a["orig_shape"]),
+        shape=(int(ds.shape[1]), int(ds.shape[2])),
+        transposed=bool(a["transposed"]),
+        storage_dtype=str(a["storage_dtype"]),
+    )
 
 
 def _open_h5(path: Path) -> h5py.File:
@@ -228,33 +243,45 @@ def _open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise RunFileError(f"{path} is an HDF5 file that cannot be opened ({exc}); it is "
-                           "truncated or corrupt. Re-record it or restore a copy.") from None
+        raise RunFileError(
+            f"{path} is an HDF5 file that cannot be opened ({exc}); it is "
+            "truncated or corrupt. Re-record it or restore a copy."
+        ) from None
 
 
 def check_header(path: Path, file: h5py.File) -> None:
     """Raise a clear :class:`RunFileError` unless ``file`` is a run this reader understands."""
     name = file.attrs.get("format")
     if name is None:
-        raise RunFileError(f"{path} is an HDF5 file but not a basis_stability run (it has no "
-                           "root attribute `format`). Pass a file written by `bstab record`.")
+        raise RunFileError(
+            f"{path} is an HDF5 file but not a basis_stability run (it has no "
+            "root attribute `format`). Pass a file written by `bstab record`."
+        )
     if _plain(name) != fmt.FORMAT_NAME:
-        raise RunFileError(f"{path} is an HDF5 file of another kind (format {_plain(name)!r}, "
-                           f"expected {fmt.FORMAT_NAME!r}). Pass a file written by bstab.")
+        raise RunFileError(
+            f"{path} is an HDF5 file of another kind (format {_plain(name)!r}, "
+            f"expected {fmt.FORMAT_NAME!r}). Pass a file written by bstab."
+        )
     version = _plain(file.attrs.get("format_version", "?"))
     try:
         major, _ = fmt.parse_version(version)
     except ValueError:
-        raise RunFileError(f"{path} has an unreadable format_version {version!r}; expected "
-                           "'MAJOR.MINOR'. The file is damaged.") from None
+        raise RunFileError(
+            f"{path} has an unreadable format_version {version!r}; expected "
+            "'MAJOR.MINOR'. The file is damaged."
+        ) from None
     if major > fmt.parse_version(fmt.FORMAT_VERSION)[0]:
-        raise RunFileError(f"{path} uses format version {version}, newer than this "
-                           f"basis_stability reads ({fmt.FORMAT_VERSION}). "
-                           "Upgrade basis_stability.")
+        raise RunFileError(
+            f"{path} uses format version {version}, newer than this "
+            f"basis_stability reads ({fmt.FORMAT_VERSION}). "
+            "Upgrade basis_stability."
+        )
     for required in ("layers", "snapshots", "metrics/names", "metrics/values"):
         if required not in file:
-            raise RunFileError(f"{path} is a basis_stability run missing `/{required}`; it is "
-                               "damaged. Run `bstab validate` on it for details.")
+            raise RunFileError(
+                f"{path} is a basis_stability run missing `/{required}`; it is "
+                "damaged. Run `bstab validate` on it for details."
+            )
 
 
 def open_run(path: str | os.PathLike) -> Run:
@@ -266,13 +293,16 @@ def open_run(path: str | os.PathLike) -> Run:
     """
     path = Path(path)
     if not path.exists():
-        raise RunFileError(f"No run file at {path}. Check the path; `bstab record` prints where "
-                           "it wrote its run.")
+        raise RunFileError(
+            f"No run file at {path}. Check the path; `bstab record` prints where it wrote its run."
+        )
     if path.is_dir():
         raise RunFileError(f"Expected a run file but {path} is a directory.")
     if not h5py.is_hdf5(path):
-        raise RunFileError(f"{path} is not an HDF5 file (no HDF5 signature). Pass a run file "
-                           "written by `bstab record`.")
+        raise RunFileError(
+            f"{path} is not an HDF5 file (no HDF5 signature). Pass a run file "
+            "written by `bstab record`."
+        )
     file = _open_h5(path)
     try:
         check_header(path, file)

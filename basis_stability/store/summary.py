@@ -50,8 +50,10 @@ def summarize(path: str | os.PathLike, scan: bool = True) -> str:
         total = sum(info.n_params for info in run.layers)
         lines.append(f"layers     {len(run.layers)} ({total:,} matrix entries per snapshot)")
         width = max([len(i.name) for i in run.layers] + [5])
-        lines.append(f"  {'layer':{width}s}  {'kind':9s} {'matrix':>11s}  {'original':18s}"
-                     + ("  NaN/Inf" if scan else ""))
+        lines.append(
+            f"  {'layer':{width}s}  {'kind':9s} {'matrix':>11s}  {'original':18s}"
+            + ("  NaN/Inf" if scan else "")
+        )
         for info in run.layers:
             mat = f"{info.shape[0]}x{info.shape[1]}"
             orig = "x".join(map(str, info.orig_shape)) + (" (T)" if info.transposed else "")
@@ -79,8 +81,10 @@ def _metric_lines(run: Run) -> list[str]:
         col = values[:, j]
         seen = col[~np.isnan(col)]
         if len(seen):
-            out.append(f"  {name:12s} {len(seen):5d} values  first {seen[0]:.4g}  "
-                       f"last {seen[-1]:.4g}  min {np.min(seen):.4g}  max {np.max(seen):.4g}")
+            out.append(
+                f"  {name:12s} {len(seen):5d} values  first {seen[0]:.4g}  "
+                f"last {seen[-1]:.4g}  min {np.min(seen):.4g}  max {np.max(seen):.4g}"
+            )
         else:
             out.append(f"  {name:12s} no values")
     return out

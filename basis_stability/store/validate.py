@@ -46,8 +46,9 @@ class ValidationReport:
         self.findings.append(Finding(level, where, message))
 
 
-def _check_attr(report: ValidationReport, where: str, attrs: h5py.AttributeManager, key: str,
-                rule: dict) -> None:
+def _check_attr(
+    report: ValidationReport, where: str, attrs: h5py.AttributeManager, key: str, rule: dict
+) -> None:
     if key not in attrs:
         if rule.get("required"):
             report.add("error", where, f"missing attribute `{key}`")
@@ -64,17 +65,20 @@ def _check_attr(report: ValidationReport, where: str, attrs: h5py.AttributeManag
             report.add("error", where, f"attribute `{key}` is not valid JSON")
     if kind == "bool" and not isinstance(value, (bool, np.bool_)):
         report.add("error", where, f"attribute `{key}` should be a boolean, got {value!r}")
-    if kind == "int_array" and not (isinstance(value, list)
-                                    and all(isinstance(v, int) for v in value)):
+    if kind == "int_array" and not (
+        isinstance(value, list) and all(isinstance(v, int) for v in value)
+    ):
         report.add("error", where, f"attribute `{key}` should be an integer array, got {value!r}")
     if "equals" in rule and value != rule["equals"]:
         report.add("error", where, f"attribute `{key}` is {value!r}, expected {rule['equals']!r}")
     if "one_of" in rule and value not in rule["one_of"]:
-        report.add("error", where, f"attribute `{key}` is {value!r}, expected one of "
-                                   f"{rule['one_of']}")
+        report.add(
+            "error", where, f"attribute `{key}` is {value!r}, expected one of {rule['one_of']}"
+        )
     if "pattern" in rule and isinstance(value, str) and not re.match(rule["pattern"], value):
-        report.add("error", where, f"attribute `{key}` = {value!r} does not match "
-                                   f"{rule['pattern']}")
+        report.add(
+            "error", where, f"attribute `{key}` = {value!r} does not match {rule['pattern']}"
+        )
 
 
 def _check_root(report: ValidationReport, f: h5py.File, spec: dict) -> None:
@@ -85,11 +89,19 @@ def _check_root(report: ValidationReport, f: h5py.File, spec: dict) -> None:
         major, minor = fmt.parse_version(version)
         ours = fmt.parse_version(spec["format_version"])
         if major != ours[0]:
-            report.add("error", "/", f"format version {version} has another major version than "
-                                     f"this validator ({spec['format_version']})")
+            report.add(
+                "error",
+                "/",
+                f"format version {version} has another major version than "
+                f"this validator ({spec['format_version']})",
+            )
         elif minor > ours[1]:
-            report.add("warning", "/", f"format version {version} is newer than this validator "
-                                       f"({spec['format_version']}); unknown parts are ignored")
+            report.add(
+                "warning",
+                "/",
+                f"format version {version} is newer than this validator "
+                f"({spec['format_version']}); unknown parts are ignored",
+            )
     except ValueError:
         pass  # already reported by the pattern rule
     for group in spec["groups"]:
@@ -108,8 +120,9 @@ def _check_snapshots(report: ValidationReport, f: h5py.File, spec: dict) -> int:
         if name not in names:
             report.add("error", f"/{rule['path']}", f"missing field `{name}`")
         elif ds.dtype[name] != np.dtype(dtype):
-            report.add("error", f"/{rule['path']}", f"field `{name}` is {ds.dtype[name]}, "
-                                                    f"expected {dtype}")
+            report.add(
+                "error", f"/{rule['path']}", f"field `{name}` is {ds.dtype[name]}, expected {dtype}"
+            )
     if ds.ndim != 1 or ds.maxshape != (None,):
         report.add("error", f"/{rule['path']}", f"should be extendable 1-D, is {ds.maxshape}")
         return 0
@@ -134,12 +147,18 @@ def _check_metrics(report: ValidationReport, f: h5py.File, spec: dict, n: int) -
         report.add("error", "/metrics/values", f"should be 2-D float64, is {values.dtype}")
         return
     if values.shape[0] and values.shape[1] != len(names):
-        report.add("error", "/metrics/values", f"has {values.shape[1]} columns for "
-                                               f"{len(names)} metric names")
+        report.add(
+            "error",
+            "/metrics/values",
+            f"has {values.shape[1]} columns for {len(names)} metric names",
+        )
     if values.shape[0] > n + 1:
         report.add("error", "/metrics/values", f"has {values.shape[0]} rows for {n} snapshots")
-    bad = [names[j].decode() for j in range(min(values.shape[1], len(names)))
-           if np.isinf(values[:n, j]).any()]
+    bad = [
+        names[j].decode()
+        for j in range(min(values.shape[1], len(names)))
+        if np.isinf(values[:n, j]).any()
+    ]
     if bad:
         report.add("warning", "/metrics", f"infinite values in {', '.join(bad)}")
 
@@ -168,8 +187,12 @@ def _check_layer(report: ValidationReport, name: str, ds: object, spec: dict, n:
     if "orig_shape" in ds.attrs and "transposed" in ds.attrs:
         shape, transposed = tall_shape([int(d) for d in ds.attrs["orig_shape"]])
         if shape != (m, k) or transposed != bool(ds.attrs["transposed"]):
-            report.add("error", where, f"orig_shape {tuple(ds.attrs['orig_shape'])} does not "
-                                       f"give the stored {m}x{k} matrix")
+            report.add(
+                "error",
+                where,
+                f"orig_shape {tuple(ds.attrs['orig_shape'])} does not "
+                f"give the stored {m}x{k} matrix",
+            )
     rows = ds.shape[0]
     if rows < n:
         report.add("error", where, f"has {rows} snapshots but /snapshots commits {n}")
@@ -180,8 +203,9 @@ def _check_layer(report: ValidationReport, name: str, ds: object, spec: dict, n:
     _check_finite(report, where, ds, storage, min(rows, n))
 
 
-def _check_finite(report: ValidationReport, where: str, ds: h5py.Dataset, storage: str,
-                  n: int) -> None:
+def _check_finite(
+    report: ValidationReport, where: str, ds: h5py.Dataset, storage: str, n: int
+) -> None:
     bad = []
     for t in range(n):
         mat = fmt.decode(ds[t], storage) if storage in fmt.STORAGE_DTYPES else ds[t]

@@ -36,8 +36,14 @@ _FLAG_ERROR = "consistency flags"  # HDF5's message for a file whose SWMR writer
 
 def _check_dtype(storage_dtype: str) -> str:
     if storage_dtype not in fmt.STORAGE_DTYPES:
-        raise ConfigError(expected("dtype", f"one of {', '.join(fmt.STORAGE_DTYPES)}",
-                                   storage_dtype, "float32 is exact; the others halve the file."))
+        raise ConfigError(
+            expected(
+                "dtype",
+                f"one of {', '.join(fmt.STORAGE_DTYPES)}",
+                storage_dtype,
+                "float32 is exact; the others halve the file.",
+            )
+        )
     return storage_dtype
 
 
@@ -65,20 +71,29 @@ def _create_skeleton(f: h5py.File, layers: Sequence[LayerView], attrs: Mapping[s
     disk_dtype = fmt.h5_dtype(attrs["storage_dtype"])
     for view in layers:
         m, n = view.shape
-        ds = group.create_dataset(view.name, shape=(0, m, n), maxshape=(None, m, n),
-                                  chunks=(1, m, n), dtype=disk_dtype)
+        ds = group.create_dataset(
+            view.name, shape=(0, m, n), maxshape=(None, m, n), chunks=(1, m, n), dtype=disk_dtype
+        )
         ds.attrs["param_name"] = view.param_name
         ds.attrs["kind"] = view.kind
         ds.attrs["orig_shape"] = np.asarray(view.orig_shape, dtype=np.int64)
         ds.attrs["transposed"] = bool(view.transposed)
         ds.attrs["storage_dtype"] = attrs["storage_dtype"]
-    f.create_dataset("snapshots", shape=(0,), maxshape=(None,), chunks=(256,),
-                     dtype=fmt.SNAPSHOT_DTYPE)
+    f.create_dataset(
+        "snapshots", shape=(0,), maxshape=(None,), chunks=(256,), dtype=fmt.SNAPSHOT_DTYPE
+    )
     metrics = f.create_group("metrics")
-    metrics.create_dataset("names", shape=(0,), maxshape=(None,), chunks=(64,),
-                           dtype=fmt.NAME_DTYPE)
-    metrics.create_dataset("values", shape=(0, 0), maxshape=(None, None), chunks=(256, 16),
-                           dtype="<f8", fillvalue=np.nan)
+    metrics.create_dataset(
+        "names", shape=(0,), maxshape=(None,), chunks=(64,), dtype=fmt.NAME_DTYPE
+    )
+    metrics.create_dataset(
+        "values",
+        shape=(0, 0),
+        maxshape=(None, None),
+        chunks=(256, 16),
+        dtype="<f8",
+        fillvalue=np.nan,
+    )
 
 
 class RunWriter:
@@ -119,8 +134,10 @@ class RunWriter:
         path = Path(path)
         _check_dtype(storage_dtype)
         if path.exists() and not force:
-            raise RunExistsError(f"{path} already exists. Pass force=True (--force) to replace it,"
-                                 " resume it (mode='append'), or choose another path.")
+            raise RunExistsError(
+                f"{path} already exists. Pass force=True (--force) to replace it,"
+                " resume it (mode='append'), or choose another path."
+            )
         if path.is_dir():
             raise RunFileError(f"Expected the run path to be a file but {path} is a directory.")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,8 +155,10 @@ class RunWriter:
         except FileExistsError:
             f.close()
             tmp.unlink(missing_ok=True)
-            raise RunExistsError(f"{path} appeared while it was being created; nothing was "
-                                 "overwritten. Choose another path.") from None
+            raise RunExistsError(
+                f"{path} appeared while it was being created; nothing was "
+                "overwritten. Choose another path."
+            ) from None
         except BaseException:
             f.close()
             tmp.unlink(missing_ok=True)
@@ -168,8 +187,10 @@ class RunWriter:
             f = h5py.File(path, "r+", libver="latest")
         except OSError as exc:
             if _FLAG_ERROR not in str(exc):
-                raise RunFileError(f"Cannot open {path} for appending: {exc}. Another process may "
-                                   "be writing it; wait for it to finish.") from None
+                raise RunFileError(
+                    f"Cannot open {path} for appending: {exc}. Another process may "
+                    "be writing it; wait for it to finish."
+                ) from None
             recover(path)
             f = h5py.File(path, "r+", libver="latest")
         committed = len(f["snapshots"])
@@ -209,8 +230,10 @@ class RunWriter:
         row = self._metric_row(metrics or {})
         for ds, arr in zip(self._datasets, matrices, strict=True):
             if arr.shape != ds.shape[1:]:
-                raise ConfigError(f"Expected layer {ds.name} to be a {ds.shape[1:]} matrix but "
-                                  f"got {arr.shape}. The model changed shape since the run began.")
+                raise ConfigError(
+                    f"Expected layer {ds.name} to be a {ds.shape[1:]} matrix but "
+                    f"got {arr.shape}. The model changed shape since the run began."
+                )
             if ds.shape[0] <= t:
                 ds.resize(t + 1, axis=0)
             ds.write_direct(np.ascontiguousarray(arr), dest_sel=np.s_[t])
@@ -218,8 +241,9 @@ class RunWriter:
             if self._values_ds.shape != (t + 1, len(self.metric_names)):
                 self._values_ds.resize((t + 1, len(self.metric_names)))
             self._values_ds[t] = row
-        entry = np.array([(step, epoch, time.perf_counter() - self._t0, time.time())],
-                         dtype=fmt.SNAPSHOT_DTYPE)
+        entry = np.array(
+            [(step, epoch, time.perf_counter() - self._t0, time.time())], dtype=fmt.SNAPSHOT_DTYPE
+        )
         self._index.resize(t + 1, axis=0)
         self._index[t] = entry[0]  # the commit: readers count rows of /snapshots
         self._f.flush()
@@ -232,8 +256,14 @@ class RunWriter:
         for name in metrics:
             if name not in self.metric_names:
                 if len(name.encode()) > 128 or "\x00" in name:
-                    raise ConfigError(expected("metrics", "names of at most 128 bytes", name,
-                                               "Use a shorter metric name."))
+                    raise ConfigError(
+                        expected(
+                            "metrics",
+                            "names of at most 128 bytes",
+                            name,
+                            "Use a shorter metric name.",
+                        )
+                    )
                 self.metric_names.append(name)
                 self._names_ds.resize(len(self.metric_names), axis=0)
                 self._names_ds[-1] = name.encode()
@@ -242,8 +272,14 @@ class RunWriter:
             try:
                 row[self.metric_names.index(name)] = float(value)
             except (TypeError, ValueError):
-                raise ConfigError(expected(f"metrics[{name!r}]", "a number", value,
-                                           "Pass a float, an int or a 0-d tensor.")) from None
+                raise ConfigError(
+                    expected(
+                        f"metrics[{name!r}]",
+                        "a number",
+                        value,
+                        "Pass a float, an int or a 0-d tensor.",
+                    )
+                ) from None
         return row
 
     def close(self) -> None:
@@ -269,8 +305,11 @@ def _mismatch_message(path: Path, recorded: dict, wanted: dict) -> str:
         parts.append(f"layers selected now but not in the run: {', '.join(extra[:10])}")
     for n in reshaped[:10]:
         parts.append(f"{n} was {recorded[n]} and is now {wanted[n]}")
-    return (f"Cannot resume {path}: the model does not match the recorded layers ("
-            + "; ".join(parts) + "). Record into a new file, or select the same layers.")
+    return (
+        f"Cannot resume {path}: the model does not match the recorded layers ("
+        + "; ".join(parts)
+        + "). Record into a new file, or select the same layers."
+    )
 
 
 def recover(path: str | os.PathLike) -> int:
@@ -295,24 +334,37 @@ def recover(path: str | os.PathLike) -> int:
         group = out.create_group("layers", track_order=True)
         for info in run.layers:
             ds = src["layers"][info.name]
-            new = group.create_dataset(info.name, shape=(run.n_snapshots, *info.shape),
-                                       maxshape=(None, *info.shape), chunks=(1, *info.shape),
-                                       dtype=ds.dtype)
+            new = group.create_dataset(
+                info.name,
+                shape=(run.n_snapshots, *info.shape),
+                maxshape=(None, *info.shape),
+                chunks=(1, *info.shape),
+                dtype=ds.dtype,
+            )
             for t in range(run.n_snapshots):
                 new[t] = ds[t]
             for key, value in ds.attrs.items():
                 new.attrs[key] = value
-        out.create_dataset("snapshots", data=src["snapshots"][: run.n_snapshots],
-                           maxshape=(None,), chunks=(256,))
+        out.create_dataset(
+            "snapshots", data=src["snapshots"][: run.n_snapshots], maxshape=(None,), chunks=(256,)
+        )
         metrics = out.create_group("metrics")
         names = src["metrics/names"][:]
-        metrics.create_dataset("names", data=names, maxshape=(None,), chunks=(64,),
-                               dtype=fmt.NAME_DTYPE)
+        metrics.create_dataset(
+            "names", data=names, maxshape=(None,), chunks=(64,), dtype=fmt.NAME_DTYPE
+        )
         values = src["metrics/values"][: run.n_snapshots, : len(names)]
-        metrics.create_dataset("values", data=values, maxshape=(None, None), chunks=(256, 16),
-                               dtype="<f8", fillvalue=np.nan)
+        metrics.create_dataset(
+            "values",
+            data=values,
+            maxshape=(None, None),
+            chunks=(256, 16),
+            dtype="<f8",
+            fillvalue=np.nan,
+        )
         kept = run.n_snapshots
     os.replace(tmp, path)
-    log.warning("Recovered %s after an interrupted writer: kept %d committed snapshots.", path,
-                kept)
+    log.warning(
+        "Recovered %s after an interrupted writer: kept %d committed snapshots.", path, kept
+    )
     return kept

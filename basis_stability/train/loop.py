@@ -35,29 +35,37 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(expected("lr", "a positive number", self.lr, "Use e.g. 1e-3."))
         if self.optimizer not in _OPTIMIZERS:
-            raise ConfigError(expected("optimizer", f"one of {', '.join(_OPTIMIZERS)}",
-                                       self.optimizer, "adamw is the default."))
+            raise ConfigError(
+                expected(
+                    "optimizer",
+                    f"one of {', '.join(_OPTIMIZERS)}",
+                    self.optimizer,
+                    "adamw is the default.",
+                )
+            )
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     klass = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return klass(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
-             ) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loss_sum, correct = 0.0, 0
     for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         out = model(xb)
         loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
         correct += (out.argmax(1) == yb).sum().item()
@@ -69,9 +77,15 @@ EpochHook = Callable[[int, dict[str, float]], None]
 LossHook = Callable[[float], None]
 
 
-def fit(model: nn.Module, data: Dataset, cfg: TrainConfig,
-        optimizer: torch.optim.Optimizer | None = None, on_epoch_end: EpochHook | None = None,
-        on_loss: LossHook | None = None, progress: bool = True) -> list[dict[str, float]]:
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_epoch_end: EpochHook | None = None,
+    on_loss: LossHook | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
     """Train ``model`` on ``data`` for ``cfg.epochs`` epochs; returns one metrics dict per epoch.
 
     ``on_epoch_end(epoch, metrics)`` is called after each epoch (epochs count from 1) with
@@ -90,7 +104,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig,
         order = torch.randperm(len(data.x_train), generator=gen)
         loss_sum, correct = 0.0, 0
         for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
+            idx = order[i : i + cfg.batch_size]
             xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
             out = model(xb)
             loss = F.cross_entropy(out, yb)
@@ -103,8 +117,12 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig,
             loss_sum += batch_loss * len(idx)
             correct += (out.argmax(1) == yb).sum().item()
         val_loss, val_acc = evaluate(model, data.x_test, data.y_test)
-        metrics = {"loss": loss_sum / len(order), "acc": correct / len(order),
-                   "val_loss": val_loss, "val_acc": val_acc}
+        metrics = {
+            "loss": loss_sum / len(order),
+            "acc": correct / len(order),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+        }
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", val_acc=f"{val_acc:.3f}")
         if on_epoch_end is not None:

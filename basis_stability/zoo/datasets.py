@@ -37,8 +37,12 @@ def _split(x: np.ndarray, y: np.ndarray, seed: int, test_share: float = 0.2):
     tr, te = order[:cut], order[cut:]
     mean, std = x[tr].mean(), x[tr].std()
     x = ((x - mean) / std).astype(np.float32)
-    return (torch.from_numpy(x[tr]), torch.from_numpy(y[tr]).long(),
-            torch.from_numpy(x[te]), torch.from_numpy(y[te]).long())
+    return (
+        torch.from_numpy(x[tr]),
+        torch.from_numpy(y[tr]).long(),
+        torch.from_numpy(x[te]),
+        torch.from_numpy(y[te]).long(),
+    )
 
 
 def digits(seed: int = 0) -> Dataset:
@@ -55,9 +59,10 @@ def mnist1d(seed: int = 0) -> Dataset:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError:
-        raise ConfigError("The mnist1d dataset needs the `mnist1d` package. Install it with "
-                          "`pip install mnist1d` (or the [data] extra), or use --dataset digits."
-                          ) from None
+        raise ConfigError(
+            "The mnist1d dataset needs the `mnist1d` package. Install it with "
+            "`pip install mnist1d` (or the [data] extra), or use --dataset digits."
+        ) from None
     args = get_dataset_args()
     args.seed = seed
     data = make_dataset(args)  # generated in memory: no download
@@ -66,8 +71,14 @@ def mnist1d(seed: int = 0) -> Dataset:
     n_train = len(data["x"])
     mean, std = x[:n_train].mean(), x[:n_train].std()
     x = (x - mean) / std
-    return Dataset("mnist1d", torch.from_numpy(x[:n_train]), torch.from_numpy(y[:n_train]).long(),
-                   torch.from_numpy(x[n_train:]), torch.from_numpy(y[n_train:]).long(), 10)
+    return Dataset(
+        "mnist1d",
+        torch.from_numpy(x[:n_train]),
+        torch.from_numpy(y[:n_train]).long(),
+        torch.from_numpy(x[n_train:]),
+        torch.from_numpy(y[n_train:]).long(),
+        10,
+    )
 
 
 DATASETS: dict[str, Callable[[int], Dataset]] = {"digits": digits, "mnist1d": mnist1d}
@@ -76,6 +87,12 @@ DATASETS: dict[str, Callable[[int], Dataset]] = {"digits": digits, "mnist1d": mn
 def load_dataset(name: str, seed: int = 0) -> Dataset:
     """Load a built-in dataset by name (``digits`` or ``mnist1d``)."""
     if name not in DATASETS:
-        raise ConfigError(expected("dataset", f"one of {', '.join(DATASETS)}", name,
-                                   "digits ships with scikit-learn and needs nothing else."))
+        raise ConfigError(
+            expected(
+                "dataset",
+                f"one of {', '.join(DATASETS)}",
+                name,
+                "digits ships with scikit-learn and needs nothing else.",
+            )
+        )
     return DATASETS[name](seed)

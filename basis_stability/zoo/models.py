@@ -18,8 +18,14 @@ from ..errors import ConfigError, expected
 def mlp(input_shape: Sequence[int], num_classes: int, width: int = 256) -> nn.Module:
     """Three Linear layers with ReLU."""
     d = math.prod(input_shape)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width),
-                         nn.ReLU(), nn.Linear(width, num_classes))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(d, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, num_classes),
+    )
 
 
 def cnn(input_shape: Sequence[int], num_classes: int, width: int = 32) -> nn.Module:
@@ -28,11 +34,16 @@ def cnn(input_shape: Sequence[int], num_classes: int, width: int = 32) -> nn.Mod
     pool = {2: nn.AdaptiveAvgPool1d, 3: nn.AdaptiveAvgPool2d}[len(input_shape)]
     c = input_shape[0]
     return nn.Sequential(
-        conv(c, width, 3, padding=1), nn.ReLU(),
-        conv(width, 2 * width, 3, padding=1, stride=2), nn.ReLU(),
-        conv(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
-        pool(1), nn.Flatten(),
-        nn.Linear(2 * width, 128), nn.ReLU(),
+        conv(c, width, 3, padding=1),
+        nn.ReLU(),
+        conv(width, 2 * width, 3, padding=1, stride=2),
+        nn.ReLU(),
+        conv(2 * width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        pool(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, 128),
+        nn.ReLU(),
         nn.Linear(128, num_classes),
     )
 
@@ -43,21 +54,35 @@ class ViTTiny(nn.Module):
     The blocks are ``nn.TransformerEncoderLayer`` so attention is ``nn.MultiheadAttention``.
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, dim: int = 64,
-                 depth: int = 2, heads: int = 4, patch: int | None = None) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        patch: int | None = None,
+    ) -> None:
         super().__init__()
         c, *spatial = input_shape
         conv = {1: nn.Conv1d, 2: nn.Conv2d}[len(spatial)]
         patch = patch or (2 if len(spatial) == 2 else 4)
         if any(s % patch for s in spatial):
-            raise ConfigError(expected("patch", f"a divisor of the input size {spatial}", patch,
-                                       "Pick a patch size that tiles the input."))
+            raise ConfigError(
+                expected(
+                    "patch",
+                    f"a divisor of the input size {spatial}",
+                    patch,
+                    "Pick a patch size that tiles the input.",
+                )
+            )
         n_tokens = math.prod(s // patch for s in spatial)
         self.patch_embed = conv(c, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n_tokens + 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -72,15 +97,23 @@ class ViTTiny(nn.Module):
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "vit-tiny": ViTTiny}
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: int = 0
-                ) -> nn.Module:
+def build_model(
+    name: str, input_shape: Sequence[int], num_classes: int, seed: int = 0
+) -> nn.Module:
     """Build a built-in model with weights drawn from ``seed``."""
     if name not in MODELS:
-        raise ConfigError(expected("model", f"one of {', '.join(MODELS)}", name,
-                                   "cnn is the default."))
+        raise ConfigError(
+            expected("model", f"one of {', '.join(MODELS)}", name, "cnn is the default.")
+        )
     if len(input_shape) not in (2, 3):
-        raise ConfigError(expected("input_shape", "(C, L) or (C, H, W)", tuple(input_shape),
-                                   "Built-in models take 1-D signals or 2-D images."))
+        raise ConfigError(
+            expected(
+                "input_shape",
+                "(C, L) or (C, H, W)",
+                tuple(input_shape),
+                "Built-in models take 1-D signals or 2-D images.",
+            )
+        )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return MODELS[name](input_shape, num_classes)
