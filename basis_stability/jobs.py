@@ -79,10 +79,7 @@ def run_record_job(
     """Train a built-in model and record it into ``path``."""
     model, data = build(job)
     steps_per_epoch = math.ceil(len(data.x_train) / job.train.batch_size)
-    schedule_text = job.schedule
-    if schedule_text.startswith("log:") and schedule_text.count(":") == 1:
-        schedule_text += f":{steps_per_epoch * job.train.epochs}"
-    schedule = parse_schedule(schedule_text, steps_per_epoch)
+    schedule = parse_schedule(job.schedule, steps_per_epoch, steps_per_epoch * job.train.epochs)
     meta = {
         **job.record.metadata,
         "job": {

@@ -299,9 +299,9 @@ def select_layers(
 
 def strip_wrapper_prefix(key: str) -> str:
     """Drop the ``module.``/``_orig_mod.`` prefixes that DDP and torch.compile add to keys."""
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix) :]
+    prefixes = ("module.", "_orig_mod.")
+    while key.startswith(prefixes):  # in any order: compile(DDP(m)) gives "_orig_mod.module."
+        key = key[len(next(p for p in prefixes if key.startswith(p))) :]
     return key
 
 

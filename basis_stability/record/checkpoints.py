@@ -101,18 +101,19 @@ def open_checkpoint(path: Path) -> Iterator[Checkpoint]:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-                yield Checkpoint(path, shapes, _safe=f)
-            return
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except CheckpointError:
-        raise
+            safe = safe_open(str(path), framework="pt")
+            shapes = {k: tuple(safe.get_slice(k).get_shape()) for k in safe.keys()}  # noqa: SIM118
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch/safetensors raise many types for unreadable files
         raise CheckpointError(
             f"Cannot read checkpoint {path}: {exc}. Check that it is a "
             "state dict saved with torch.save or safetensors."
         ) from None
+    if path.suffix == ".safetensors":
+        with safe:  # yield outside the try: errors of the caller's block are not "cannot read"
+            yield Checkpoint(path, shapes, _safe=safe)
+        return
     state, scalars = _unnest(obj, path)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     yield Checkpoint(path, {k: tuple(v.shape) for k, v in tensors.items()}, scalars, tensors)

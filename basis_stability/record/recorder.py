@@ -155,6 +155,15 @@ class Recorder:
 
         if mode == "append" and self.path.exists():
             writer = RunWriter.resume(self.path, self.views)
+            if writer.storage_dtype != self.config.dtype:  # one run holds one storage dtype
+                log.warning(
+                    "%s stores %s; appending in %s, not %s",
+                    self.path,
+                    writer.storage_dtype,
+                    writer.storage_dtype,
+                    self.config.dtype,
+                )
+                self.config.dtype = writer.storage_dtype
             steps = writer._index["step"][-1:] if writer.n_snapshots else []
             self.step = max(int(steps[0]), 0) if len(steps) else 0
             log.info(

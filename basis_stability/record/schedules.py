@@ -100,11 +100,11 @@ def logspaced(first: int, last: int, num: int) -> at:
     return at(np.unique(np.round(np.geomspace(first, last, num)).astype(int)).tolist())
 
 
-def parse_schedule(text: str, steps_per_epoch: int) -> Schedule:
-    """Parse the CLI's ``--schedule``: ``epoch``, ``every:N``, ``at:1,5,20``, ``log:N``.
+def parse_schedule(text: str, steps_per_epoch: int, total_steps: int | None = None) -> Schedule:
+    """Parse the CLI's ``--schedule``: ``epoch``, ``every:N``, ``at:1,5,20``, ``log:N[:LAST]``.
 
-    ``log:N`` spaces N snapshots in log scale over the whole run (needs ``steps_per_epoch`` and
-    the epoch count folded in by the caller as ``log:N:LAST``).
+    ``log:N`` spaces N snapshots in log scale from step 1 to ``total_steps`` (the whole run);
+    ``log:N:LAST`` to step LAST.
     """
     kind, _, arg = text.partition(":")
     try:
@@ -116,7 +116,16 @@ def parse_schedule(text: str, steps_per_epoch: int) -> Schedule:
             return at(int(s) for s in arg.split(","))
         if kind == "log":
             num, _, last = arg.partition(":")
-            return logspaced(1, int(last), int(num))
+            if not last and total_steps is None:
+                raise ConfigError(
+                    expected(
+                        "--schedule",
+                        "'log:N:LAST' here",
+                        text,
+                        "Give the last step, e.g. log:30:5000.",
+                    )
+                )
+            return logspaced(1, int(last) if last else total_steps, int(num))
     except ConfigError:
         raise
     except ValueError:
@@ -124,7 +133,7 @@ def parse_schedule(text: str, steps_per_epoch: int) -> Schedule:
     raise ConfigError(
         expected(
             "--schedule",
-            "'epoch', 'every:N', 'at:S1,S2,...' or 'log:N'",
+            "'epoch', 'every:N', 'at:S1,S2,...' or 'log:N[:LAST]'",
             text,
             "For example --schedule every:10.",
         )

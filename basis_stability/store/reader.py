@@ -234,8 +234,33 @@ def _layer_info(name: str, ds: h5py.Dataset) -> LayerInfo:
     )
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_truncated(path: Path) -> bool:
+    """Whether a cleanly closed file is shorter than the end-of-file its superblock records.
+
+    An SWMR open skips HDF5's own end-of-file check (a live writer may be extending the file), so
+    a truncated copy would open and read zeros past its end. Checked only for superblock v2+ (what
+    the writer makes) with clear consistency flags (no live or crashed writer).
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(48)
+    if len(head) < 48 or head[:8] != _HDF5_SIGNATURE or head[8] < 2 or head[11] != 0:
+        return False
+    size = head[9]  # bytes per offset: base address, extension address, end-of-file address
+    base = int.from_bytes(head[12 : 12 + size], "little")
+    eof = int.from_bytes(head[12 + 2 * size : 12 + 3 * size], "little")
+    return os.path.getsize(path) < base + eof
+
+
 def _open_h5(path: Path) -> h5py.File:
     """Open read-only; SWMR first so that live and crashed runs open too."""
+    if _is_truncated(path):
+        raise RunFileError(
+            f"{path} is shorter than its HDF5 header records; it is truncated or corrupt "
+            "(an interrupted copy?). Re-record it or restore a copy."
+        )
     try:
         return h5py.File(path, "r", libver="latest", swmr=True)
     except OSError:

@@ -234,6 +234,11 @@ class RunWriter:
                     f"Expected layer {ds.name} to be a {ds.shape[1:]} matrix but "
                     f"got {arr.shape}. The model changed shape since the run began."
                 )
+            if arr.dtype.kind != ds.dtype.kind:  # e.g. float32 values into bfloat16's uint16 bits
+                raise ConfigError(
+                    f"Expected layer {ds.name} to be {ds.dtype} (storage dtype "
+                    f"{self.storage_dtype}) but got {arr.dtype}. Convert with to_storage()."
+                )
             if ds.shape[0] <= t:
                 ds.resize(t + 1, axis=0)
             ds.write_direct(np.ascontiguousarray(arr), dest_sel=np.s_[t])

@@ -1,0 +1,64 @@
+"""Write the tiny reference run file of the current format version.
+
+    python checkpoints_spec/make_reference.py [OUT]     (default: checkpoints_spec/reference_v1.h5)
+
+Its contents follow closed-form rules, so a test can check every number it reads back:
+
+- three layers covering the tall rule: ``fc`` a Linear weight of shape (3, 4) (stored transposed
+  as 4x3), ``conv`` a Conv2d weight (2, 1, 2, 2) (stored as reshape(2, 4).T, 4x2), and
+  ``attn.in_proj`` a MultiheadAttention in_proj_weight (6, 2) (stored as is);
+- three committed snapshots t = 0, 1, 2 with step = 10 t, epoch = t, and in the parameter's own
+  shape ``value[idx] = t + 0.1 * flat_index(idx)``;
+- metric ``loss = 1 / (t + 1)`` from snapshot 1 on (NaN at 0), ``acc = 0.5 + 0.2 t`` at every one;
+- a half-written fourth snapshot (layer ``fc`` grown to 4 rows, filled with 99) that every reader
+  must ignore.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from basis_stability.store.writer import RunWriter
+from basis_stability.views import LayerView
+
+LAYERS = [
+    LayerView.of("fc", "fc.weight", "linear", (3, 4)),
+    LayerView.of("conv", "conv.weight", "conv2d", (2, 1, 2, 2)),
+    LayerView.of("attn.in_proj", "attn.in_proj_weight", "mha", (6, 2)),
+]
+N_SNAPSHOTS = 3
+
+
+def param_value(view: LayerView, t: int) -> np.ndarray:
+    """The layer's parameter at snapshot ``t`` in its own shape."""
+    size = int(np.prod(view.orig_shape))
+    return (t + 0.1 * np.arange(size, dtype=np.float64)).reshape(view.orig_shape).astype(np.float32)
+
+
+def metrics_at(t: int) -> dict[str, float]:
+    return {"acc": 0.5 + 0.2 * t} if t == 0 else {"acc": 0.5 + 0.2 * t, "loss": 1.0 / (t + 1)}
+
+
+def write_reference(path: Path) -> Path:
+    config = {"metadata": {"purpose": "format reference file"}, "dtype": "float32"}
+    with RunWriter.create(path, LAYERS, model_class="ReferenceModel", config=config,
+                          force=True) as writer:
+        for t in range(N_SNAPSHOTS):
+            mats = (view.matrix(torch.from_numpy(param_value(view, t))).numpy()
+                    for view in LAYERS)
+            writer.append(mats, step=10 * t, epoch=float(t), metrics=metrics_at(t))
+    with h5py.File(path, "r+", libver="latest") as f:  # a half-written, uncommitted snapshot
+        ds = f["layers/fc"]
+        ds.resize(N_SNAPSHOTS + 1, axis=0)
+        ds[N_SNAPSHOTS] = 99.0
+    return path
+
+
+if __name__ == "__main__":
+    default = Path(__file__).with_name("reference_v1.h5")
+    print(write_reference(Path(sys.argv[1]) if len(sys.argv) > 1 else default))
