@@ -209,6 +209,7 @@ class _Filter:
     include: list[re.Pattern[str]]
     exclude: list[re.Pattern[str]]
     kinds: set[str] | None
+    exact_names: frozenset[str] = frozenset()  # include patterns that are plain names
 
     def reason_to_skip(self, name: str, kind: str) -> str | None:
         if self.exclude and _matches(name, self.exclude):
@@ -217,18 +218,23 @@ class _Filter:
             return "not matched by any --include pattern"
         if self.kinds is not None and kind not in self.kinds:
             return f"type {kind!r} not selected by `types`"
-        named = bool(self.include) and _matches(name, self.include)
+        named = name in self.exact_names  # a wildcard such as "*" does not opt an embedding in
         chosen = self.kinds is not None and kind in self.kinds
         if kind in _OPT_IN_KINDS and not (named or chosen):
-            return f"{kind} layers are recorded only when selected (types=['{kind}'] or by name)"
+            return (
+                f"{kind} layers are recorded only when selected (types=['{kind}'] or an include "
+                "pattern that is exactly the layer's name)"
+            )
         return None
 
 
 def _make_filter(include, exclude, types) -> _Filter:
+    exact = frozenset(p for p in include or () if not re.search(r"[*?\[]", p) and ":" not in p)
     return _Filter(
         _compile_patterns(include, "include"),
         _compile_patterns(exclude, "exclude"),
         _type_filter(types),
+        exact,
     )
 
 
@@ -257,7 +263,7 @@ def select_layers(
         exclude: patterns that drop a layer even when included.
         types: layer kinds to keep (``"linear"``, ``"conv2d"``, ``"conv*"``, ``"mha"``,
             ``"embedding"``, or module classes). Embeddings are kept only when named here or
-            matched by ``include``.
+            when an ``include`` pattern is exactly their name (a wildcard is not enough).
 
     Returns:
         A :class:`Selection` with the views in module order and every skipped layer with its

@@ -128,6 +128,8 @@ def test_embedding_skipped_unless_selected_by_type_or_name():
     assert set(by_type) == {"emb"}
     assert by_type["emb"].shape == (20, 6) and by_type["emb"].kind == "embedding"
     assert set(_views(model, include=["emb"])) == {"emb"}
+    # a wildcard that happens to match is not an explicit choice (SPEC §1)
+    assert "emb" not in _views(model, include=["*"])
     assert "emb" in _views(model, types=[nn.Embedding, "linear"])
 
 
