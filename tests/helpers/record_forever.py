@@ -1,0 +1,112 @@
+"""Record deterministic snapshots of a small model until killed (or ``--count`` snapshots).
+
+Snapshot ``t`` holds, in layer ``i``, every weight equal to ``float32(t + i / 10)``, with
+``step = t``, ``epoch = t`` and the metric ``t = t``; so a reader can check every committed
+snapshot exactly. Run by the crash and SWMR tests (and ``benchmarks/crash_soak.py``)::
+
+    python record_forever.py RUN.h5 [--sizes 512,512,384,256] [--count N] [--interval S]
+    python record_forever.py RUN.h5 --mode append --start K --count N
+    python record_forever.py RUN.h5 --die-inside T   # SIGKILL itself halfway through snapshot T
+    python record_forever.py RUN.h5 --count N --hold # after N snapshots, wait for a stdin line
+
+Protocol on stdout (one line each, flushed):
+
+    ready N     the run is open; N snapshots are in the file (create: the initial snapshot 0)
+    begin t     snapshot t is about to be written
+    done t      snapshot t returned (it is committed)
+    holding     (--hold) all snapshots written; the file stays open until a line on stdin
+    closed      the recorder was closed
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import torch
+from torch import nn
+
+DEFAULT_SIZES = "512,512,512,384,256"  # four Linear layers, ~3.1 MB of float32 per snapshot
+
+
+def build_model(sizes: str) -> nn.Sequential:
+    dims = [int(s) for s in sizes.split(",")]
+    return nn.Sequential(*(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])))
+
+
+def layer_value(t: int, i: int) -> float:
+    """What every weight of layer ``i`` holds in snapshot ``t`` (before float32 rounding)."""
+    return t + i / 10
+
+
+@torch.no_grad()
+def set_weights(model: nn.Sequential, t: int) -> None:
+    for i, layer in enumerate(model):
+        layer.weight.fill_(layer_value(t, i))
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def die_inside(rec, snapshot: int, after_layers: int = 2) -> list[int]:
+    """Make ``rec`` SIGKILL its own process inside snapshot ``snapshot``.
+
+    The kill comes after ``after_layers`` layer rows were written and flushed, so the half-written
+    rows are on disk. Returns a one-item list the caller keeps set to the current ``t``.
+    """
+    current = [-1]
+    matrices = rec._matrices
+
+    def dying_matrices():
+        for i, mat in enumerate(matrices()):
+            if current[0] == snapshot and i == after_layers:
+                rec._writer._f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield mat
+
+    rec._matrices = dying_matrices
+    return current
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES)
+    parser.add_argument("--mode", choices=("create", "append"), default="create")
+    parser.add_argument("--start", type=int, default=1, help="first t written by the loop")
+    parser.add_argument("--count", type=int, default=0, help="snapshots to write; 0: forever")
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds between snapshots")
+    parser.add_argument("--die-inside", type=int, default=-1, help="SIGKILL inside snapshot T")
+    parser.add_argument("--hold", action="store_true", help="stay open until a line on stdin")
+    args = parser.parse_args()
+
+    from basis_stability import Recorder
+
+    model = build_model(args.sizes)
+    set_weights(model, 0)  # the initial snapshot (create mode) is snapshot 0
+    rec = Recorder(model, args.path, mode=args.mode)
+    current = die_inside(rec, args.die_inside) if args.die_inside >= 0 else [-1]
+    say(f"ready {rec.n_snapshots}")
+    t = args.start
+    while args.count == 0 or t < args.start + args.count:
+        if args.interval:
+            time.sleep(args.interval)
+        set_weights(model, t)
+        current[0] = t
+        say(f"begin {t}")
+        rec.snapshot(step=t, epoch=t, metrics={"t": t})
+        say(f"done {t}")
+        t += 1
+    if args.hold:
+        say("holding")
+        sys.stdin.readline()
+    rec.close()
+    say("closed")
+
+
+if __name__ == "__main__":
+    main()
