@@ -79,7 +79,16 @@ def _resolve(model: nn.Module, dotted: str) -> torch.Tensor:
 
 
 def to_storage(view: LayerView, weight: torch.Tensor, dtype: str) -> np.ndarray:
-    """Copy one layer's tall matrix to host memory in the storage dtype (bfloat16 as raw bits)."""
+    """One layer's tall matrix in host memory, in the storage dtype (bfloat16 as raw bits).
+
+    A CPU tensor already in the storage dtype is viewed, not copied (the writer copies it into
+    the file at once); anything else is converted by torch, GPU tensors included.
+    """
+    weight = weight.detach()
+    if weight.device.type == "cpu" and weight.dtype == _TORCH_DTYPES[dtype] != torch.bfloat16:
+        arr = weight.numpy()  # numpy's reshape/transpose cost less than torch's dispatch here
+        mat = arr.reshape(arr.shape[0], -1)
+        return mat.T if view.transposed else mat
     with torch.no_grad():
         mat = view.matrix(weight.detach()).to("cpu", dtype=_TORCH_DTYPES[dtype])
         if dtype == "bfloat16":

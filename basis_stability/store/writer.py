@@ -111,6 +111,7 @@ class RunWriter:
         self.layers = list(layers)
         self.storage_dtype = str(f.attrs["storage_dtype"])
         self._datasets = [f["layers"][v.name] for v in self.layers]
+        self._layouts = [(ds.shape[1:], ds.dtype) for ds in self._datasets]  # (m, n), dtype
         self._index = f["snapshots"]
         self._names_ds = f["metrics/names"]
         self._values_ds = f["metrics/values"]
@@ -228,19 +229,18 @@ class RunWriter:
         """
         t = self.n_snapshots
         row = self._metric_row(metrics or {})
-        for ds, arr in zip(self._datasets, matrices, strict=True):
-            if arr.shape != ds.shape[1:]:
+        for ds, (shape, dtype), arr in zip(self._datasets, self._layouts, matrices, strict=True):
+            if arr.shape != shape:
                 raise ConfigError(
-                    f"Expected layer {ds.name} to be a {ds.shape[1:]} matrix but "
+                    f"Expected layer {ds.name} to be a {shape} matrix but "
                     f"got {arr.shape}. The model changed shape since the run began."
                 )
-            if arr.dtype.kind != ds.dtype.kind:  # e.g. float32 values into bfloat16's uint16 bits
+            if arr.dtype.kind != dtype.kind:  # e.g. float32 values into bfloat16's uint16 bits
                 raise ConfigError(
-                    f"Expected layer {ds.name} to be {ds.dtype} (storage dtype "
+                    f"Expected layer {ds.name} to be {dtype} (storage dtype "
                     f"{self.storage_dtype}) but got {arr.dtype}. Convert with to_storage()."
                 )
-            if ds.shape[0] <= t:
-                ds.resize(t + 1, axis=0)
+            ds.id.set_extent((t + 1, *shape))  # rows beyond t (a resumed half-write) are gone
             ds.write_direct(np.ascontiguousarray(arr), dest_sel=np.s_[t])
         if row is not None:
             if self._values_ds.shape != (t + 1, len(self.metric_names)):
