@@ -46,11 +46,11 @@ def metrics_at(t: int) -> dict[str, float]:
 
 def write_reference(path: Path) -> Path:
     config = {"metadata": {"purpose": "format reference file"}, "dtype": "float32"}
-    with RunWriter.create(path, LAYERS, model_class="ReferenceModel", config=config,
-                          force=True) as writer:
+    with RunWriter.create(
+        path, LAYERS, model_class="ReferenceModel", config=config, force=True
+    ) as writer:
         for t in range(N_SNAPSHOTS):
-            mats = (view.matrix(torch.from_numpy(param_value(view, t))).numpy()
-                    for view in LAYERS)
+            mats = (view.matrix(torch.from_numpy(param_value(view, t))).numpy() for view in LAYERS)
             writer.append(mats, step=10 * t, epoch=float(t), metrics=metrics_at(t))
     with h5py.File(path, "r+", libver="latest") as f:  # a half-written, uncommitted snapshot
         ds = f["layers/fc"]

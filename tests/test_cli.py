@@ -48,8 +48,11 @@ def test_record_builtin_models_then_inspect_and_validate(model, tmp_path):
         assert run.metric_names == ["loss", "acc", "val_loss", "val_acc"]
         kinds = {i.kind for i in run.layers}
         names = run.layer_names
-    expected_kinds = {"mlp": {"linear"}, "cnn": {"conv2d", "linear"},
-                      "vit-tiny": {"conv2d", "mha", "linear"}}[model]
+    expected_kinds = {
+        "mlp": {"linear"},
+        "cnn": {"conv2d", "linear"},
+        "vit-tiny": {"conv2d", "mha", "linear"},
+    }[model]
     assert kinds == expected_kinds
     if model == "vit-tiny":
         assert "blocks.layers.0.self_attn.in_proj" in names
@@ -64,8 +67,18 @@ def test_record_builtin_models_then_inspect_and_validate(model, tmp_path):
 
 def test_record_step_schedule_stamps_steps_and_fractional_epochs(tmp_path):
     out = tmp_path / "steps.h5"
-    result = bstab("record", "--model", "mlp", "--epochs", "1", "--schedule", "every:10",
-                   "--no-progress", "-o", out)
+    result = bstab(
+        "record",
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--schedule",
+        "every:10",
+        "--no-progress",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     with open_run(out) as run:
         # digits: 1438 training samples / 64 per batch -> 23 steps; snapshots at 0, 10, 20
@@ -76,8 +89,21 @@ def test_record_step_schedule_stamps_steps_and_fractional_epochs(tmp_path):
 
 def test_record_float16_storage(tmp_path):
     out = tmp_path / "half.h5"
-    assert bstab("record", "--model", "mlp", "--epochs", "1", "--dtype", "float16",
-                 "--no-progress", "-o", out).exit_code == 0
+    assert (
+        bstab(
+            "record",
+            "--model",
+            "mlp",
+            "--epochs",
+            "1",
+            "--dtype",
+            "float16",
+            "--no-progress",
+            "-o",
+            out,
+        ).exit_code
+        == 0
+    )
     with h5py.File(out, "r", libver="latest", swmr=True) as f:
         assert f["layers/1"].dtype == np.float16
 
@@ -87,7 +113,9 @@ def test_default_output_path_never_overwrites(tmp_path, monkeypatch):
     for _ in range(2):
         assert bstab("record", "--model", "mlp", "--epochs", "1", "--no-progress").exit_code == 0
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
-        "mlp-digits-seed0-2.h5", "mlp-digits-seed0.h5"]
+        "mlp-digits-seed0-2.h5",
+        "mlp-digits-seed0.h5",
+    ]
 
 
 def test_existing_output_is_refused_then_replaced_with_force(tmp_path):
@@ -96,8 +124,9 @@ def test_existing_output_is_refused_then_replaced_with_force(tmp_path):
     result = bstab("record", "--model", "mlp", "--epochs", "1", "--no-progress", "-o", out)
     assert_clean_failure(result, "already exists", "--force")
     assert out.read_bytes() == b"precious"
-    result = bstab("record", "--model", "mlp", "--epochs", "1", "--no-progress", "-o", out,
-                   "--force")
+    result = bstab(
+        "record", "--model", "mlp", "--epochs", "1", "--no-progress", "-o", out, "--force"
+    )
     assert result.exit_code == 0, result.output
     with open_run(out) as run:
         assert run.n_snapshots == 2
@@ -110,16 +139,20 @@ def test_list_shows_selected_and_skipped_layers():
     assert "no matrix view for LayerNorm" in result.output
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--include", "nothing*"], ["No layer of model Sequential was selected", "not matched"]),
-    (["--schedule", "sometimes"], ["Expected `--schedule`", "every:10"]),
-    (["--schedule", "every:0"], ["Expected `n` to be a positive integer"]),
-    (["--include", "re:(["], ["not a regular expression"]),
-    (["--types", "lstm"], ["Expected `types`", "linear"]),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--include", "nothing*"], ["No layer of model Sequential was selected", "not matched"]),
+        (["--schedule", "sometimes"], ["Expected `--schedule`", "every:10"]),
+        (["--schedule", "every:0"], ["Expected `n` to be a positive integer"]),
+        (["--include", "re:(["], ["not a regular expression"]),
+        (["--types", "lstm"], ["Expected `types`", "linear"]),
+    ],
+)
 def test_record_bad_options(args, fragments, tmp_path):
-    result = bstab("record", "--model", "mlp", "--epochs", "1", "--no-progress",
-                   "-o", tmp_path / "x.h5", *args)
+    result = bstab(
+        "record", "--model", "mlp", "--epochs", "1", "--no-progress", "-o", tmp_path / "x.h5", *args
+    )
     assert_clean_failure(result, *fragments)
     assert not (tmp_path / "x.h5").exists()
 
@@ -196,12 +229,12 @@ def test_record_from_checkpoints_in_natural_order(tmp_path):
 
 
 def test_record_from_checkpoints_bad_input(tmp_path):
-    result = bstab("record", "--from-checkpoints", f"{tmp_path}/none_*.pt", "-o",
-                   tmp_path / "x.h5")
+    result = bstab("record", "--from-checkpoints", f"{tmp_path}/none_*.pt", "-o", tmp_path / "x.h5")
     assert_clean_failure(result, "matched nothing")
     _save_checkpoints(tmp_path / "ckpts", [1, 2])
     torch.save({"other.weight": torch.zeros(3, 3)}, tmp_path / "ckpts" / "epoch_3.pt")
-    result = bstab("record", "--from-checkpoints", f"{tmp_path}/ckpts/epoch_*.pt", "-o",
-                   tmp_path / "x.h5")
+    result = bstab(
+        "record", "--from-checkpoints", f"{tmp_path}/ckpts/epoch_*.pt", "-o", tmp_path / "x.h5"
+    )
     assert_clean_failure(result, "differing keys", "epoch_3.pt")
     assert not (tmp_path / "x.h5").exists()

@@ -43,8 +43,11 @@ def test_reference_file_reads_back_closed_form_values(path, tmp_path):
         assert run.n_snapshots == 3  # the half-written fourth row is ignored
         assert run.layer_names == ["fc", "conv", "attn.in_proj"]
         shapes = {i.name: (i.shape, i.transposed, i.orig_shape) for i in run.layers}
-        assert shapes == {"fc": ((4, 3), True, (3, 4)), "conv": ((4, 2), True, (2, 1, 2, 2)),
-                          "attn.in_proj": ((6, 2), False, (6, 2))}
+        assert shapes == {
+            "fc": ((4, 3), True, (3, 4)),
+            "conv": ((4, 2), True, (2, 1, 2, 2)),
+            "attn.in_proj": ((6, 2), False, (6, 2)),
+        }
         for info in run.layers:
             snaps = run.layer(info.name)
             for t in range(3):
@@ -86,27 +89,40 @@ def _doctored(tmp_path: Path, edit) -> Path:
 def _replace_fc(f: h5py.File, dtype: str = "f4", shape=(3, 4, 3), chunks=(1, 4, 3)) -> None:
     attrs = dict(f["layers/fc"].attrs)
     del f["layers/fc"]
-    ds = f["layers"].create_dataset("fc", shape=shape, maxshape=(None, *shape[1:]),
-                                    chunks=chunks, dtype=dtype)
+    ds = f["layers"].create_dataset(
+        "fc", shape=shape, maxshape=(None, *shape[1:]), chunks=chunks, dtype=dtype
+    )
     for k, v in attrs.items():
         ds.attrs[k] = v
 
 
 BREAKAGES = {
-    "missing format_version": (lambda f: f.attrs.__delitem__("format_version"),
-                               "missing attribute `format_version`"),
+    "missing format_version": (
+        lambda f: f.attrs.__delitem__("format_version"),
+        "missing attribute `format_version`",
+    ),
     "config not JSON": (lambda f: f.attrs.__setitem__("config", "{oops"), "not valid JSON"),
-    "unknown storage dtype": (lambda f: f.attrs.__setitem__("storage_dtype", "int8"),
-                              "expected one of"),
-    "other major version": (lambda f: f.attrs.__setitem__("format_version", "2.0"),
-                            "another major version"),
-    "layer missing attribute": (lambda f: f["layers/conv"].attrs.__delitem__("kind"),
-                                "missing attribute `kind`"),
+    "unknown storage dtype": (
+        lambda f: f.attrs.__setitem__("storage_dtype", "int8"),
+        "expected one of",
+    ),
+    "other major version": (
+        lambda f: f.attrs.__setitem__("format_version", "2.0"),
+        "another major version",
+    ),
+    "layer missing attribute": (
+        lambda f: f["layers/conv"].attrs.__delitem__("kind"),
+        "missing attribute `kind`",
+    ),
     "wrong layer dtype": (lambda f: _replace_fc(f, dtype="f8"), "does not store float32"),
-    "orig_shape disagrees": (lambda f: f["layers/conv"].attrs.__setitem__(
-        "orig_shape", np.array([2, 2, 2, 2])), "does not give the stored"),
-    "layer lacks committed rows": (lambda f: f["layers/conv"].resize(2, axis=0),
-                                   "has 2 snapshots but /snapshots commits 3"),
+    "orig_shape disagrees": (
+        lambda f: f["layers/conv"].attrs.__setitem__("orig_shape", np.array([2, 2, 2, 2])),
+        "does not give the stored",
+    ),
+    "layer lacks committed rows": (
+        lambda f: f["layers/conv"].resize(2, axis=0),
+        "has 2 snapshots but /snapshots commits 3",
+    ),
     "no snapshots dataset": (lambda f: f.__delitem__("snapshots"), "missing dataset"),
     "not tall": (lambda f: _replace_fc(f, shape=(3, 3, 4), chunks=(1, 3, 4)), "is not tall"),
 }
@@ -117,8 +133,9 @@ def test_validator_reports_each_broken_rule(name, tmp_path):
     edit, message = BREAKAGES[name]
     report = validate_run(_doctored(tmp_path, edit))
     assert not report.ok
-    assert any(message in f.message for f in report.findings if f.level == "error"), \
-        [str(f) for f in report.findings]
+    assert any(message in f.message for f in report.findings if f.level == "error"), [
+        str(f) for f in report.findings
+    ]
 
 
 def test_validator_flags_nan_weights_as_warning(tmp_path):
