@@ -254,6 +254,17 @@ def _is_truncated(path: Path) -> bool:
     return os.path.getsize(path) < base + eof
 
 
+def writer_flagged(path: str | os.PathLike) -> bool:
+    """Whether the file's superblock says a writer has it open (or died holding it open).
+
+    A live recorder and a killed one look the same here; callers that wait for new snapshots
+    also stop after a quiet period.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    return len(head) == 12 and head[:8] == _HDF5_SIGNATURE and head[8] >= 2 and head[11] != 0
+
+
 def _open_h5(path: Path) -> h5py.File:
     """Open read-only; SWMR first so that live and crashed runs open too."""
     if _is_truncated(path):

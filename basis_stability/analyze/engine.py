@@ -1,0 +1,357 @@
+"""The analysis engine: one SVD per (layer, snapshot), computed once and kept in a sidecar cache.
+
+The cache (``RUN.bstab-cache.h5`` beside the run, or a path you choose) holds, per layer and
+snapshot, the singular values, the polar basis ``B = U V^T`` and the top-``kmax`` singular vectors.
+Re-analysing a run only decomposes snapshots the cache lacks, so a run that is still being
+recorded costs only its new snapshots. The recording itself is never modified.
+
+A cache is trusted only when it names the same run (creation time, model, layers and shapes), the
+same cache version and the same SVD settings; each cached snapshot must also carry the run's own
+commit time for that snapshot. Anything else is rebuilt, never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import ConfigError, expected
+from ..store.reader import LayerInfo, Run
+from .spectra import SVD, compact_svd
+from .stability import Decomposed, basis_reason
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "basis_stability.svd-cache"
+CACHE_VERSION = 1
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_CHUNK = 8  # snapshots per task: bounds the memory a worker sends back at once
+
+
+@dataclass
+class EngineConfig:
+    """How the decompositions are computed.
+
+    Attributes:
+        svd: ``exact`` (full compact SVD; every metric) or ``approx`` (randomised top-``kmax``
+            SVD: overlaps, top singular values and stable rank only; S needs every singular
+            vector and is NaN in this mode).
+        svd_dtype: ``float32`` or ``float64``; never half precision, whatever was stored.
+        kmax: singular vectors kept per snapshot (bounds the k of the top-k overlap).
+        oversample: extra random directions of the approximate mode.
+        power_iters: power iterations of the approximate mode.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        jobs: worker processes (layers are spread over them); 1 computes in this process.
+        cache: keep decompositions in a sidecar file; ``cache_path`` overrides where.
+    """
+
+    svd: str = "exact"
+    svd_dtype: str = "float32"
+    kmax: int = 32
+    oversample: int = 10
+    power_iters: int = 2
+    device: str = "cpu"
+    jobs: int = 1
+    cache: bool = True
+    cache_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.svd not in ("exact", "approx"):
+            raise ConfigError(expected("svd", "exact or approx", self.svd, "exact is default."))
+        if self.svd_dtype not in _DTYPES:
+            raise ConfigError(
+                expected("svd_dtype", "float32 or float64", self.svd_dtype, "Use float32.")
+            )
+        for name in ("kmax", "jobs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(expected(name, "a positive integer", value, "Use e.g. 1."))
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                expected("device", "an available device", self.device, "Use --device cpu.")
+            )
+
+    def settings(self) -> dict:
+        """What makes two caches interchangeable (device and jobs do not)."""
+        keep = ("svd", "svd_dtype", "kmax") + (
+            ("oversample", "power_iters") * (self.svd == "approx")
+        )
+        return {"cache_version": CACHE_VERSION, **{k: asdict(self)[k] for k in keep}}
+
+
+# ---------------------------------------------------------------------- decomposition
+@dataclass
+class Entry:
+    """The cached decomposition of one snapshot of one layer."""
+
+    t: int
+    t_id: float  # the run's unix_time of snapshot t: the entry's identity
+    s: np.ndarray  # (n,) singular values, NaN where unknown
+    fro2: float  # squared Frobenius norm
+    B: np.ndarray | None  # (m, n) polar basis, exact mode only
+    U: np.ndarray  # (m, kk)
+    V: np.ndarray  # (n, kk)
+
+
+def _decompose(w: torch.Tensor, cfg: EngineConfig) -> tuple:
+    """(s, fro2, B, U, V) of one tall matrix; NaN-filled when it holds NaN/Inf."""
+    m, n = w.shape
+    kk = min(cfg.kmax, n)
+    dtype = _DTYPES[cfg.svd_dtype]
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    if not torch.isfinite(w).all():
+        nan = np.full
+        b = nan((m, n), np.nan, np_dtype) if cfg.svd == "exact" else None
+        return (
+            nan(n, np.nan),
+            math.nan,
+            b,
+            nan((m, kk), np.nan, np_dtype),
+            nan((n, kk), np.nan, np_dtype),
+        )
+    w = w.to(cfg.device, dtype)
+    fro2 = float(torch.linalg.matrix_norm(w.double()) ** 2)
+    if cfg.svd == "exact":
+        u, s, vh = compact_svd(w, dtype)
+        b = (u @ vh).cpu().numpy()
+        s_full = s.double().cpu().numpy()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # deterministic sketches: re-analysis gives the same numbers
+            u, s, v = torch.svd_lowrank(w, q=min(kk + cfg.oversample, n), niter=cfg.power_iters)
+        vh, b = v.T, None
+        s_full = np.full(n, np.nan)
+        s_full[:kk] = s[:kk].double().cpu().numpy()
+    return (s_full, fro2, b, u[:, :kk].cpu().numpy(), vh[:kk].T.cpu().numpy())
+
+
+def decompose_task(
+    path: str, name: str, indices: list[int], t_ids: list[float], cfg: EngineConfig
+) -> tuple[str, list[Entry]]:
+    """Decompose snapshots ``indices`` of layer ``name`` (runs in a worker process too)."""
+    from ..store.reader import open_run
+
+    entries = []
+    with open_run(path) as run:
+        snaps = run.layer(name)
+        for t, t_id in zip(indices, t_ids):
+            s, fro2, b, u, v = _decompose(torch.from_numpy(snaps[t]), cfg)
+            entries.append(Entry(t, t_id, s, fro2, b, u, v))
+    return name, entries
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------- the cache
+def run_identity(run: Run) -> str:
+    """A fingerprint of the run a cache belongs to."""
+    a = run.attrs
+    layers = [(i.name, i.shape, i.storage_dtype) for i in run.layers]
+    text = json.dumps([a.get("created"), a.get("model_class"), a.get("format_version"), layers])
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def default_cache_path(run_path: Path) -> Path:
+    return run_path.with_name(run_path.stem + ".bstab-cache.h5")
+
+
+class SVDCache:
+    """The sidecar cache of one run (or an in-memory stand-in when caching is off)."""
+
+    def __init__(self, run: Run, cfg: EngineConfig) -> None:
+        self.run, self.cfg = run, cfg
+        self.identity = run_identity(run)
+        self.settings = json.dumps(cfg.settings(), sort_keys=True)
+        self.memory: dict[str, dict[int, Entry]] = {}
+        self.file: h5py.File | None = None
+        self.path: Path | None = None
+        self.note: str | None = None
+        if cfg.cache:
+            self.path = Path(cfg.cache_path) if cfg.cache_path else default_cache_path(run.path)
+            self.file = self._open()
+
+    def _open(self) -> h5py.File | None:
+        path = self.path
+        if path.exists():
+            reason = self._mismatch(path)
+            if reason is None:
+                try:
+                    return h5py.File(path, "r+")
+                except OSError as exc:
+                    self.note = f"cache {path} is in use or unwritable ({exc}); not caching"
+                    log.warning(self.note)
+                    return None
+            self.note = f"rebuilt the SVD cache {path.name}: {reason}"
+            log.warning(self.note)
+            path.unlink()
+        try:
+            f = h5py.File(path, "w", libver="latest")
+        except OSError as exc:
+            self.note = f"cannot create the SVD cache {path} ({exc}); analysing without one"
+            log.warning(self.note)
+            return None
+        f.attrs.update(
+            {"format": CACHE_FORMAT, "run_identity": self.identity, "settings": self.settings}
+        )
+        return f
+
+    def _mismatch(self, path: Path) -> str | None:
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("format") != CACHE_FORMAT:
+                    return "not a basis_stability SVD cache"
+                if f.attrs.get("run_identity") != self.identity:
+                    return "it belongs to another run"
+                if f.attrs.get("settings") != self.settings:
+                    return "it was made with other SVD settings or another cache version"
+        except OSError as exc:
+            return f"unreadable ({exc})"
+        return None
+
+    # -------------------------------------------------------------- reading and writing
+    def _group(self, info: LayerInfo) -> h5py.Group:
+        grp = self.file.require_group(f"layers/{info.name}")
+        if "t_id" not in grp:
+            m, n = info.shape
+            kk = min(self.cfg.kmax, n)
+            vec_dtype = "f4" if self.cfg.svd_dtype == "float32" else "f8"
+            grp.create_dataset(
+                "t_id", (0,), maxshape=(None,), dtype="f8", chunks=(256,), fillvalue=np.nan
+            )  # rows not yet computed stay invalid
+            grp.create_dataset("fro2", (0,), maxshape=(None,), dtype="f8", chunks=(256,))
+            grp.create_dataset("s", (0, n), maxshape=(None, n), dtype="f8", chunks=(1, n))
+            grp.create_dataset(
+                "U", (0, m, kk), maxshape=(None, m, kk), dtype=vec_dtype, chunks=(1, m, kk)
+            )
+            grp.create_dataset(
+                "V", (0, n, kk), maxshape=(None, n, kk), dtype=vec_dtype, chunks=(1, n, kk)
+            )
+            if self.cfg.svd == "exact":
+                grp.create_dataset(
+                    "B", (0, m, n), maxshape=(None, m, n), dtype=vec_dtype, chunks=(1, m, n)
+                )
+        return grp
+
+    def missing(self, info: LayerInfo, t_ids: np.ndarray) -> list[int]:
+        """Snapshots of this layer whose decomposition is not cached (or cached for another)."""
+        if self.file is None:
+            have = self.memory.get(info.name, {})
+            return [t for t in range(len(t_ids)) if t not in have]
+        grp = self.file.get(f"layers/{info.name}")
+        cached = grp["t_id"][:] if grp is not None else np.empty(0)
+        return [t for t in range(len(t_ids)) if t >= len(cached) or cached[t] != t_ids[t]]
+
+    def put(self, info: LayerInfo, entries: list[Entry]) -> None:
+        if self.file is None:
+            self.memory.setdefault(info.name, {}).update({e.t: e for e in entries})
+            return
+        grp = self._group(info)
+        size = max(e.t for e in entries) + 1
+        for key in ("t_id", "fro2", "s", "U", "V", "B"):
+            if key in grp and grp[key].shape[0] < size:
+                grp[key].resize(size, axis=0)
+        for e in entries:
+            grp["s"][e.t], grp["fro2"][e.t] = e.s, e.fro2
+            grp["U"][e.t], grp["V"][e.t] = e.U, e.V
+            if e.B is not None:
+                grp["B"][e.t] = e.B
+        for e in entries:  # identities last: an interrupted write leaves the rows invalid
+            grp["t_id"][e.t] = e.t_id
+        self.file.flush()
+
+    def load(self, info: LayerInfo, count: int) -> Iterator[Decomposed | None]:
+        """The ``count`` decompositions of one layer, as the metrics take them."""
+        dtype = _DTYPES[self.cfg.svd_dtype]
+        for t in range(count):
+            entry = self._entry(info, t)
+            if entry is None:
+                yield None
+                continue
+            s = torch.from_numpy(np.asarray(entry.s))
+            svd = SVD(torch.from_numpy(entry.U), s, torch.from_numpy(entry.V).T)
+            reason = (
+                basis_reason(s, info.shape, dtype)
+                if self.cfg.svd == "exact"
+                else ("approximate SVD mode: S needs every singular vector")
+            )
+            basis = None if reason or entry.B is None else torch.from_numpy(entry.B)
+            yield Decomposed(svd, basis, reason)
+
+    def _entry(self, info: LayerInfo, t: int) -> Entry | None:
+        if self.file is None:
+            return self.memory.get(info.name, {}).get(t)
+        grp = self.file.get(f"layers/{info.name}")
+        if grp is None or t >= grp["t_id"].shape[0] or np.isnan(grp["t_id"][t]):
+            return None
+        b = grp["B"][t] if "B" in grp else None
+        return Entry(t, grp["t_id"][t], grp["s"][t], grp["fro2"][t], b, grp["U"][t], grp["V"][t])
+
+    def spectrum(self, info: LayerInfo, t: int) -> tuple[np.ndarray, float] | None:
+        entry = self._entry(info, t)
+        return None if entry is None else (np.asarray(entry.s), float(entry.fro2))
+
+    def close(self) -> None:
+        if self.file is not None and self.file.id.valid:
+            self.file.close()
+
+
+# ---------------------------------------------------------------------- driving it
+def _tasks(run: Run, cache: SVDCache, available: dict[str, int]) -> list[tuple]:
+    t_ids = run._index()["unix_time"]
+    tasks = []
+    for info in run.layers:
+        todo = cache.missing(info, t_ids[: available[info.name]])
+        for i in range(0, len(todo), _CHUNK):
+            chunk = todo[i : i + _CHUNK]
+            tasks.append((str(run.path), info.name, chunk, [float(t_ids[t]) for t in chunk]))
+    return tasks
+
+
+def fill_cache(
+    run: Run, cache: SVDCache, cfg: EngineConfig, available: dict[str, int], progress: bool = False
+) -> int:
+    """Decompose every snapshot the cache lacks; returns how many were computed."""
+    from tqdm.auto import tqdm
+
+    tasks = _tasks(run, cache, available)
+    total = sum(len(t[2]) for t in tasks)
+    if not total:
+        return 0
+    infos = {i.name: i for i in run.layers}
+    bar = tqdm(total=total, desc="SVD", unit="matrix", disable=not progress)
+    if cfg.jobs == 1 or len(tasks) == 1:
+        for task in tasks:
+            name, entries = decompose_task(*task, cfg)
+            cache.put(infos[name], entries)
+            bar.update(len(entries))
+    else:
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "h5py", "basis_stability.analyze.engine"])
+        # largest layers first: they bound the wall time
+        tasks.sort(key=lambda t: -math.prod(infos[t[1]].shape) * len(t[2]))
+        with ProcessPoolExecutor(
+            cfg.jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
+        ) as pool:
+            futures = [pool.submit(decompose_task, *task, cfg) for task in tasks]
+            for fut in as_completed(futures):
+                name, entries = fut.result()
+                cache.put(infos[name], entries)
+                bar.update(len(entries))
+    bar.close()
+    return total

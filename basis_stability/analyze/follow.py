@@ -1,0 +1,53 @@
+"""Analyse once, or keep analysing a run while it is being recorded (``bstab analyze --follow``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..recommend import PlanConfig
+from ..store.reader import open_run, writer_flagged
+from .engine import EngineConfig
+from .output import prepare_dir, write_report
+from .report import AnalysisConfig, analyze
+
+
+def _count(path: Path) -> int:
+    with open_run(path) as run:
+        return run.n_snapshots
+
+
+def follow_analysis(
+    path: Path,
+    out: Path,
+    config: AnalysisConfig,
+    engine: EngineConfig,
+    plan: PlanConfig,
+    plots: bool = True,
+    follow: bool = False,
+    poll: float = 5.0,
+    idle_timeout: float = 600.0,
+    progress: bool = True,
+) -> Iterator[str]:
+    """Yield the report text after each analysis; with ``follow``, again for new snapshots.
+
+    Following stops when the writer has closed the run, when no snapshot arrived for
+    ``idle_timeout`` seconds (a writer that was killed looks open forever), or on Ctrl-C.
+    """
+    out = prepare_dir(out)  # fail on a bad --output before any SVD is paid for
+    while True:
+        report = analyze(path, config, engine, plan, progress=progress)
+        written = write_report(report, out, plots=plots)
+        yield report.text() + f"\nwrote {len(written)} files to {out}"
+        if not follow:
+            return
+        seen, quiet_since = report.n_snapshots, time.monotonic()
+        while _count(path) == seen:
+            if not writer_flagged(path):
+                yield "the writer closed the run; done."
+                return
+            if time.monotonic() - quiet_since > idle_timeout:
+                yield f"no new snapshot for {idle_timeout:g} s; stopping."
+                return
+            time.sleep(poll)

@@ -1,0 +1,344 @@
+"""``analyze(path)``: tidy tables of stability, overlap, spectra and ranks, plus the OIALR plan.
+
+Example:
+    >>> report = analyze("runs/cnn-digits-seed0.h5")  # doctest: +SKIP
+    >>> report.summary[["layer", "final_S", "stable_from_epoch"]]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError, RunFileError, expected
+from ..recommend import Plan, PlanConfig, make_plan
+from ..store.reader import LayerInfo, Run, open_run
+from .engine import EngineConfig, SVDCache, fill_cache
+from .spectra import effective_rank, energy_rank, rank_at_beta, stable_rank
+from .stability import Decomposed, overlap, stability
+
+PAIRS = ("consecutive", "lag", "final", "initial")
+
+
+@dataclass
+class AnalysisConfig:
+    """What is measured.
+
+    Attributes:
+        lag: snapshots apart for the "lag" pairs (the paper compares epochs 5 or 10 apart) and the
+            delay rule; reduced (with a note) when the run is shorter.
+        k: top-k of the singular-subspace overlap (capped at n and at the engine's kmax).
+        eps: energy-rank tolerance: the smallest r keeping (1 - eps) of the energy.
+    """
+
+    lag: int = 5
+    k: int = 8
+    eps: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("lag", "k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(expected(name, "a positive integer", value, "Use e.g. 5."))
+        if not 0 < self.eps < 1:
+            raise ConfigError(expected("eps", "in (0, 1)", self.eps, "Use e.g. 0.1."))
+
+
+@dataclass
+class Report:
+    """Everything ``bstab analyze`` prints and writes. Frames are tidy, ``layer`` first."""
+
+    run_path: Path
+    stability: pd.DataFrame
+    spectra: pd.DataFrame
+    ranks: pd.DataFrame
+    network: pd.DataFrame
+    summary: pd.DataFrame
+    beta_curve: pd.DataFrame
+    plan: Plan | None
+    n_snapshots: int
+    computed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        from .text import report_text
+
+        return report_text(self)
+
+
+def _pairs(t_count: int, lag: int) -> list[tuple[str, int, int]]:
+    out = [("consecutive", b - 1, b) for b in range(1, t_count)]
+    out += [("lag", b - lag, b) for b in range(lag, t_count)]
+    out += [("final", a, t_count - 1) for a in range(t_count - 1)]
+    out += [("initial", 0, b) for b in range(1, t_count)]
+    return out
+
+
+def _layer_rows(
+    info: LayerInfo,
+    decs: list[Decomposed | None],
+    index: pd.DataFrame,
+    cfg: AnalysisConfig,
+    lag: int,
+) -> list[dict]:
+    epochs, steps = index["epoch"].to_numpy(), index["step"].to_numpy()
+    rows = []
+    for kind, a, b in _pairs(len(decs), lag):
+        row = {
+            "layer": info.name,
+            "kind": info.kind,
+            "pair": kind,
+            "lag": b - a,
+            "a": a,
+            "b": b,
+            "epoch_a": epochs[a],
+            "epoch_b": epochs[b],
+            "step_a": steps[a],
+            "step_b": steps[b],
+        }
+        if decs[a] is None or decs[b] is None:
+            k = min(cfg.k, info.shape[1])
+            rows.append(
+                {
+                    **row,
+                    "S": math.nan,
+                    "O_left": math.nan,
+                    "O_right": math.nan,
+                    "k": k,
+                    "reason": "layer missing from a snapshot",
+                }
+            )
+            continue
+        k = min(cfg.k, decs[a].svd.U.shape[1])
+        s_ab, o_ab = stability(decs[a], decs[b]), overlap(decs[a], decs[b], k)
+        rows.append(
+            {
+                **row,
+                "S": s_ab.value,
+                "O_left": o_ab.left,
+                "O_right": o_ab.right,
+                "k": k,
+                "reason": s_ab.reason or o_ab.reason,
+            }
+        )
+    return rows
+
+
+def _spectrum_rows(
+    info: LayerInfo, t: int, s: np.ndarray, fro2: float, index: pd.DataFrame, cfg: AnalysisConfig
+) -> tuple[list[dict], dict]:
+    epoch, step = index["epoch"].iloc[t], int(index["step"].iloc[t])
+    known = s[np.isfinite(s)]
+    complete = len(known) == len(s)
+    top = known[0] if len(known) else math.nan
+    spectra = [
+        {
+            "layer": info.name,
+            "snapshot": t,
+            "epoch": epoch,
+            "step": step,
+            "i": i + 1,
+            "sigma": float(v),
+            "sigma_rel": float(v / top) if top > 0 else math.nan,
+        }
+        for i, v in enumerate(known)
+    ]
+    rank = {
+        "layer": info.name,
+        "kind": info.kind,
+        "snapshot": t,
+        "epoch": epoch,
+        "step": step,
+        "m": info.shape[0],
+        "n": info.shape[1],
+        "finite": bool(np.isfinite(fro2)),
+        "stable_rank": fro2 / top**2 if top > 0 else math.nan,
+        "effective_rank": effective_rank(s) if complete else math.nan,
+        "energy_rank": energy_rank(s, cfg.eps) if complete else -1,
+    }
+    if complete:  # stable rank from the singular values, exactly as SPEC §4 defines it
+        rank["stable_rank"] = stable_rank(s)
+    return spectra, rank
+
+
+def _network(stab: pd.DataFrame, shapes: dict[str, tuple[int, int]], tau: float) -> pd.DataFrame:
+    lagged = stab[stab["pair"] == "lag"]
+    if lagged.empty:
+        return pd.DataFrame(
+            columns=["snapshot", "epoch", "step", "mean_S", "weighted_S", "stable_share"]
+        )
+    size = lagged["layer"].map(lambda n: shapes[n][0] * shapes[n][1]).astype(float)
+    frame = lagged.assign(
+        size=size,
+        wS=lagged["S"] * size,
+        stable=(lagged["S"] >= tau) * size,
+        known=lagged["S"].notna() * size,
+    )
+    g = frame.groupby("b", sort=True)
+    out = pd.DataFrame(
+        {
+            "snapshot": g.size().index,
+            "epoch": g["epoch_b"].first().to_numpy(),
+            "step": g["step_b"].first().to_numpy(),
+            "mean_S": g["S"].mean().to_numpy(),
+            "weighted_S": (g["wS"].sum() / g["known"].sum()).to_numpy(),
+            "stable_share": (g["stable"].sum() / g["size"].sum()).to_numpy(),
+        }
+    )
+    return out.reset_index(drop=True)
+
+
+def _available(run: Run) -> tuple[dict[str, int], list[str]]:
+    available, notes = {}, []
+    for info in run.layers:
+        rows = min(run._file["layers"][info.name].shape[0], run.n_snapshots)
+        available[info.name] = rows
+        if rows < run.n_snapshots:
+            notes.append(
+                f"layer {info.name} is missing from snapshots {rows}.."
+                f"{run.n_snapshots - 1}; they are left out for it"
+            )
+    return available, notes
+
+
+def analyze(
+    path: str | Path,
+    config: AnalysisConfig | None = None,
+    engine: EngineConfig | None = None,
+    plan: PlanConfig | None = None,
+    progress: bool = False,
+) -> Report:
+    """Analyse a run (also one still being recorded): stability, overlaps, spectra, ranks, plan.
+
+    Args:
+        path: the run file.
+        config: what to measure (:class:`AnalysisConfig`).
+        engine: how to decompose (:class:`~basis_stability.analyze.engine.EngineConfig`): exact
+            or approximate SVD, dtype, device, jobs, cache.
+        plan: thresholds of the delay and beta rules (:class:`~basis_stability.recommend.PlanConfig`).
+        progress: show a progress bar over the SVDs.
+
+    Returns:
+        A :class:`Report` with tidy DataFrames and the plan.
+    """
+    config, engine, plan = (
+        config or AnalysisConfig(),
+        engine or EngineConfig(),
+        plan or PlanConfig(),
+    )
+    with open_run(path) as run:
+        if run.n_snapshots == 0:
+            raise RunFileError(
+                f"{run.path} has no committed snapshot yet; wait for the recorder "
+                "to write one (or re-run with --follow)."
+            )
+        available, notes = _available(run)
+        cache = SVDCache(run, engine)
+        try:
+            computed = fill_cache(run, cache, engine, available, progress)
+            report = _build(run, cache, available, config, plan)
+        finally:
+            cache.close()
+    report.computed = computed
+    report.notes = notes + ([cache.note] if cache.note else []) + report.notes
+    return report
+
+
+def _build(
+    run: Run, cache: SVDCache, available: dict[str, int], cfg: AnalysisConfig, plan_cfg: PlanConfig
+) -> Report:
+    t_count = run.n_snapshots
+    index = run.snapshots()[["snapshot", "epoch", "step"]].set_index("snapshot", drop=False)
+    lag = min(cfg.lag, max(t_count - 1, 1))
+    notes = []
+    if t_count == 1:
+        notes.append("only one snapshot: spectra and ranks only; stability needs two")
+    elif lag < cfg.lag:
+        notes.append(f"the run has {t_count} snapshots: lag reduced from {cfg.lag} to {lag}")
+    stab_rows, spec_rows, rank_rows = [], [], []
+    spectra_by_t: dict[int, dict[str, np.ndarray]] = {t: {} for t in range(t_count)}
+    for info in run.layers:
+        decs = list(cache.load(info, available[info.name]))
+        decs += [None] * (t_count - len(decs))
+        stab_rows += _layer_rows(info, decs, index, cfg, lag)
+        for t in range(available[info.name]):
+            s, fro2 = cache.spectrum(info, t)
+            spec, rank = _spectrum_rows(info, t, s, fro2, index, cfg)
+            spec_rows += spec
+            rank_rows.append(rank)
+            if np.isfinite(s).all():
+                spectra_by_t[t][info.name] = s
+            elif not rank["finite"]:
+                notes.append(f"layer {info.name}, snapshot {t}: NaN/Inf weights (flagged)")
+    shapes = {info.name: info.shape for info in run.layers}
+    stab, ranks = pd.DataFrame(stab_rows), pd.DataFrame(rank_rows)
+    network = (
+        _network(stab, shapes, plan_cfg.tau)
+        if len(stab)
+        else _network(pd.DataFrame(columns=["pair"]), shapes, plan_cfg.tau)
+    )
+    plan, curve = _plan(network, spectra_by_t, shapes, index, lag, run, plan_cfg, notes)
+    if plan is not None and len(ranks):
+        ranks["rank_beta"] = [
+            _rank_beta(spectra_by_t[t].get(n), plan.beta)
+            for n, t in zip(ranks["layer"], ranks["snapshot"])
+        ]
+    summary = _summary(run, stab, ranks, plan_cfg.tau)
+    return Report(
+        run.path,
+        stab,
+        pd.DataFrame(spec_rows),
+        ranks,
+        network,
+        summary,
+        curve,
+        plan,
+        t_count,
+        notes=notes,
+    )
+
+
+def _rank_beta(s: np.ndarray | None, beta: float) -> int:
+    """r_beta of one spectrum; -1 where the spectrum is unknown (NaN/Inf or approximate)."""
+    return -1 if s is None else rank_at_beta(s, beta)
+
+
+def _plan(network, spectra_by_t, shapes, index, lag, run, cfg, notes):
+    complete = [t for t, d in spectra_by_t.items() if len(d) == len(shapes)]
+    if not complete:
+        notes.append("no snapshot has finite spectra for every layer: no plan")
+        return None, pd.DataFrame(columns=["beta", "trainable_share", "min_energy", "mean_energy"])
+    usable = network[network["snapshot"].isin(complete)]
+    by_t = {t: spectra_by_t[t] for t in complete}
+    return make_plan(usable, by_t, shapes, index, lag, run.model_class, cfg)
+
+
+def _summary(run: Run, stab: pd.DataFrame, ranks: pd.DataFrame, tau: float) -> pd.DataFrame:
+    rows = []
+    lagged = stab[stab["pair"] == "lag"] if len(stab) else stab
+    for info in run.layers:
+        mine = lagged[lagged["layer"] == info.name] if len(lagged) else lagged
+        last = ranks[ranks["layer"] == info.name].tail(1)
+        row = {
+            "layer": info.name,
+            "kind": info.kind,
+            "m": info.shape[0],
+            "n": info.shape[1],
+            "params": info.n_params,
+            "final_S": math.nan,
+            "stable_from_epoch": math.nan,
+        }
+        if len(mine):
+            row["final_S"] = float(mine["S"].iloc[-1])
+            ok = (mine["S"] >= tau).to_numpy()
+            tail = np.logical_and.accumulate(ok[::-1])[::-1]
+            if tail.any():
+                row["stable_from_epoch"] = float(mine["epoch_b"].to_numpy()[int(np.argmax(tail))])
+        for col in ("stable_rank", "effective_rank", "energy_rank", "rank_beta"):
+            row[col] = last[col].iloc[0] if len(last) and col in last else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)

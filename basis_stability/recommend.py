@@ -1,0 +1,242 @@
+"""Recommend: turn measured stability and spectra into an OIALR plan (delay, interval, beta, ranks).
+
+Plain data in, plain data out; the OIALR trainer consumes :class:`Plan` (or its ``plan.json``).
+
+**Delay rule.** For the "lag" pairs (snapshots ``lag`` apart), the *stable share* at snapshot b is
+the parameter-weighted share of layers with ``S(b - lag, b) >= tau``. The delay is the first b from
+which the stable share stays ``>= share`` at every later b. Weighting by parameters makes the big
+layers, where low rank pays, decide; a NaN S counts as not stable.
+
+**Beta rule.** At the delay snapshot, for each candidate beta each layer would keep
+``r_beta = #{s_i >= beta s_1}`` singular values. Rule ``energy`` (default) picks the largest beta
+whose kept spectral energy ``sum_{i<=r} s_i^2 / sum s_i^2`` is ``>= min_energy`` in *every* layer
+(no layer loses much of its function); rule ``share`` picks the smallest beta whose trainable share
+``sum r_beta^2 / sum m n`` is ``<= target_share`` (a parameter budget).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError, expected
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class PlanConfig:
+    """Thresholds of the delay and beta rules (defaults justified in docs/analysis.md)."""
+
+    tau: float = 0.99
+    share: float = 0.9
+    beta_rule: str = "energy"
+    min_energy: float = 0.9
+    target_share: float = 0.25
+    betas: tuple[float, ...] = tuple(np.round(np.arange(0.01, 0.51, 0.01), 2).tolist())
+
+    def __post_init__(self) -> None:
+        for name in ("tau", "share", "min_energy", "target_share"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ConfigError(expected(name, "in (0, 1]", value, "Use e.g. 0.9."))
+        if self.beta_rule not in ("energy", "share"):
+            raise ConfigError(
+                expected(
+                    "beta_rule",
+                    "energy or share",
+                    self.beta_rule,
+                    "energy keeps function; share meets a budget.",
+                )
+            )
+        if not self.betas or not all(0 < b < 1 for b in self.betas):
+            raise ConfigError(expected("betas", "values in (0, 1)", self.betas, "Use 0.01-0.5."))
+
+
+@dataclass
+class Plan:
+    """What OIALR should do, and the numbers the rules used. Serialised as ``plan.json``."""
+
+    model_class: str
+    layers: dict[str, list[int]]  # name -> tall shape [m, n]
+    delay_snapshot: int | None
+    delay_epoch: float | None
+    delay_step: int | None
+    interval_snapshots: int
+    interval_epochs: float | None
+    interval_steps: int | None
+    beta: float
+    ranks: dict[str, int]
+    expected_trainable_share: float
+    rules: dict[str, Any]
+    evidence: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    version: int = PLAN_VERSION
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(asdict(self), indent=2, default=_plain) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"Cannot read the plan {path}: {exc}. Pass a plan.json written by `bstab analyze`."
+            ) from None
+        if data.get("version") != PLAN_VERSION:
+            raise ConfigError(
+                expected(
+                    "plan version",
+                    str(PLAN_VERSION),
+                    data.get("version"),
+                    "Re-run `bstab analyze` to write a current plan.",
+                )
+            )
+        return cls(**data)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value)}")
+
+
+def choose_delay(network: pd.DataFrame, share: float) -> tuple[int | None, str]:
+    """First snapshot b from which ``stable_share >= share`` holds at every later b."""
+    if network.empty:
+        return None, "no stability pairs (a run needs two snapshots)"
+    ok = (network["stable_share"] >= share).to_numpy()
+    tail_ok = np.logical_and.accumulate(ok[::-1])[::-1]  # ok from here to the end
+    if not tail_ok.any():
+        last = float(network["stable_share"].iloc[-1])
+        return None, (
+            f"not stable yet: at the last snapshot {last:.0%} of parameters are in "
+            f"stable layers (< {share:.0%}); train longer or lower tau"
+        )
+    return int(network["snapshot"].to_numpy()[int(np.argmax(tail_ok))]), "delay rule met"
+
+
+def kept_energy(s: np.ndarray, rank: int) -> float:
+    e = np.asarray(s, dtype=np.float64) ** 2
+    total = e.sum()
+    return float(e[:rank].sum() / total) if total > 0 else math.nan
+
+
+def beta_curve(
+    spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], betas: tuple[float, ...]
+) -> pd.DataFrame:
+    """Trainable share and kept energy for each candidate beta, from one snapshot's spectra."""
+    total = sum(m * n for m, n in shapes.values())
+    rows = []
+    for beta in betas:
+        ranks = {
+            name: int((s >= beta * s[0]).sum()) if s[0] > 0 else 0 for name, s in spectra.items()
+        }
+        energies = [kept_energy(spectra[name], r) for name, r in ranks.items()]
+        rows.append(
+            {
+                "beta": beta,
+                "trainable_share": sum(r * r for r in ranks.values()) / total,
+                "min_energy": float(np.nanmin(energies)),
+                "mean_energy": float(np.nanmean(energies)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def choose_beta(curve: pd.DataFrame, cfg: PlanConfig) -> tuple[float, str]:
+    """Apply the beta rule to a :func:`beta_curve`."""
+    if cfg.beta_rule == "energy":
+        fits = curve[curve["min_energy"] >= cfg.min_energy]
+        if fits.empty:
+            return float(curve["beta"].min()), (
+                f"no beta keeps {cfg.min_energy:.0%} energy in every layer; using the smallest"
+            )
+        return float(fits["beta"].max()), (
+            f"largest beta keeping >= {cfg.min_energy:.0%} spectral energy in every layer"
+        )
+    fits = curve[curve["trainable_share"] <= cfg.target_share]
+    if fits.empty:
+        return float(curve["beta"].max()), (
+            f"no beta reaches a trainable share <= {cfg.target_share:.0%}; using the largest"
+        )
+    return float(fits["beta"].min()), (
+        f"smallest beta with trainable share <= {cfg.target_share:.0%}"
+    )
+
+
+def _at(index: pd.DataFrame, snapshot: int | None, column: str) -> Any:
+    if snapshot is None:
+        return None
+    value = index.loc[snapshot, column]
+    return None if pd.isna(value) or (column == "step" and value < 0) else value.item()
+
+
+def make_plan(
+    network: pd.DataFrame,
+    spectra: dict[int, dict[str, np.ndarray]],
+    shapes: dict[str, tuple[int, int]],
+    index: pd.DataFrame,
+    lag: int,
+    model_class: str,
+    cfg: PlanConfig,
+) -> tuple[Plan, pd.DataFrame]:
+    """Apply both rules. ``spectra[t][layer]`` gives singular values; ``index`` has epoch/step.
+
+    Returns:
+        The plan and the beta curve it was chosen from.
+    """
+    delay, why = choose_delay(network, cfg.share)
+    at = delay if delay is not None else max(spectra)  # the latest complete spectra
+    curve = beta_curve(spectra[at], shapes, cfg.betas)
+    beta, beta_why = choose_beta(curve, cfg)
+    ranks = {name: int((s >= beta * s[0]).sum()) for name, s in spectra[at].items()}
+    share = sum(r * r for r in ranks.values()) / sum(m * n for m, n in shapes.values())
+    epochs, steps = index["epoch"], index["step"]
+    interval_epochs = float(epochs.iloc[lag] - epochs.iloc[0]) if len(index) > lag else None
+    interval_steps = int(steps.iloc[lag] - steps.iloc[0]) if len(index) > lag else None
+    notes = [] if delay is not None else [why + f"; beta and ranks are from snapshot {at}"]
+    at_delay = network[network["snapshot"] == at]
+    plan = Plan(
+        model_class=model_class,
+        layers={k: list(v) for k, v in shapes.items()},
+        delay_snapshot=delay,
+        delay_epoch=_at(index, delay, "epoch"),
+        delay_step=_at(index, delay, "step"),
+        interval_snapshots=lag,
+        interval_epochs=None
+        if interval_epochs is None or math.isnan(interval_epochs)
+        else interval_epochs,
+        interval_steps=interval_steps if interval_steps and interval_steps > 0 else None,
+        beta=beta,
+        ranks=ranks,
+        expected_trainable_share=share,
+        rules={
+            "delay": {"tau": cfg.tau, "share": cfg.share, "lag": lag, "why": why},
+            "beta": {
+                "rule": cfg.beta_rule,
+                "min_energy": cfg.min_energy,
+                "target_share": cfg.target_share,
+                "why": beta_why,
+            },
+        },
+        evidence={
+            "stable_share": network[["snapshot", "stable_share"]].values.tolist(),
+            "stable_share_at_delay": float(at_delay["stable_share"].iloc[0])
+            if len(at_delay)
+            else None,
+            "kept_energy": {n: kept_energy(s, ranks[n]) for n, s in spectra[at].items()},
+            "spectra_snapshot": at,
+        },
+        notes=notes,
+    )
+    return plan, curve
