@@ -219,7 +219,8 @@ def analyze(
         config: what to measure (:class:`AnalysisConfig`).
         engine: how to decompose (:class:`~basis_stability.analyze.engine.EngineConfig`): exact
             or approximate SVD, dtype, device, jobs, cache.
-        plan: thresholds of the delay and beta rules (:class:`~basis_stability.recommend.PlanConfig`).
+        plan: thresholds of the delay and beta rules
+            (:class:`~basis_stability.recommend.PlanConfig`).
         progress: show a progress bar over the SVDs.
 
     Returns:

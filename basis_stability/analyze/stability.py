@@ -101,7 +101,7 @@ def decompose(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> Decomposed
 
 
 def stability(a: Decomposed, b: Decomposed) -> Measure:
-    """The paper's ``S(a, b) = trace(B_a^T B_b) / n``, in [-1, 1]; NaN with a reason if undefined."""
+    """The paper's ``S(a, b) = trace(B_a^T B_b) / n`` in [-1, 1]; NaN with a reason if undefined."""
     if a.basis is None or b.basis is None:
         return Measure(math.nan, a.reason or b.reason)
     if a.basis.shape != b.basis.shape:
@@ -152,7 +152,7 @@ def matched_cosines(q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
 
 
 def overlap(a: Decomposed, b: Decomposed, k: int) -> Overlap:
-    """Top-k overlap of left (U) and right (V) singular subspaces; NaN with a reason if undefined."""
+    """Top-k overlap of left (U) and right (V) singular subspaces; NaN with a reason if unclear."""
     dtype = a.svd.S.dtype
     dims = [max(x.svd.U.shape[0], x.svd.Vh.shape[1]) for x in (a, b)]
     reason = topk_reason(a.svd.S, k, dtype, dims[0]) or topk_reason(b.svd.S, k, dtype, dims[1])
