@@ -379,7 +379,7 @@ def analyze(
 
     Prints a per-layer table and a network summary; writes CSV tables (and Parquet when pyarrow
     is installed), PNG and SVG plots, and plan.json (read by `bstab train --plan`). SVDs are
-    cached beside the run (RUN.bstab-cache.h5), so re-running only pays for new snapshots; the
+    cached beside the run (RUN.bstab-cache-*.h5), so re-running only pays for new snapshots; the
     run itself is never modified. Works on a run that is still being recorded.
 
     \b

@@ -1,6 +1,6 @@
 """The analysis engine: one SVD per (layer, snapshot), computed once and kept in a sidecar cache.
 
-The cache (``RUN.bstab-cache.h5`` beside the run, or a path you choose) holds, per layer and
+The cache (``RUN.bstab-cache-<mode>-<dtype>.h5`` beside the run, or a path you choose) holds, per layer and
 snapshot, the singular values, the polar basis ``B = U V^T`` and the top-``kmax`` singular vectors.
 Re-analysing a run only decomposes snapshots the cache lacks, so a run that is still being
 recorded costs only its new snapshots. The recording itself is never modified.
@@ -164,8 +164,10 @@ def run_identity(run: Run) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def default_cache_path(run_path: Path) -> Path:
-    return run_path.with_name(run_path.stem + ".bstab-cache.h5")
+def default_cache_path(run_path: Path, cfg: EngineConfig) -> Path:
+    """``RUN.bstab-cache-exact-float32.h5`` beside the run: one file per SVD mode and dtype, so
+    switching modes never throws away another mode's work."""
+    return run_path.with_name(f"{run_path.stem}.bstab-cache-{cfg.svd}-{cfg.svd_dtype}.h5")
 
 
 class SVDCache:
@@ -180,7 +182,9 @@ class SVDCache:
         self.path: Path | None = None
         self.note: str | None = None
         if cfg.cache:
-            self.path = Path(cfg.cache_path) if cfg.cache_path else default_cache_path(run.path)
+            self.path = (
+                Path(cfg.cache_path) if cfg.cache_path else default_cache_path(run.path, cfg)
+            )
             self.file = self._open()
 
     def _open(self) -> h5py.File | None:

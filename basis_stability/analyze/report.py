@@ -311,7 +311,10 @@ def _rank_beta(s: np.ndarray | None, beta: float) -> int:
 def _plan(network, spectra_by_t, shapes, index, lag, run, cfg, notes):
     complete = [t for t, d in spectra_by_t.items() if len(d) == len(shapes)]
     if not complete:
-        notes.append("no snapshot has finite spectra for every layer: no plan")
+        notes.append(
+            "no plan: it needs a snapshot whose full spectra are known for every layer"
+            " (the approximate SVD mode computes only the top singular values)"
+        )
         return None, pd.DataFrame(columns=["beta", "trainable_share", "min_energy", "mean_energy"])
     usable = network[network["snapshot"].isin(complete)]
     by_t = {t: spectra_by_t[t] for t in complete}

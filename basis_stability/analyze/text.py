@@ -60,7 +60,7 @@ def network_lines(report: Report) -> list[str]:
     lines = [
         f"{report.n_snapshots} snapshots, {len(report.summary)} layers, {report.computed} new SVDs"
     ]
-    if len(net):
+    if len(net) and net["weighted_S"].notna().any():
         lag = plan.interval_snapshots if plan else "?"
         low = net["weighted_S"].idxmin()
         lines.append(
