@@ -1,9 +1,9 @@
 """The analysis engine: one SVD per (layer, snapshot), computed once and kept in a sidecar cache.
 
-The cache (``RUN.bstab-cache-<mode>-<dtype>.h5`` beside the run, or a path you choose) holds, per layer and
-snapshot, the singular values, the polar basis ``B = U V^T`` and the top-``kmax`` singular vectors.
-Re-analysing a run only decomposes snapshots the cache lacks, so a run that is still being
-recorded costs only its new snapshots. The recording itself is never modified.
+The cache (``RUN.bstab-cache-<mode>-<dtype>.h5`` beside the run, or a path you choose) holds, per
+layer and snapshot, the singular values, the polar basis ``B = U V^T`` and the top-``kmax``
+singular vectors. Re-analysing a run only decomposes snapshots the cache lacks, so a run that is
+still being recorded costs only its new snapshots. The recording itself is never modified.
 
 A cache is trusted only when it names the same run (creation time, model, layers and shapes), the
 same cache version and the same SVD settings; each cached snapshot must also carry the run's own
