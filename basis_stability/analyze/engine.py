@@ -110,6 +110,7 @@ def _decompose(w: torch.Tensor, cfg: EngineConfig) -> tuple:
     kk = min(cfg.kmax, n)
     dtype = _DTYPES[cfg.svd_dtype]
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    w = w.to(cfg.device, dtype)  # cast first: finite float64 weights can overflow float32
     if not torch.isfinite(w).all():
         nan = np.full
         b = nan((m, n), np.nan, np_dtype) if cfg.svd == "exact" else None
@@ -120,7 +121,6 @@ def _decompose(w: torch.Tensor, cfg: EngineConfig) -> tuple:
             nan((m, kk), np.nan, np_dtype),
             nan((n, kk), np.nan, np_dtype),
         )
-    w = w.to(cfg.device, dtype)
     fro2 = float(torch.linalg.matrix_norm(w.double()) ** 2)
     if cfg.svd == "exact":
         u, s, vh = compact_svd(w, dtype)

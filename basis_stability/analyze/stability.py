@@ -119,10 +119,11 @@ def topk_reason(s: torch.Tensor, k: int, dtype: torch.dtype, dim: int | None = N
     ``dim`` is the larger side ``max(m, n)`` of the matrix: when it exceeds ``len(s)``, the
     subspace on that side also needs ``s_k > 0`` at ``k = len(s)`` (``s_{k+1}`` counts as 0).
     """
-    if not torch.isfinite(s).all():
-        return "NaN/Inf in the weights or their SVD"
     if not 1 <= k <= len(s):
         return f"k={k} outside 1..{len(s)}"
+    # only s_1..s_k+1 matter: the approximate mode knows just the top singular values
+    if not torch.isfinite(s[: k + 1]).all():
+        return "NaN/Inf in the weights or their SVD"
     if float(s[0]) <= 0:
         return "zero matrix: no subspace"
     gap_tol = 10 * len(s) * torch.finfo(dtype).eps * float(s[0])
