@@ -334,10 +334,17 @@ def _summary(run: Run, stab: pd.DataFrame, ranks: pd.DataFrame, tau: float) -> p
             "n": info.shape[1],
             "params": info.n_params,
             "final_S": math.nan,
+            "final_O_left": math.nan,
+            "final_O_right": math.nan,
+            "k": math.nan,
             "stable_from_epoch": math.nan,
         }
         if len(mine):
-            row["final_S"] = float(mine["S"].iloc[-1])
+            last_pair = mine.iloc[-1]
+            row["final_S"] = float(last_pair["S"])
+            row["final_O_left"] = float(last_pair["O_left"])
+            row["final_O_right"] = float(last_pair["O_right"])
+            row["k"] = int(last_pair["k"])
             ok = (mine["S"] >= tau).to_numpy()
             tail = np.logical_and.accumulate(ok[::-1])[::-1]
             if tail.any():

@@ -17,6 +17,12 @@ def _num(value: float, fmt: str) -> str:
     )
 
 
+def _overlap(r) -> str:
+    if math.isnan(r.k):
+        return "-"
+    return f"{_num(r.final_O_left, '.3f')}/{_num(r.final_O_right, '.3f')} (k={int(r.k)})"
+
+
 def layer_table(report: Report) -> list[str]:
     s = report.summary
     beta = report.plan.beta if report.plan else None
@@ -24,6 +30,7 @@ def layer_table(report: Report) -> list[str]:
         "layer",
         "shape",
         "final S",
+        "final O_k U/V",
         "stable from",
         "stable rank",
         "eff. rank",
@@ -36,6 +43,7 @@ def layer_table(report: Report) -> list[str]:
                 r.layer,
                 f"{r.m}x{r.n}",
                 _num(r.final_S, ".3f"),
+                _overlap(r),
                 _num(r.stable_from_epoch, "g"),
                 _num(r.stable_rank, ".1f"),
                 _num(r.effective_rank, ".1f"),
