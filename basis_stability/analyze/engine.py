@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -276,36 +275,48 @@ class SVDCache:
             grp["t_id"][e.t] = e.t_id
         self.file.flush()
 
-    def load(self, info: LayerInfo, count: int) -> Iterator[Decomposed | None]:
-        """The ``count`` decompositions of one layer, as the metrics take them."""
-        dtype = _DTYPES[self.cfg.svd_dtype]
-        for t in range(count):
-            entry = self._entry(info, t)
-            if entry is None:
-                yield None
-                continue
-            s = torch.from_numpy(np.asarray(entry.s))
-            svd = SVD(torch.from_numpy(entry.U), s, torch.from_numpy(entry.V).T)
-            reason = (
-                basis_reason(s, info.shape, dtype)
-                if self.cfg.svd == "exact"
-                else ("approximate SVD mode: S needs every singular vector")
-            )
-            basis = None if reason or entry.B is None else torch.from_numpy(entry.B)
-            yield Decomposed(svd, basis, reason)
+    def entries(self, info: LayerInfo, count: int) -> list[Entry | None]:
+        """The cached decompositions of snapshots ``0..count-1`` of one layer (None: missing).
 
-    def _entry(self, info: LayerInfo, t: int) -> Entry | None:
+        Each dataset is read once for the whole layer: far cheaper than per-snapshot reads.
+        """
         if self.file is None:
-            return self.memory.get(info.name, {}).get(t)
+            have = self.memory.get(info.name, {})
+            return [have.get(t) for t in range(count)]
         grp = self.file.get(f"layers/{info.name}")
-        if grp is None or t >= grp["t_id"].shape[0] or np.isnan(grp["t_id"][t]):
-            return None
-        b = grp["B"][t] if "B" in grp else None
-        return Entry(t, grp["t_id"][t], grp["s"][t], grp["fro2"][t], b, grp["U"][t], grp["V"][t])
+        rows = 0 if grp is None else min(count, grp["t_id"].shape[0])
+        if not rows:
+            return [None] * count
+        arr = {k: grp[k][:rows] for k in ("t_id", "fro2", "s", "U", "V", "B") if k in grp}
+        out: list[Entry | None] = []
+        for t in range(count):
+            if t >= rows or np.isnan(arr["t_id"][t]):
+                out.append(None)
+                continue
+            b = arr["B"][t] if "B" in arr else None
+            out.append(
+                Entry(
+                    t,
+                    float(arr["t_id"][t]),
+                    arr["s"][t],
+                    float(arr["fro2"][t]),
+                    b,
+                    arr["U"][t],
+                    arr["V"][t],
+                )
+            )
+        return out
 
-    def spectrum(self, info: LayerInfo, t: int) -> tuple[np.ndarray, float] | None:
-        entry = self._entry(info, t)
-        return None if entry is None else (np.asarray(entry.s), float(entry.fro2))
+    def decomposed(self, info: LayerInfo, entry: Entry) -> Decomposed:
+        """One cached entry as the metrics take it (basis None, with a reason, if undefined)."""
+        s = torch.from_numpy(np.asarray(entry.s))
+        svd = SVD(torch.from_numpy(entry.U), s, torch.from_numpy(entry.V).T)
+        if self.cfg.svd == "exact":
+            reason = basis_reason(s, info.shape, _DTYPES[self.cfg.svd_dtype])
+        else:
+            reason = "approximate SVD mode: S needs every singular vector"
+        basis = None if reason or entry.B is None else torch.from_numpy(entry.B)
+        return Decomposed(svd, basis, reason)
 
     def close(self) -> None:
         if self.file is not None and self.file.id.valid:

@@ -263,11 +263,12 @@ def _build(
     stab_rows, spec_rows, rank_rows = [], [], []
     spectra_by_t: dict[int, dict[str, np.ndarray]] = {t: {} for t in range(t_count)}
     for info in run.layers:
-        decs = list(cache.load(info, available[info.name]))
+        entries = cache.entries(info, available[info.name])
+        decs = [None if e is None else cache.decomposed(info, e) for e in entries]
         decs += [None] * (t_count - len(decs))
         stab_rows += _layer_rows(info, decs, index, cfg, lag)
-        for t in range(available[info.name]):
-            s, fro2 = cache.spectrum(info, t)
+        for t, entry in enumerate(entries):
+            s, fro2 = np.asarray(entry.s), entry.fro2
             spec, rank = _spectrum_rows(info, t, s, fro2, index, cfg)
             spec_rows += spec
             rank_rows.append(rank)
