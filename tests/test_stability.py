@@ -521,3 +521,25 @@ def test_module_doctest() -> None:
     import doctest
 
     assert doctest.testmod(stability_module, raise_on_error=False).failed == 0
+
+
+# ----------------------------------------------------------------------------- pairwise fast path
+@pytest.mark.parametrize("shape", [(12, 5), (9, 9)])
+def test_pairwise_stability_and_overlap_equal_the_one_pair_definitions(shape):
+    from basis_stability.analyze.stability import pairwise_overlap, pairwise_stability
+
+    gen = torch.Generator().manual_seed(7)
+    decs = [
+        decompose(torch.randn(*shape, generator=gen, dtype=torch.float64), torch.float64)
+        for _ in range(5)
+    ]
+    s_all = pairwise_stability(torch.stack([d.basis for d in decs]))
+    k = 3
+    o_left = pairwise_overlap(torch.stack([d.svd.U[:, :k] for d in decs]))
+    o_right = pairwise_overlap(torch.stack([d.svd.Vh[:k].T for d in decs]))
+    for a in range(5):
+        for b in range(5):
+            assert s_all[a, b].item() == pytest.approx(stability(decs[a], decs[b]).value, abs=1e-12)
+            one = overlap(decs[a], decs[b], k)
+            assert o_left[a, b].item() == pytest.approx(one.left, abs=1e-12)
+            assert o_right[a, b].item() == pytest.approx(one.right, abs=1e-12)

@@ -36,6 +36,8 @@ __all__ = [
     "decompose",
     "matched_cosines",
     "overlap",
+    "pairwise_overlap",
+    "pairwise_stability",
     "principal_angles",
     "stability",
     "subspace_overlap",
@@ -162,3 +164,27 @@ def overlap(a: Decomposed, b: Decomposed, k: int) -> Overlap:
     left = subspace_overlap(a.svd.U[:, :k], b.svd.U[:, :k])
     right = subspace_overlap(a.svd.Vh[:k].T, b.svd.Vh[:k].T)
     return Overlap(left, right, k)
+
+
+def pairwise_stability(bases: torch.Tensor) -> torch.Tensor:
+    """``S`` between every pair of T snapshots at once: ``(T, m, n) -> (T, T)``.
+
+    ``S[a, b] = trace(B_a^T B_b) / n`` for a stack of polar bases, as one matrix product (the
+    engine's fast path; :func:`stability` is the one-pair definition it must agree with). Rows of
+    undefined bases should be NaN-filled by the caller.
+    """
+    t, m, n = bases.shape
+    flat = bases.reshape(t, m * n)
+    return (flat @ flat.T) / min(m, n)
+
+
+def pairwise_overlap(vectors: torch.Tensor) -> torch.Tensor:
+    """``O_k`` between every pair of T snapshots at once: ``(T, d, k) -> (T, T)``.
+
+    ``O[a, b] = ||Q_a^T Q_b||_F^2 / k`` for a stack of orthonormal ``(d, k)`` bases, from one
+    ``(T k, T k)`` Gram matrix whose ``k x k`` blocks are the ``Q_a^T Q_b``.
+    """
+    t, d, k = vectors.shape
+    wide = vectors.permute(1, 0, 2).reshape(d, t * k)  # columns: Q_0 | Q_1 | ... | Q_T-1
+    blocks = (wide.T @ wide).reshape(t, k, t, k)
+    return blocks.pow(2).sum(dim=(1, 3)) / k
