@@ -92,6 +92,11 @@ class Plan:
             raise ConfigError(
                 f"Cannot read the plan {path}: {exc}. Pass a plan.json written by `bstab analyze`."
             ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"Cannot read the plan {path}: it holds a JSON {type(data).__name__}, not an "
+                "object. Pass a plan.json written by `bstab analyze`."
+            )
         if data.get("version") != PLAN_VERSION:
             raise ConfigError(
                 expected(
@@ -101,7 +106,12 @@ class Plan:
                     "Re-run `bstab analyze` to write a current plan.",
                 )
             )
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as exc:  # missing or unknown fields
+            raise ConfigError(
+                f"Cannot read the plan {path}: {exc}. Re-run `bstab analyze` to write it again."
+            ) from None
 
 
 def _plain(value: Any) -> Any:
@@ -131,6 +141,11 @@ def kept_energy(s: np.ndarray, rank: int) -> float:
     return float(e[:rank].sum() / total) if total > 0 else math.nan
 
 
+def _ranks_at(spectra: dict[str, np.ndarray], beta: float) -> dict[str, int]:
+    """``r_beta = #{s_i >= beta s_1}`` per layer; 0 for a zero matrix (nothing to keep)."""
+    return {name: int((s >= beta * s[0]).sum()) if s[0] > 0 else 0 for name, s in spectra.items()}
+
+
 def beta_curve(
     spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], betas: tuple[float, ...]
 ) -> pd.DataFrame:
@@ -138,9 +153,7 @@ def beta_curve(
     total = sum(m * n for m, n in shapes.values())
     rows = []
     for beta in betas:
-        ranks = {
-            name: int((s >= beta * s[0]).sum()) if s[0] > 0 else 0 for name, s in spectra.items()
-        }
+        ranks = _ranks_at(spectra, beta)
         energies = [kept_energy(spectra[name], r) for name, r in ranks.items()]
         rows.append(
             {
@@ -199,7 +212,7 @@ def make_plan(
     at = delay if delay is not None else max(spectra)  # the latest complete spectra
     curve = beta_curve(spectra[at], shapes, cfg.betas)
     beta, beta_why = choose_beta(curve, cfg)
-    ranks = {name: int((s >= beta * s[0]).sum()) for name, s in spectra[at].items()}
+    ranks = _ranks_at(spectra[at], beta)  # the curve's own rule, so the share matches it
     share = sum(r * r for r in ranks.values()) / sum(m * n for m, n in shapes.values())
     epochs, steps = index["epoch"], index["step"]
     interval_epochs = float(epochs.iloc[lag] - epochs.iloc[0]) if len(index) > lag else None

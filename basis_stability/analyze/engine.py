@@ -5,9 +5,11 @@ layer and snapshot, the singular values, the polar basis ``B = U V^T`` and the t
 singular vectors. Re-analysing a run only decomposes snapshots the cache lacks, so a run that is
 still being recorded costs only its new snapshots. The recording itself is never modified.
 
-A cache is trusted only when it names the same run (creation time, model, layers and shapes), the
-same cache version and the same SVD settings; each cached snapshot must also carry the run's own
-commit time for that snapshot. Anything else is rebuilt, never reused.
+A cache is trusted only when it names the same run (creation time, model, layers and shapes, and
+the first snapshot's commit time), the same cache version and the same SVD settings; each cached
+snapshot must also carry the run's own commit time for that snapshot. Anything else is rebuilt,
+never reused; a file at a chosen ``cache_path`` that is not a cache (or the run itself) is never
+deleted.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = "basis_stability.svd-cache"
 CACHE_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_NOT_A_CACHE = "not a basis_stability SVD cache"
 _CHUNK = 8  # snapshots per task: bounds the memory a worker sends back at once
 
 
@@ -72,10 +76,13 @@ class EngineConfig:
             raise ConfigError(
                 expected("svd_dtype", "float32 or float64", self.svd_dtype, "Use float32.")
             )
-        for name in ("kmax", "jobs"):
+        for name, low in (("kmax", 1), ("jobs", 1), ("oversample", 0), ("power_iters", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(expected(name, "a positive integer", value, "Use e.g. 1."))
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                wanted = "a positive integer" if low else "a non-negative integer"
+                raise ConfigError(expected(name, wanted, value, f"Use e.g. {low + 1}."))
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(expected("device", "cpu, cuda or cuda:N", self.device, "Use cpu."))
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(
                 expected("device", "an available device", self.device, "Use --device cpu.")
@@ -132,7 +139,10 @@ def _decompose(w: torch.Tensor, cfg: EngineConfig) -> tuple:
         vh, b = v.T, None
         s_full = np.full(n, np.nan)
         s_full[:kk] = s[:kk].double().cpu().numpy()
-    return (s_full, fro2, b, u[:, :kk].cpu().numpy(), vh[:kk].T.cpu().numpy())
+    # copies, not views: a view would keep the whole (m, n) U and (n, n) Vh alive in memory
+    # mode, and contiguous arrays give the same bits whether or not they passed the cache file
+    u_k = np.ascontiguousarray(u[:, :kk].cpu().numpy())
+    return (s_full, fro2, b, u_k, np.ascontiguousarray(vh[:kk].T.cpu().numpy()))
 
 
 def decompose_task(
@@ -156,10 +166,18 @@ def _init_worker(threads: int) -> None:
 
 # ---------------------------------------------------------------------- the cache
 def run_identity(run: Run) -> str:
-    """A fingerprint of the run a cache belongs to."""
+    """A fingerprint of the run a cache belongs to.
+
+    ``created`` has one-second resolution, so two runs of one model started in the same second
+    would share it; the first snapshot's commit time (microseconds, kept by resume and recovery)
+    tells them apart.
+    """
     a = run.attrs
     layers = [(i.name, i.shape, i.storage_dtype) for i in run.layers]
-    text = json.dumps([a.get("created"), a.get("model_class"), a.get("format_version"), layers])
+    first = run._index()["unix_time"][:1].tolist()
+    text = json.dumps(
+        [a.get("created"), a.get("model_class"), a.get("format_version"), layers, first]
+    )
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -189,6 +207,7 @@ class SVDCache:
     def _open(self) -> h5py.File | None:
         path = self.path
         if path.exists():
+            self._refuse_foreign(path)
             reason = self._mismatch(path)
             if reason is None:
                 try:
@@ -211,11 +230,27 @@ class SVDCache:
         )
         return f
 
+    def _refuse_foreign(self, path: Path) -> None:
+        """Never delete what is not ours: the run itself, or a file at a chosen ``cache_path``
+        that is not an SVD cache (a damaged cache at the default name is rebuilt)."""
+        foreign = path.resolve() == self.run.path.resolve()
+        if self.cfg.cache_path and not foreign:
+            foreign = not h5py.is_hdf5(path) or self._mismatch(path) == _NOT_A_CACHE
+        if foreign:
+            raise ConfigError(
+                expected(
+                    "cache_path",
+                    "an SVD cache or a new file",
+                    str(path),
+                    "That file is left untouched; pass another path.",
+                )
+            )
+
     def _mismatch(self, path: Path) -> str | None:
         try:
             with h5py.File(path, "r") as f:
                 if f.attrs.get("format") != CACHE_FORMAT:
-                    return "not a basis_stability SVD cache"
+                    return _NOT_A_CACHE
                 if f.attrs.get("run_identity") != self.identity:
                     return "it belongs to another run"
                 if f.attrs.get("settings") != self.settings:

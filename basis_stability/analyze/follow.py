@@ -9,13 +9,20 @@ from pathlib import Path
 from ..recommend import PlanConfig
 from ..store.reader import open_run, writer_flagged
 from .engine import EngineConfig
-from .output import prepare_dir, write_report
+from .output import check_dir, write_report
 from .report import AnalysisConfig, analyze
 
 
 def _count(path: Path) -> int:
     with open_run(path) as run:
         return run.n_snapshots
+
+
+def _wait_for_first(path: Path, poll: float, idle_timeout: float) -> None:
+    """Wait while the run is empty and its writer is open (analyze then says if it stays empty)."""
+    since = time.monotonic()
+    while _count(path) == 0 and writer_flagged(path) and time.monotonic() - since < idle_timeout:
+        time.sleep(poll)
 
 
 def follow_analysis(
@@ -33,9 +40,12 @@ def follow_analysis(
     """Yield the report text after each analysis; with ``follow``, again for new snapshots.
 
     Following stops when the writer has closed the run, when no snapshot arrived for
-    ``idle_timeout`` seconds (a writer that was killed looks open forever), or on Ctrl-C.
+    ``idle_timeout`` seconds (a writer that was killed looks open forever), or on Ctrl-C. With
+    ``follow``, a run that has no snapshot yet is waited for under the same rules.
     """
-    out = prepare_dir(out)  # fail on a bad --output before any SVD is paid for
+    out = check_dir(out)  # fail on a bad --output before any SVD is paid for; create it later
+    if follow:
+        _wait_for_first(path, poll, idle_timeout)
     while True:
         report = analyze(path, config, engine, plan, progress=progress)
         written = write_report(report, out, plots=plots)

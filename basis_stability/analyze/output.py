@@ -15,14 +15,20 @@ log = logging.getLogger(__name__)
 TABLES = ("summary", "stability", "spectra", "ranks", "network", "beta_curve")
 
 
-def prepare_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` (and parents); a clear error when it is a file."""
+def check_dir(out_dir: str | Path) -> Path:
+    """A clear error when ``out_dir`` is a file; creates nothing."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(
             f"Expected `--output` to be a directory but {out} is a file. Pass a "
             "folder path (it is created if missing)."
         )
+    return out
+
+
+def prepare_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` (and parents); a clear error when it is a file."""
+    out = check_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

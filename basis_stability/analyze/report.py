@@ -22,6 +22,10 @@ from .spectra import effective_rank, energy_rank, rank_at_beta, stable_rank
 from .stability import Decomposed, overlap, stability
 
 PAIRS = ("consecutive", "lag", "final", "initial")
+# an empty table keeps its columns, so its CSV stays readable (e.g. a one-snapshot run)
+STABILITY_COLUMNS = ["layer", "kind", "pair", "lag", "a", "b", "epoch_a", "epoch_b"]
+STABILITY_COLUMNS += ["step_a", "step_b", "S", "O_left", "O_right", "k", "reason"]
+SPECTRA_COLUMNS = ["layer", "snapshot", "epoch", "step", "i", "sigma", "sigma_rel"]
 
 
 @dataclass
@@ -277,7 +281,7 @@ def _build(
             elif not rank["finite"]:
                 notes.append(f"layer {info.name}, snapshot {t}: NaN/Inf weights (flagged)")
     shapes = {info.name: info.shape for info in run.layers}
-    stab, ranks = pd.DataFrame(stab_rows), pd.DataFrame(rank_rows)
+    stab, ranks = pd.DataFrame(stab_rows, columns=STABILITY_COLUMNS), pd.DataFrame(rank_rows)
     network = (
         _network(stab, shapes, plan_cfg.tau)
         if len(stab)
@@ -293,7 +297,7 @@ def _build(
     return Report(
         run.path,
         stab,
-        pd.DataFrame(spec_rows),
+        pd.DataFrame(spec_rows, columns=SPECTRA_COLUMNS),
         ranks,
         network,
         summary,

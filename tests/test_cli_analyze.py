@@ -1,0 +1,246 @@
+"""`bstab analyze`: the table, the files it writes, --follow, and one clean line for bad input."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from basis_stability import open_run
+from basis_stability.analyze import analyze
+from basis_stability.analyze.output import TABLES
+from basis_stability.cli import main
+from basis_stability.recommend import Plan
+from basis_stability.store import RunWriter
+from basis_stability.views import LayerView
+
+PLOTS = (
+    "stability_heatmap",
+    "mean_stability",
+    "spectra_grid",
+    "spectrum_largest_layer",
+    "stable_rank",
+    "beta_curve",
+)
+LAYERS = [
+    LayerView.of("fc", "fc.weight", "linear", (12, 6)),
+    LayerView.of("head", "head.weight", "linear", (3, 8)),
+]
+
+
+def bstab(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_failure(result, *fragments: str) -> None:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert "Unexpected" not in result.output  # a leaked exception, not a handled one
+    text = " ".join(result.output.split())  # undo click's line wrapping
+    for fragment in fragments:
+        assert fragment in text, result.output
+
+
+def _plots_module():
+    try:
+        return importlib.import_module("basis_stability.plots")
+    except ImportError:  # being written elsewhere; its files are then not asserted
+        return None
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recorded") / "mlp.h5"
+    result = bstab("record", "--model", "mlp", "--epochs", "3", "--no-progress", "-o", path)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture
+def run_path(recorded: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "mlp.h5"
+    shutil.copy(recorded, path)  # each test gets its own run and its own cache
+    return path
+
+
+def _small_run(path: Path, count: int, close: bool = True) -> RunWriter:
+    rng = np.random.default_rng(0)
+    writer = RunWriter.create(path, LAYERS, model_class="Toy")
+    for t in range(count):
+        writer.append(
+            iter(rng.standard_normal(v.shape).astype(np.float32) for v in LAYERS), step=t, epoch=t
+        )
+    if close:
+        writer.close()
+    return writer
+
+
+# ---------------------------------------------------------------------- the happy path
+def test_analyze_prints_the_table_and_writes_tables_plan_and_plots(run_path: Path, tmp_path):
+    out = tmp_path / "out"
+    result = bstab("analyze", run_path, "-o", out, "--lag", "2", "--no-progress")
+    assert result.exit_code == 0, result.output
+    with open_run(run_path) as run:
+        names = run.layer_names
+    lines = result.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("layer"))
+    assert "final S" in lines[header] and "stable rank" in lines[header]
+    for i, name in enumerate(names):  # one row per layer, in run order
+        assert lines[header + 1 + i].split()[0] == name
+    assert "4 snapshots, 3 layers, 12 new SVDs" in result.output
+    assert "beta:" in result.output
+    api = analyze(run_path, *_configs(lag=2))
+    for name in TABLES:
+        frame = pd.read_csv(out / f"{name}.csv")
+        assert len(frame) == len(getattr(api, name)), name
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["layer"].astype(str)) == names
+    np.testing.assert_allclose(summary["final_S"], api.summary["final_S"], rtol=1e-12)
+    plan = Plan.from_json(out / "plan.json")
+    assert plan == api.plan
+    assert set(plan.ranks) == set(names)
+    written = int(result.output.split("wrote ")[1].split()[0])
+    assert written == len(list(out.iterdir()))
+    if _plots_module() is None:
+        return
+    for stem in PLOTS:
+        assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
+        assert "<svg" in (out / f"{stem}.svg").read_text()[:2000], stem
+
+
+def _configs(lag: int):
+    from basis_stability.analyze import AnalysisConfig, EngineConfig
+
+    return AnalysisConfig(lag=lag), EngineConfig(cache=False)
+
+
+def test_second_run_computes_nothing_and_default_output_is_beside_the_run(run_path: Path):
+    first = bstab("analyze", run_path, "--no-plots", "--no-progress")
+    assert first.exit_code == 0, first.output
+    second = bstab("analyze", run_path, "--no-plots", "--no-progress")
+    assert second.exit_code == 0, second.output
+    assert "0 new SVDs" in second.output
+    out = run_path.with_name("mlp-analysis")
+    assert (out / "summary.csv").exists() and (out / "plan.json").exists()
+
+
+def test_no_plots_writes_no_figures(run_path: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    result = bstab("analyze", run_path, "-o", out, "--no-plots", "--no-progress")
+    assert result.exit_code == 0, result.output
+    files = {p.name for p in out.iterdir()}
+    assert not {f for f in files if f.endswith((".png", ".svg"))}
+    assert {f"{t}.csv" for t in TABLES} | {"plan.json"} <= files
+
+
+def test_single_snapshot_run_analyses_with_a_note(tmp_path: Path):
+    path = tmp_path / "one.h5"
+    _small_run(path, 1)
+    out = tmp_path / "out"
+    result = bstab("analyze", path, "-o", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "stability needs two" in result.output
+    assert "fc" in result.output and "head" in result.output
+    stab = pd.read_csv(out / "stability.csv")  # empty, but with its columns
+    assert stab.empty and "S" in stab.columns
+    assert len(pd.read_csv(out / "ranks.csv")) == 2
+
+
+# ---------------------------------------------------------------------- --follow
+def test_follow_on_a_finished_run_returns_after_one_analysis(run_path: Path, tmp_path: Path):
+    result = bstab(
+        "analyze", run_path, "-o", tmp_path / "out", "--follow", "--no-plots", "--no-progress"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("new SVDs") == 1
+    assert "the writer closed the run" in result.output
+
+
+def test_follow_waits_for_the_first_snapshot_of_a_live_run(tmp_path: Path):
+    path = tmp_path / "live.h5"
+    writer = _small_run(path, 0, close=False)
+
+    def record_later() -> None:
+        time.sleep(0.5)
+        rng = np.random.default_rng(1)
+        for t in range(3):
+            mats = [rng.standard_normal(v.shape).astype(np.float32) for v in LAYERS]
+            writer.append(iter(mats), step=t, epoch=t)
+        writer.close()
+
+    thread = threading.Thread(target=record_later)
+    thread.start()
+    try:
+        result = bstab(
+            "analyze", path, "-o", tmp_path / "out", "--follow", "--poll", "0.1",
+            "--idle-timeout", "30", "--no-plots", "--no-progress",
+        )  # fmt: skip
+    finally:
+        thread.join()
+        writer.close()
+    assert result.exit_code == 0, result.output
+    assert "the writer closed the run" in result.output
+    counts = re.findall(r"^(\d+) snapshots, 2 layers", result.output, flags=re.M)
+    assert counts and counts[-1] == "3"  # the last analysis saw every snapshot
+    assert (tmp_path / "out" / "plan.json").exists()
+
+
+# ---------------------------------------------------------------------- bad input
+def test_missing_run_fails_cleanly_and_creates_nothing(tmp_path: Path):
+    result = bstab("analyze", tmp_path / "nope" / "run.h5", "--no-progress")
+    assert_clean_failure(result, "No run file")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["text", "foreign", "empty"])
+def test_bad_run_files_fail_cleanly(kind: str, tmp_path: Path):
+    path = tmp_path / "bad.h5"
+    if kind == "text":
+        path.write_text("hello\n")
+        fragment = "not an HDF5 file"
+    elif kind == "foreign":
+        with h5py.File(path, "w") as f:
+            f["x"] = np.arange(3)
+        fragment = "not a basis_stability run"
+    else:
+        _small_run(path, 0)
+        fragment = "no committed snapshot"
+    out = tmp_path / "out"
+    assert_clean_failure(bstab("analyze", path, "-o", out, "--no-progress"), fragment)
+    assert not out.exists()
+
+
+def test_output_that_is_a_file_names_the_option(run_path: Path, tmp_path: Path):
+    taken = tmp_path / "taken"
+    taken.write_text("mine\n")
+    assert_clean_failure(bstab("analyze", run_path, "-o", taken, "--no-progress"), "--output")
+    assert taken.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--svd", "bogus"], "Invalid value for '--svd'"),
+        (["--lag", "0"], "Invalid value for '--lag'"),
+        (["--tau", "1.5"], "Invalid value for '--tau'"),
+        (["--svd-dtype", "float16"], "Invalid value for '--svd-dtype'"),
+    ],
+)
+def test_bad_options_are_usage_errors(run_path: Path, args: list[str], fragment: str):
+    result = bstab("analyze", run_path, *args, "--no-progress")
+    assert result.exit_code == 2
+    assert_clean_failure(result, fragment)
+
+
+def test_bad_device_is_one_clean_line(run_path: Path, tmp_path: Path):
+    result = bstab("analyze", run_path, "-o", tmp_path / "o", "--device", "tpu", "--no-progress")
+    assert_clean_failure(result, "`device`")
