@@ -295,3 +295,49 @@ def test_settings_ignore_device_and_jobs_but_not_the_sketch():
         EngineConfig(svd="approx").settings()
         != EngineConfig(svd="approx", power_iters=4).settings()
     )
+
+
+def test_cache_in_use_by_another_process_is_left_alone(tmp_path):
+    """Two analyses at once: the second must not delete the first one's cache."""
+    import subprocess
+    import sys
+
+    from basis_stability.analyze import EngineConfig, analyze
+    from basis_stability.analyze.engine import default_cache_path
+
+    run = tmp_path / "run.h5"
+    _lock_demo_run(run)
+    analyze(run)  # creates the cache
+    cache = default_cache_path(run, EngineConfig())
+    before = cache.stat().st_ino
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import h5py, sys\nf = h5py.File({str(cache)!r}, 'r+')\nprint('held', flush=True)\n"
+            "sys.stdin.readline()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        report = analyze(run)
+        assert any("in use by another process" in n for n in report.notes)
+        assert cache.exists() and cache.stat().st_ino == before
+    finally:
+        holder.communicate("\n", timeout=30)
+
+
+def _lock_demo_run(path):
+    import numpy as np
+
+    from basis_stability.store.writer import RunWriter
+    from basis_stability.views import LayerView
+
+    rng = np.random.default_rng(0)
+    views = [LayerView.of("a", "a.weight", "linear", (6, 4))]
+    with RunWriter.create(path, views, model_class="M") as w:
+        for t in range(3):
+            w.append(iter([rng.standard_normal((6, 4)).astype(np.float32)]), step=t, epoch=t)

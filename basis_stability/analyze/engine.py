@@ -208,6 +208,10 @@ class SVDCache:
         path = self.path
         if path.exists():
             self._refuse_foreign(path)
+            if _locked(path):  # another analysis is using it: leave it alone
+                self.note = f"the SVD cache {path.name} is in use by another process; not caching"
+                log.warning(self.note)
+                return None
             reason = self._mismatch(path)
             if reason is None:
                 try:
@@ -356,6 +360,17 @@ class SVDCache:
     def close(self) -> None:
         if self.file is not None and self.file.id.valid:
             self.file.close()
+
+
+def _locked(path: Path) -> bool:
+    """Whether another process holds the HDF5 file lock of ``path``."""
+    try:
+        h5py.File(path, "r").close()
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 # ---------------------------------------------------------------------- driving it
