@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, expected
-from ..store.reader import LayerInfo, Run
+from ..store.reader import LayerInfo, LayerSnapshots, Run
 from .spectra import SVD, compact_svd
 from .stability import Decomposed, basis_reason
 
@@ -145,19 +145,25 @@ def _decompose(w: torch.Tensor, cfg: EngineConfig) -> tuple:
     return (s_full, fro2, b, u_k, np.ascontiguousarray(vh[:kk].T.cpu().numpy()))
 
 
+def decompose_snapshots(
+    snaps: LayerSnapshots, indices: list[int], t_ids: list[float], cfg: EngineConfig
+) -> list[Entry]:
+    """Decompose snapshots ``indices`` of one layer."""
+    out = []
+    for t, t_id in zip(indices, t_ids):
+        s, fro2, b, u, v = _decompose(torch.from_numpy(snaps[t]), cfg)
+        out.append(Entry(t, t_id, s, fro2, b, u, v))
+    return out
+
+
 def decompose_task(
     path: str, name: str, indices: list[int], t_ids: list[float], cfg: EngineConfig
 ) -> tuple[str, list[Entry]]:
-    """Decompose snapshots ``indices`` of layer ``name`` (runs in a worker process too)."""
+    """:func:`decompose_snapshots` in a worker process, which opens the run itself."""
     from ..store.reader import open_run
 
-    entries = []
     with open_run(path) as run:
-        snaps = run.layer(name)
-        for t, t_id in zip(indices, t_ids):
-            s, fro2, b, u, v = _decompose(torch.from_numpy(snaps[t]), cfg)
-            entries.append(Entry(t, t_id, s, fro2, b, u, v))
-    return name, entries
+        return name, decompose_snapshots(run.layer(name), indices, t_ids, cfg)
 
 
 def _init_worker(threads: int) -> None:
@@ -301,17 +307,22 @@ class SVDCache:
             self.memory.setdefault(info.name, {}).update({e.t: e for e in entries})
             return
         grp = self._group(info)
-        size = max(e.t for e in entries) + 1
+        entries = sorted(entries, key=lambda e: e.t)
+        size = entries[-1].t + 1
         for key in ("t_id", "fro2", "s", "U", "V", "B"):
             if key in grp and grp[key].shape[0] < size:
                 grp[key].resize(size, axis=0)
-        for e in entries:
-            grp["s"][e.t], grp["fro2"][e.t] = e.s, e.fro2
-            grp["U"][e.t], grp["V"][e.t] = e.U, e.V
-            if e.B is not None:
-                grp["B"][e.t] = e.B
-        for e in entries:  # identities last: an interrupted write leaves the rows invalid
-            grp["t_id"][e.t] = e.t_id
+        runs = _consecutive(entries)
+        for run in runs:  # one slice write per dataset and run of consecutive snapshots
+            rows = slice(run[0].t, run[-1].t + 1)
+            grp["s"][rows] = np.stack([e.s for e in run])
+            grp["fro2"][rows] = [e.fro2 for e in run]
+            grp["U"][rows] = np.stack([e.U for e in run])
+            grp["V"][rows] = np.stack([e.V for e in run])
+            if "B" in grp:
+                grp["B"][rows] = np.stack([e.B for e in run])
+        for run in runs:  # identities last: an interrupted write leaves the rows invalid
+            grp["t_id"][run[0].t : run[-1].t + 1] = [e.t_id for e in run]
         self.file.flush()
 
     def entries(self, info: LayerInfo, count: int) -> list[Entry | None]:
@@ -362,6 +373,17 @@ class SVDCache:
             self.file.close()
 
 
+def _consecutive(entries: list[Entry]) -> list[list[Entry]]:
+    """Split entries sorted by ``t`` into runs of consecutive snapshots."""
+    runs: list[list[Entry]] = []
+    for e in entries:
+        if runs and runs[-1][-1].t + 1 == e.t:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return runs
+
+
 def _locked(path: Path) -> bool:
     """Whether another process holds the HDF5 file lock of ``path``."""
     try:
@@ -398,14 +420,14 @@ def fill_cache(
     infos = {i.name: i for i in run.layers}
     bar = tqdm(total=total, desc="SVD", unit="matrix", disable=not progress)
     if cfg.jobs == 1 or len(tasks) == 1:
-        for task in tasks:
-            name, entries = decompose_task(*task, cfg)
+        for _, name, indices, t_ids in tasks:  # in this process, on the run already open
+            entries = decompose_snapshots(run.layer(name), indices, t_ids, cfg)
             cache.put(infos[name], entries)
             bar.update(len(entries))
     else:
         import multiprocessing as mp
 
-        threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+        threads = max(1, len(os.sched_getaffinity(0)) // cfg.jobs)
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "h5py", "basis_stability.analyze.engine"])
         # largest layers first: they bound the wall time

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..errors import ConfigError, RunFileError, expected
 from ..recommend import Plan, PlanConfig, make_plan
 from ..store.reader import LayerInfo, Run, open_run
 from .engine import EngineConfig, SVDCache, fill_cache
 from .spectra import effective_rank, energy_rank, rank_at_beta, stable_rank
-from .stability import Decomposed, overlap, stability
+from .stability import Decomposed, pairwise_overlap, pairwise_stability, topk_reason
 
 PAIRS = ("consecutive", "lag", "final", "initial")
 # an empty table keeps its columns, so its CSV stays readable (e.g. a one-snapshot run)
@@ -82,20 +83,52 @@ def _pairs(t_count: int, lag: int) -> list[tuple[str, int, int]]:
     return out
 
 
-def _layer_rows(
+_MISSING = "layer missing from a snapshot"
+
+
+def _all_pairs(values: list[torch.Tensor | None], pairwise) -> np.ndarray:
+    """``pairwise`` over the defined entries; NaN rows and columns for the undefined ones."""
+    ok = [i for i, v in enumerate(values) if v is not None]
+    out = np.full((len(values), len(values)), np.nan)
+    if ok:
+        inner = pairwise(torch.stack([values[i] for i in ok])).double().numpy()
+        out[np.ix_(ok, ok)] = inner
+    return out
+
+
+def _pair_frame(
     info: LayerInfo,
     decs: list[Decomposed | None],
     index: pd.DataFrame,
     cfg: AnalysisConfig,
     lag: int,
-) -> list[dict]:
+) -> pd.DataFrame:
+    """Every pair of one layer at once: S and O_k from one Gram matrix each (the fast path of
+    :func:`~.stability.stability` and :func:`~.stability.overlap`, which tests hold it to)."""
+    pairs = _pairs(len(decs), lag)
+    if not pairs:
+        return pd.DataFrame(columns=STABILITY_COLUMNS)
+    kinds, a, b = (np.array(x) for x in zip(*pairs))
+    widths = [d.svd.U.shape[1] for d in decs if d is not None]
+    k = min([cfg.k, info.shape[1], *widths])
+    s_why = [_MISSING if d is None else d.reason for d in decs]
+    o_why = [
+        _MISSING if d is None else topk_reason(d.svd.S, k, d.svd.S.dtype, max(info.shape))
+        for d in decs
+    ]
+    s_all = _all_pairs([None if w else d.basis for d, w in zip(decs, s_why)], pairwise_stability)
+    left = _all_pairs(
+        [None if w else d.svd.U[:, :k] for d, w in zip(decs, o_why)], pairwise_overlap
+    )
+    right = _all_pairs(
+        [None if w else d.svd.Vh[:k].T for d, w in zip(decs, o_why)], pairwise_overlap
+    )
     epochs, steps = index["epoch"].to_numpy(), index["step"].to_numpy()
-    rows = []
-    for kind, a, b in _pairs(len(decs), lag):
-        row = {
+    frame = pd.DataFrame(
+        {
             "layer": info.name,
             "kind": info.kind,
-            "pair": kind,
+            "pair": kinds,
             "lag": b - a,
             "a": a,
             "b": b,
@@ -103,70 +136,54 @@ def _layer_rows(
             "epoch_b": epochs[b],
             "step_a": steps[a],
             "step_b": steps[b],
+            "S": s_all[a, b],
+            "O_left": left[a, b],
+            "O_right": right[a, b],
+            "k": k,
         }
-        if decs[a] is None or decs[b] is None:
-            k = min(cfg.k, info.shape[1])
-            rows.append(
-                {
-                    **row,
-                    "S": math.nan,
-                    "O_left": math.nan,
-                    "O_right": math.nan,
-                    "k": k,
-                    "reason": "layer missing from a snapshot",
-                }
-            )
-            continue
-        k = min(cfg.k, decs[a].svd.U.shape[1])
-        s_ab, o_ab = stability(decs[a], decs[b]), overlap(decs[a], decs[b], k)
-        rows.append(
-            {
-                **row,
-                "S": s_ab.value,
-                "O_left": o_ab.left,
-                "O_right": o_ab.right,
-                "k": k,
-                "reason": s_ab.reason or o_ab.reason,
-            }
-        )
-    return rows
+    )
+    frame["reason"] = [s_why[i] or s_why[j] or o_why[i] or o_why[j] for i, j in zip(a, b)]
+    return frame
 
 
-def _spectrum_rows(
-    info: LayerInfo, t: int, s: np.ndarray, fro2: float, index: pd.DataFrame, cfg: AnalysisConfig
-) -> tuple[list[dict], dict]:
-    epoch, step = index["epoch"].iloc[t], int(index["step"].iloc[t])
-    known = s[np.isfinite(s)]
-    complete = len(known) == len(s)
-    top = known[0] if len(known) else math.nan
-    spectra = [
+def _spectra_frame(info: LayerInfo, s: np.ndarray, index: pd.DataFrame) -> pd.DataFrame:
+    """One row per known singular value: ``s`` is ``(T, n)``, NaN where unknown."""
+    t_idx, i_idx = np.nonzero(np.isfinite(s))
+    top = s[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.where(top[t_idx] > 0, s[t_idx, i_idx] / top[t_idx], np.nan)
+    return pd.DataFrame(
         {
             "layer": info.name,
-            "snapshot": t,
-            "epoch": epoch,
-            "step": step,
-            "i": i + 1,
-            "sigma": float(v),
-            "sigma_rel": float(v / top) if top > 0 else math.nan,
+            "snapshot": t_idx,
+            "epoch": index["epoch"].to_numpy()[t_idx],
+            "step": index["step"].to_numpy()[t_idx],
+            "i": i_idx + 1,
+            "sigma": s[t_idx, i_idx],
+            "sigma_rel": rel,
         }
-        for i, v in enumerate(known)
-    ]
-    rank = {
+    )
+
+
+def _rank_row(
+    info: LayerInfo, t: int, s: np.ndarray, fro2: float, index: pd.DataFrame, cfg: AnalysisConfig
+) -> dict:
+    complete = bool(np.isfinite(s).all())
+    top = s[0] if np.isfinite(s[0]) else math.nan
+    return {
         "layer": info.name,
         "kind": info.kind,
         "snapshot": t,
-        "epoch": epoch,
-        "step": step,
+        "epoch": index["epoch"].iloc[t],
+        "step": int(index["step"].iloc[t]),
         "m": info.shape[0],
         "n": info.shape[1],
         "finite": bool(np.isfinite(fro2)),
-        "stable_rank": fro2 / top**2 if top > 0 else math.nan,
+        # from the singular values as SPEC §4 defines it; from ||W||_F when only the top is known
+        "stable_rank": stable_rank(s) if complete else (fro2 / top**2 if top > 0 else math.nan),
         "effective_rank": effective_rank(s) if complete else math.nan,
         "energy_rank": energy_rank(s, cfg.eps) if complete else -1,
     }
-    if complete:  # stable rank from the singular values, exactly as SPEC §4 defines it
-        rank["stable_rank"] = stable_rank(s)
-    return spectra, rank
 
 
 def _network(stab: pd.DataFrame, shapes: dict[str, tuple[int, int]], tau: float) -> pd.DataFrame:
@@ -264,24 +281,29 @@ def _build(
         notes.append("only one snapshot: spectra and ranks only; stability needs two")
     elif lag < cfg.lag:
         notes.append(f"the run has {t_count} snapshots: lag reduced from {cfg.lag} to {lag}")
-    stab_rows, spec_rows, rank_rows = [], [], []
+    stab_frames, spec_frames, rank_rows = [], [], []
     spectra_by_t: dict[int, dict[str, np.ndarray]] = {t: {} for t in range(t_count)}
     for info in run.layers:
         entries = cache.entries(info, available[info.name])
         decs = [None if e is None else cache.decomposed(info, e) for e in entries]
         decs += [None] * (t_count - len(decs))
-        stab_rows += _layer_rows(info, decs, index, cfg, lag)
-        for t, entry in enumerate(entries):
-            s, fro2 = np.asarray(entry.s), entry.fro2
-            spec, rank = _spectrum_rows(info, t, s, fro2, index, cfg)
-            spec_rows += spec
-            rank_rows.append(rank)
-            if np.isfinite(s).all():
-                spectra_by_t[t][info.name] = s
-            elif not rank["finite"]:
-                notes.append(f"layer {info.name}, snapshot {t}: NaN/Inf weights (flagged)")
+        stab_frames.append(_pair_frame(info, decs, index, cfg, lag))
+        known = [e for e in entries if e is not None]
+        if known:
+            spec_frames.append(
+                _spectra_frame(
+                    info, np.stack([e.s for e in known]), index.iloc[[e.t for e in known]]
+                )
+            )
+        for e in known:
+            rank_rows.append(_rank_row(info, e.t, np.asarray(e.s), e.fro2, index, cfg))
+            if np.isfinite(e.s).all():
+                spectra_by_t[e.t][info.name] = np.asarray(e.s)
+            elif not rank_rows[-1]["finite"]:
+                notes.append(f"layer {info.name}, snapshot {e.t}: NaN/Inf weights (flagged)")
     shapes = {info.name: info.shape for info in run.layers}
-    stab, ranks = pd.DataFrame(stab_rows, columns=STABILITY_COLUMNS), pd.DataFrame(rank_rows)
+    stab = _concat(stab_frames, STABILITY_COLUMNS)
+    ranks = pd.DataFrame(rank_rows)
     network = (
         _network(stab, shapes, plan_cfg.tau)
         if len(stab)
@@ -297,7 +319,7 @@ def _build(
     return Report(
         run.path,
         stab,
-        pd.DataFrame(spec_rows, columns=SPECTRA_COLUMNS),
+        _concat(spec_frames, SPECTRA_COLUMNS),
         ranks,
         network,
         summary,
@@ -306,6 +328,11 @@ def _build(
         t_count,
         notes=notes,
     )
+
+
+def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def _rank_beta(s: np.ndarray | None, beta: float) -> int:
