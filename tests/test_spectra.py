@@ -301,3 +301,22 @@ def test_bad_eps_raises(eps: float) -> None:
         energy_rank(torch.tensor([2.0, 1.0]), eps)
     with pytest.raises(ValueError, match="eps"):
         energy_rank(torch.zeros(2), eps)
+
+
+def test_batch_ranks_equal_the_one_spectrum_functions_row_by_row():
+    from basis_stability.analyze.spectra import batch_ranks
+
+    rng = np.random.default_rng(3)
+    rows = [np.sort(rng.random(7))[::-1] for _ in range(6)]
+    rows += [np.array([2.0, 2.0, 1.0, 0, 0, 0, 0]), np.zeros(7), np.r_[1.0, np.full(6, np.nan)]]
+    out = batch_ranks(np.stack(rows), eps=0.1)
+    for i, row in enumerate(rows):
+        if np.isnan(row).any():
+            assert np.isnan(out["stable_rank"][i]) and out["energy_rank"][i] == -1
+            continue
+        t = torch.from_numpy(row.copy())
+        for name, fn in (("stable_rank", stable_rank), ("effective_rank", effective_rank)):
+            want = fn(t)
+            got = out[name][i]
+            assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, rel=1e-12)
+        assert out["energy_rank"][i] == energy_rank(t, 0.1)

@@ -63,7 +63,7 @@ class EngineConfig:
     svd_dtype: str = "float32"
     kmax: int = 32
     oversample: int = 10
-    power_iters: int = 2
+    power_iters: int = 5
     device: str = "cpu"
     jobs: int = 1
     cache: bool = True
@@ -127,12 +127,13 @@ def _decompose(w: torch.Tensor, cfg: EngineConfig) -> tuple:
             nan((m, kk), np.nan, np_dtype),
             nan((n, kk), np.nan, np_dtype),
         )
-    fro2 = float(torch.linalg.matrix_norm(w.double()) ** 2)
     if cfg.svd == "exact":
         u, s, vh = compact_svd(w, dtype)
         b = (u @ vh).cpu().numpy()
         s_full = s.double().cpu().numpy()
+        fro2 = float((s_full**2).sum())  # = ||W||_F^2, without another pass over W
     else:
+        fro2 = float(torch.linalg.matrix_norm(w.double()) ** 2)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # deterministic sketches: re-analysis gives the same numbers
             u, s, v = torch.svd_lowrank(w, q=min(kk + cfg.oversample, n), niter=cfg.power_iters)

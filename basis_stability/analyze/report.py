@@ -19,7 +19,7 @@ from ..errors import ConfigError, RunFileError, expected
 from ..recommend import Plan, PlanConfig, make_plan
 from ..store.reader import LayerInfo, Run, open_run
 from .engine import EngineConfig, SVDCache, fill_cache
-from .spectra import effective_rank, energy_rank, rank_at_beta, stable_rank
+from .spectra import batch_ranks, rank_at_beta
 from .stability import Decomposed, pairwise_overlap, pairwise_stability, topk_reason
 
 PAIRS = ("consecutive", "lag", "final", "initial")
@@ -27,6 +27,8 @@ PAIRS = ("consecutive", "lag", "final", "initial")
 STABILITY_COLUMNS = ["layer", "kind", "pair", "lag", "a", "b", "epoch_a", "epoch_b"]
 STABILITY_COLUMNS += ["step_a", "step_b", "S", "O_left", "O_right", "k", "reason"]
 SPECTRA_COLUMNS = ["layer", "snapshot", "epoch", "step", "i", "sigma", "sigma_rel"]
+RANK_COLUMNS = ["layer", "kind", "snapshot", "epoch", "step", "m", "n", "finite", "stable_rank"]
+RANK_COLUMNS += ["effective_rank", "energy_rank"]
 
 
 @dataclass
@@ -165,25 +167,33 @@ def _spectra_frame(info: LayerInfo, s: np.ndarray, index: pd.DataFrame) -> pd.Da
     )
 
 
-def _rank_row(
-    info: LayerInfo, t: int, s: np.ndarray, fro2: float, index: pd.DataFrame, cfg: AnalysisConfig
-) -> dict:
-    complete = bool(np.isfinite(s).all())
-    top = s[0] if np.isfinite(s[0]) else math.nan
-    return {
-        "layer": info.name,
-        "kind": info.kind,
-        "snapshot": t,
-        "epoch": index["epoch"].iloc[t],
-        "step": int(index["step"].iloc[t]),
-        "m": info.shape[0],
-        "n": info.shape[1],
-        "finite": bool(np.isfinite(fro2)),
-        # from the singular values as SPEC §4 defines it; from ||W||_F when only the top is known
-        "stable_rank": stable_rank(s) if complete else (fro2 / top**2 if top > 0 else math.nan),
-        "effective_rank": effective_rank(s) if complete else math.nan,
-        "energy_rank": energy_rank(s, cfg.eps) if complete else -1,
-    }
+def _rank_frame(
+    info: LayerInfo, known: list, index: pd.DataFrame, cfg: AnalysisConfig
+) -> pd.DataFrame:
+    """One row per decomposed snapshot of one layer (ranks of all snapshots at once)."""
+    t = np.array([e.t for e in known])
+    s = np.stack([np.asarray(e.s, dtype=np.float64) for e in known])
+    fro2 = np.array([e.fro2 for e in known])
+    ranks = batch_ranks(s, cfg.eps)
+    top = s[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # only the top is known (approximate mode): the stable rank from ||W||_F instead
+        from_fro = np.where(top > 0, fro2 / top**2, np.nan)
+    return pd.DataFrame(
+        {
+            "layer": info.name,
+            "kind": info.kind,
+            "snapshot": t,
+            "epoch": index["epoch"].to_numpy()[t],
+            "step": index["step"].to_numpy()[t],
+            "m": info.shape[0],
+            "n": info.shape[1],
+            "finite": np.isfinite(fro2),
+            "stable_rank": np.where(np.isnan(ranks["stable_rank"]), from_fro, ranks["stable_rank"]),
+            "effective_rank": ranks["effective_rank"],
+            "energy_rank": ranks["energy_rank"],
+        }
+    )
 
 
 def _network(stab: pd.DataFrame, shapes: dict[str, tuple[int, int]], tau: float) -> pd.DataFrame:
@@ -281,7 +291,7 @@ def _build(
         notes.append("only one snapshot: spectra and ranks only; stability needs two")
     elif lag < cfg.lag:
         notes.append(f"the run has {t_count} snapshots: lag reduced from {cfg.lag} to {lag}")
-    stab_frames, spec_frames, rank_rows = [], [], []
+    stab_frames, spec_frames, rank_frames = [], [], []
     spectra_by_t: dict[int, dict[str, np.ndarray]] = {t: {} for t in range(t_count)}
     for info in run.layers:
         entries = cache.entries(info, available[info.name])
@@ -295,15 +305,16 @@ def _build(
                     info, np.stack([e.s for e in known]), index.iloc[[e.t for e in known]]
                 )
             )
+        if known:
+            rank_frames.append(_rank_frame(info, known, index, cfg))
         for e in known:
-            rank_rows.append(_rank_row(info, e.t, np.asarray(e.s), e.fro2, index, cfg))
             if np.isfinite(e.s).all():
                 spectra_by_t[e.t][info.name] = np.asarray(e.s)
-            elif not rank_rows[-1]["finite"]:
+            elif not np.isfinite(e.fro2):
                 notes.append(f"layer {info.name}, snapshot {e.t}: NaN/Inf weights (flagged)")
     shapes = {info.name: info.shape for info in run.layers}
     stab = _concat(stab_frames, STABILITY_COLUMNS)
-    ranks = pd.DataFrame(rank_rows)
+    ranks = _concat(rank_frames, RANK_COLUMNS)
     network = (
         _network(stab, shapes, plan_cfg.tau)
         if len(stab)

@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = [
     "SVD",
+    "batch_ranks",
     "compact_svd",
     "effective_rank",
     "energy_rank",
@@ -104,3 +106,35 @@ def numerical_rank(s: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) 
         return 0
     tol = max(shape) * torch.finfo(dtype).eps * float(s[0])
     return int((s > tol).sum())
+
+
+def batch_ranks(s: np.ndarray, eps: float = 0.1) -> dict[str, np.ndarray]:
+    """Stable, effective and energy rank of many spectra at once (the engine's fast path).
+
+    Args:
+        s: ``(T, n)`` singular values, one descending spectrum per row; a row with a NaN is
+            incomplete and gets NaN ranks (energy rank -1).
+        eps: as :func:`energy_rank`.
+
+    Returns:
+        ``{"stable_rank", "effective_rank", "energy_rank"}``, each of length T, equal to the
+        one-spectrum functions above row by row.
+    """
+    s = np.asarray(s, dtype=np.float64)
+    complete = np.isfinite(s).all(axis=1)
+    s = np.where(np.isfinite(s), s, 0.0)
+    energy = s**2
+    total, top, mass = energy.sum(axis=1), s[:, 0], s.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stable = np.where(top > 0, total / top**2, np.nan)
+        p = s / mass[:, None]
+        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+        effective = np.where(mass > 0, np.exp(-plogp.sum(axis=1)), np.nan)
+    need = (1 - eps) * total * (1 - 1e-12)
+    er = (np.cumsum(energy, axis=1) < need[:, None]).sum(axis=1) + 1
+    er = np.where(total > 0, er, 0)
+    return {
+        "stable_rank": np.where(complete, stable, np.nan),
+        "effective_rank": np.where(complete, effective, np.nan),
+        "energy_rank": np.where(complete, er, -1),
+    }
