@@ -244,3 +244,20 @@ def test_bad_options_are_usage_errors(run_path: Path, args: list[str], fragment:
 def test_bad_device_is_one_clean_line(run_path: Path, tmp_path: Path):
     result = bstab("analyze", run_path, "-o", tmp_path / "o", "--device", "tpu", "--no-progress")
     assert_clean_failure(result, "`device`")
+
+
+def test_parquet_tables_equal_the_csv_tables(run_path: Path, tmp_path: Path):
+    pytest.importorskip("pyarrow")  # in the [test] extra; Parquet is written only with it
+    out = tmp_path / "out"
+    assert bstab("analyze", run_path, "-o", out, "--no-plots", "--no-progress").exit_code == 0
+    for table in TABLES:
+        parquet = pd.read_parquet(out / f"{table}.parquet")
+        csv = pd.read_csv(out / f"{table}.csv")
+        assert list(parquet.columns) == list(csv.columns)
+        numeric = parquet.select_dtypes("number").columns
+        np.testing.assert_allclose(
+            parquet[numeric].to_numpy(float),
+            csv[numeric].to_numpy(float),
+            rtol=1e-12,
+            equal_nan=True,
+        )
