@@ -39,6 +39,7 @@ CACHE_FORMAT = "basis_stability.svd-cache"
 CACHE_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _NOT_A_CACHE = "not a basis_stability SVD cache"
+_KEYS = ("t_id", "fro2", "s", "U", "V", "B")
 _CHUNK = 8  # snapshots per task: bounds the memory a worker sends back at once
 
 
@@ -63,7 +64,7 @@ class EngineConfig:
     svd_dtype: str = "float32"
     kmax: int = 32
     oversample: int = 10
-    power_iters: int = 5
+    power_iters: int = 6
     device: str = "cpu"
     jobs: int = 1
     cache: bool = True
@@ -202,6 +203,7 @@ class SVDCache:
         self.identity = run_identity(run)
         self.settings = json.dumps(cfg.settings(), sort_keys=True)
         self.memory: dict[str, dict[int, Entry]] = {}
+        self._handles: dict[str, dict[str, h5py.Dataset]] = {}
         self.file: h5py.File | None = None
         self.path: Path | None = None
         self.note: str | None = None
@@ -307,24 +309,31 @@ class SVDCache:
         if self.file is None:
             self.memory.setdefault(info.name, {}).update({e.t: e for e in entries})
             return
-        grp = self._group(info)
+        ds = self._datasets(info)
         entries = sorted(entries, key=lambda e: e.t)
         size = entries[-1].t + 1
-        for key in ("t_id", "fro2", "s", "U", "V", "B"):
-            if key in grp and grp[key].shape[0] < size:
-                grp[key].resize(size, axis=0)
+        for d in ds.values():
+            if d.shape[0] < size:
+                d.resize(size, axis=0)
         runs = _consecutive(entries)
         for run in runs:  # one slice write per dataset and run of consecutive snapshots
             rows = slice(run[0].t, run[-1].t + 1)
-            grp["s"][rows] = np.stack([e.s for e in run])
-            grp["fro2"][rows] = [e.fro2 for e in run]
-            grp["U"][rows] = np.stack([e.U for e in run])
-            grp["V"][rows] = np.stack([e.V for e in run])
-            if "B" in grp:
-                grp["B"][rows] = np.stack([e.B for e in run])
+            ds["s"][rows] = np.stack([e.s for e in run])
+            ds["fro2"][rows] = [e.fro2 for e in run]
+            ds["U"][rows] = np.stack([e.U for e in run])
+            ds["V"][rows] = np.stack([e.V for e in run])
+            if "B" in ds:
+                ds["B"][rows] = np.stack([e.B for e in run])
         for run in runs:  # identities last: an interrupted write leaves the rows invalid
-            grp["t_id"][run[0].t : run[-1].t + 1] = [e.t_id for e in run]
+            ds["t_id"][run[0].t : run[-1].t + 1] = [e.t_id for e in run]
         self.file.flush()
+
+    def _datasets(self, info: LayerInfo) -> dict[str, h5py.Dataset]:
+        """The layer's cache datasets, looked up once (h5py name lookups are not free)."""
+        if info.name not in self._handles:
+            grp = self._group(info)
+            self._handles[info.name] = {k: grp[k] for k in _KEYS if k in grp}
+        return self._handles[info.name]
 
     def entries(self, info: LayerInfo, count: int) -> list[Entry | None]:
         """The cached decompositions of snapshots ``0..count-1`` of one layer (None: missing).
@@ -338,7 +347,7 @@ class SVDCache:
         rows = 0 if grp is None else min(count, grp["t_id"].shape[0])
         if not rows:
             return [None] * count
-        arr = {k: grp[k][:rows] for k in ("t_id", "fro2", "s", "U", "V", "B") if k in grp}
+        arr = {k: grp[k][:rows] for k in _KEYS if k in grp}
         out: list[Entry | None] = []
         for t in range(count):
             if t >= rows or np.isnan(arr["t_id"][t]):
