@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,21 +32,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _train_and_record(rank: int, port: int, folder: str) -> None:
+def _train_and_record(rank: int, folder: str) -> None:
     """One rank: DDP training with a recorder; leaves its facts in ``folder`` for the test."""
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)
-    # a bounded timeout: a rank that dies must not leave the other waiting for 30 minutes
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    # Rendezvous through a file, not a TCP port picked in advance: no port race with other
+    # processes. A bounded timeout: a rank that dies must not leave the other waiting long.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{folder}/rendezvous",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
     try:
         out = Path(folder)
         torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
@@ -92,7 +91,7 @@ def _train_and_record(rank: int, port: int, folder: str) -> None:
 def test_only_rank0_writes_and_last_snapshot_is_rank0_weights(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_train_and_record, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_train_and_record, args=(str(tmp_path),), nprocs=WORLD, join=True)
     facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     weights = [np.load(tmp_path / f"rank{r}.npz") for r in range(WORLD)]
 
