@@ -43,16 +43,18 @@ __all__ = [
 
 # A handler returns (suffix, parameter attribute) pairs; suffix "" means the layer is the module.
 Handler = Callable[[nn.Module], list[tuple[str, str]]]
-_REGISTRY: dict[type, tuple[str, Handler]] = {}
+Kind = str | Callable[[nn.Module], str]
+_REGISTRY: dict[type, tuple[Kind, Handler]] = {}
 _OPT_IN_KINDS = {"embedding"}
 
 
-def register_view(module_type: type, kind: str, handler: Handler) -> None:
+def register_view(module_type: type, kind: Kind, handler: Handler) -> None:
     """Teach the registry how a module type becomes one or more tall matrices.
 
     Args:
         module_type: the ``nn.Module`` subclass (subclasses of it match too).
-        kind: a short name stored with each layer, e.g. ``"linear"``.
+        kind: a short name stored with each layer, e.g. ``"linear"`` (or a function of the
+            module giving it).
         handler: ``module -> [(suffix, parameter_attribute), ...]``; suffix ``""`` names the
             layer after the module itself, otherwise the layer is ``f"{module}.{suffix}"``.
     """
@@ -173,7 +175,7 @@ def _type_filter(types: Iterable[str | type] | None) -> set[str] | None:
     if types is None:
         return None
     wanted = set()
-    known = {k for k, _ in _REGISTRY.values()}
+    known = {k for k, _ in _REGISTRY.values() if isinstance(k, str)}
     for t in types:
         if isinstance(t, type):
             entry = next((v for k, v in _REGISTRY.items() if issubclass(t, k)), None)
@@ -288,6 +290,7 @@ def select_layers(
                 )
             continue
         kind, handler = entry
+        kind = kind(module) if callable(kind) else kind
         for suffix, attr in handler(module):
             name = f"{mod_name}.{suffix}" if suffix and mod_name else (suffix or mod_name or attr)
             param = getattr(module, attr, None)

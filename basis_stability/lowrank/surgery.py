@@ -1,0 +1,181 @@
+"""In-place model surgery: ``factorize_(model, config, filter_fn)`` and ``densify_(model)``.
+
+Eligibility follows the reference code, as options: Linear layers whose tall aspect ratio m/n is
+over ``aspect_limit`` stay full-rank (usually the classifier head), the first and/or last eligible
+layer can be kept full-rank, names can be included or excluded, and ``filter_fn(name, module)`` has
+the last word. Every layer that is not converted is reported with its reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, NoEligibleLayersError, expected
+from ..views import tall_shape, unwrap_model
+from .layers import LowRankConv, LowRankLinear, LowRankMultiheadAttention
+
+_CONVERTERS: dict[type, Callable[[nn.Module], nn.Module]] = {
+    nn.Linear: LowRankLinear.from_dense,
+    nn.Conv1d: LowRankConv.from_dense,
+    nn.Conv2d: LowRankConv.from_dense,
+    nn.MultiheadAttention: LowRankMultiheadAttention.from_dense,
+}
+LOW_RANK_TYPES = (LowRankLinear, LowRankConv, LowRankMultiheadAttention)
+
+
+@dataclass
+class FactorizeConfig:
+    """Which layers become low-rank.
+
+    Attributes:
+        aspect_limit: Linear layers with tall aspect ratio m/n above this stay full-rank.
+        keep_first: keep the first eligible layer full-rank.
+        keep_last: keep the last eligible layer full-rank.
+        include: glob patterns of module names that may be converted (default: all).
+        exclude: glob patterns of module names that stay full-rank.
+    """
+
+    aspect_limit: float = 10.0
+    keep_first: bool = False
+    keep_last: bool = False
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.aspect_limit >= 1:
+            raise ConfigError(expected("aspect_limit", ">= 1", self.aspect_limit, "Use e.g. 10."))
+
+
+@dataclass
+class SurgeryReport:
+    """What :func:`factorize_` did: converted modules by name, and skipped ones with reasons."""
+
+    converted: dict[str, nn.Module] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    swapped: list[tuple[nn.Parameter, nn.Module]] = field(default_factory=list)  # old W -> new
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} layers: {', '.join(self.converted)}"]
+        lines += [f"  kept full-rank {n}: {r}" for n, r in self.skipped]
+        return "\n".join(lines)
+
+
+def _converter(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
+    if isinstance(module, LOW_RANK_TYPES):
+        return None
+    for klass in type(module).__mro__:
+        if klass in _CONVERTERS:
+            return _CONVERTERS[klass]
+    return None
+
+
+def _reason(name: str, module: nn.Module, cfg: FactorizeConfig) -> str | None:
+    if cfg.exclude and any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
+        return "excluded by name"
+    if cfg.include and not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
+        return "not included by name"
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim:
+            return "attention with separate q/k/v weights is not supported"
+        return None
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (
+        module.groups != 1 or module.padding_mode != "zeros"
+    ):
+        return "grouped or non-zero-padded convolution"
+    (m, n), _ = tall_shape(module.weight.shape)
+    if isinstance(module, nn.Linear) and m / n > cfg.aspect_limit:
+        return f"aspect ratio {m}/{n} = {m / n:.1f} > {cfg.aspect_limit:g}"
+    return None
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def eligible_layers(
+    model: nn.Module,
+    cfg: FactorizeConfig,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    """The (name, module) pairs :func:`factorize_` would convert, and the skipped ones."""
+    bare = unwrap_model(model)
+    chosen, skipped = [], []
+    for name, module in bare.named_modules():
+        if not name or _converter(module) is None:
+            continue
+        reason = _reason(name, module, cfg)
+        if reason is None and filter_fn is not None and not filter_fn(name, module):
+            reason = "rejected by filter_fn"
+        if reason:
+            skipped.append((name, reason))
+        else:
+            chosen.append((name, module))
+    if chosen and cfg.keep_first:
+        skipped.append((chosen.pop(0)[0], "first layer kept full-rank (keep_first)"))
+    if chosen and cfg.keep_last:
+        skipped.append((chosen.pop()[0], "last layer kept full-rank (keep_last)"))
+    return chosen, skipped
+
+
+def factorize_(
+    model: nn.Module,
+    config: FactorizeConfig | None = None,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+) -> SurgeryReport:
+    """Replace eligible layers of ``model`` by exact low-rank equivalents, in place.
+
+    Returns:
+        A :class:`SurgeryReport`; its ``swapped`` list pairs each removed dense weight Parameter
+        with the module that replaced it (for optimizer surgery).
+
+    Raises:
+        NoEligibleLayersError: nothing could be converted; the message lists why.
+    """
+    cfg = config or FactorizeConfig()
+    bare = unwrap_model(model)
+    chosen, skipped = eligible_layers(bare, cfg, filter_fn)
+    if not chosen:
+        why = "; ".join(f"{n}: {r}" for n, r in skipped[:20]) or "no Linear/Conv/attention layer"
+        raise NoEligibleLayersError(
+            f"No layer of {type(bare).__name__} can be factorised ({why}). "
+            "Relax aspect_limit/keep_first/keep_last or include/exclude."
+        )
+    report = SurgeryReport(skipped=skipped)
+    with torch.no_grad():
+        # attention first: its out_proj Linear is converted after it, inside the new module
+        for name, module in sorted(chosen, key=lambda nm: nm[0].count(".")):
+            old_weight = (
+                module.in_proj_weight
+                if isinstance(module, nn.MultiheadAttention)
+                else module.weight
+            )
+            new = _converter(module)(module)
+            _set(bare, name, new)
+            report.converted[name] = new
+            report.swapped.append((old_weight, new))
+    return report
+
+
+def densify_(model: nn.Module) -> list[str]:
+    """Turn every low-rank layer back into its dense type, in place; returns the names."""
+    bare = unwrap_model(model)
+    names = [n for n, m in bare.named_modules() if isinstance(m, LOW_RANK_TYPES)]
+    for name in sorted(names, key=lambda n: -n.count(".")):  # inner layers first
+        _set(bare, name, bare.get_submodule(name).to_dense())
+    return names
+
+
+def low_rank_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The low-rank layers of ``model`` by name."""
+    return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, LOW_RANK_TYPES)}
+
+
+def factor_of(module: nn.Module):
+    """The :class:`~.layers.LowRankFactor` of a low-rank layer."""
+    return module.in_proj if isinstance(module, LowRankMultiheadAttention) else module.factor

@@ -1,0 +1,152 @@
+"""Export a trained low-rank model as plain PyTorch layers, and compare it with the dense model.
+
+``export_factorized(model)`` returns a copy in which each low-rank Linear becomes two thin
+``nn.Linear`` layers and each low-rank convolution a rank-k convolution followed by a 1x1
+convolution (attention stays an ``nn.MultiheadAttention`` with its dense, formed weights: its
+packed projection has no two-layer equivalent in the stock module). The result uses only
+``torch.nn`` modules, so it loads without this package's training machinery.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..lowrank.layers import LowRankConv, LowRankLinear, LowRankMultiheadAttention
+from ..lowrank.surgery import low_rank_layers
+from ..views import unwrap_model
+
+
+def _thin_linear(layer: LowRankLinear) -> nn.Sequential:
+    f = layer.factor
+    first, last = (f.U.T, (f.S @ f.Vh).T) if f.transposed else (f.Vh, f.U @ f.S)
+    a = nn.Linear(first.shape[1], first.shape[0], bias=False)
+    b = nn.Linear(last.shape[1], last.shape[0], bias=layer.bias is not None)
+    with torch.no_grad():
+        a.weight.copy_(first)
+        b.weight.copy_(last)
+        if layer.bias is not None:
+            b.bias.copy_(layer.bias)
+    return nn.Sequential(a, b)
+
+
+def _thin_conv(layer: LowRankConv) -> nn.Module:
+    if layer.groups != 1:
+        return layer.to_dense()
+    klass = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[layer.dims]
+    first, mix = layer.thin_weights()
+    a = klass(
+        layer.in_channels,
+        layer.rank,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        bias=False,
+    )
+    b = klass(layer.rank, layer.out_channels, 1, bias=layer.bias is not None)
+    with torch.no_grad():
+        a.weight.copy_(first)
+        b.weight.copy_(mix)
+        if layer.bias is not None:
+            b.bias.copy_(layer.bias)
+    return nn.Sequential(a, b)
+
+
+def export_factorized(model: nn.Module) -> nn.Module:
+    """A plain-``torch.nn`` copy of ``model`` with thin two-layer replacements (same outputs)."""
+    out = copy.deepcopy(unwrap_model(model)).eval()
+    layers = low_rank_layers(out)
+    for name in sorted(layers, key=lambda n: -n.count(".")):  # inner layers first
+        module = out.get_submodule(name)
+        if isinstance(module, LowRankLinear):
+            new = _thin_linear(module)
+        elif isinstance(module, LowRankConv):
+            new = _thin_conv(module)
+        elif isinstance(module, LowRankMultiheadAttention):
+            new = module.to_dense()
+        else:  # pragma: no cover - low_rank_layers returns only these
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, leaf, new)
+    return out
+
+
+@dataclass
+class ExportReport:
+    params_dense: int
+    params_factorized: int
+    macs_dense: int
+    macs_factorized: int
+    ms_dense: float
+    ms_factorized: float
+
+    @property
+    def speedup(self) -> float:
+        return self.ms_dense / self.ms_factorized
+
+    def __str__(self) -> str:
+        return (
+            f"parameters {self.params_dense:,} -> {self.params_factorized:,} "
+            f"({self.params_factorized / self.params_dense:.1%}); multiply-adds "
+            f"{self.macs_dense:,} -> {self.macs_factorized:,} per sample; CPU inference "
+            f"{self.ms_dense:.2f} -> {self.ms_factorized:.2f} ms per batch "
+            f"({self.speedup:.2f}x)"
+        )
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-adds of Linear and convolution layers for one forward pass of ``example``."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            per_out = module.weight[0].numel()  # in/groups * prod(kernel)
+            total += output.numel() * per_out
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    ]
+    with torch.no_grad():
+        model(example)
+    for h in handles:
+        h.remove()
+    return total // len(example)
+
+
+def _time_ms(model: nn.Module, example: torch.Tensor, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            model(example)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(example)
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def compare_export(
+    dense: nn.Module, factorized: nn.Module, example: torch.Tensor, repeats: int = 30
+) -> ExportReport:
+    """Parameters, multiply-adds and median CPU inference time of two models on ``example``."""
+    dense, factorized = dense.eval(), factorized.eval()
+    n_params = [sum(p.numel() for p in m.parameters()) for m in (dense, factorized)]
+    return ExportReport(
+        n_params[0],
+        n_params[1],
+        count_macs(dense, example),
+        count_macs(factorized, example),
+        _time_ms(dense, example, repeats),
+        _time_ms(factorized, example, repeats),
+    )

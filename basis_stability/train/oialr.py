@@ -1,0 +1,347 @@
+"""The OIALR controller: full-rank, then frozen bases and a shrinking trainable S (SPEC §5).
+
+Call :meth:`OIALR.step` after every ``optimizer.step()`` (or :meth:`OIALR.attach` it to the
+optimizer)::
+
+    oialr = OIALR(model, optimizer, OIALRConfig(delay=500, interval=100, beta=0.15))
+    for x, y in loader:
+        loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
+        oialr.step()            # True when the parameter set changed (re-wrap DDP then)
+
+With ``auto=True`` the controller measures, every ``check_every`` steps, the stability S of each
+eligible layer against the check ``lag`` checks earlier and converts when the delay rule of
+:mod:`basis_stability.recommend` has held for ``patience`` checks in a row; beta comes from the
+beta rule on the spectra of that moment. Every decision is logged and kept in ``events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, expected
+from ..lowrank.layers import LowRankFactor
+from ..lowrank.optim_state import (
+    check_policy,
+    conversion_transform,
+    swap_parameter,
+    update_transform,
+)
+from ..lowrank.surgery import FactorizeConfig, eligible_layers, factor_of, factorize_
+from ..recommend import PlanConfig, beta_curve, choose_beta
+from ..views import tall_shape, to_tall, unwrap_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OIALRConfig:
+    """OIALR hyper-parameters, in optimizer steps.
+
+    Attributes:
+        delay: full-rank steps before conversion (ignored with ``auto``).
+        interval: steps between two rotate-and-truncate updates (nu).
+        beta: cut-off: keep singular values ``>= beta * s_1`` (ignored with ``auto``).
+        auto: choose delay and beta from stability and spectra measured while training.
+        check_every: auto: steps between two measurements (e.g. one epoch).
+        lag: auto: compare each measurement with the one ``lag`` checks earlier.
+        patience: auto: checks in a row the delay rule must hold.
+        plan: auto: thresholds of the delay and beta rules.
+        moments: optimizer-state policy: ``rotate`` (default), ``slice`` or ``reset``.
+        max_cut: at most this share of k is cut per update (the reference halves at most).
+        min_rank_share: k never falls below ``max(1, int(min_rank_share * n))``.
+        total_steps: training length, to reject a delay longer than training.
+        factorize: which layers are eligible.
+    """
+
+    delay: int | None = None
+    interval: int = 100
+    beta: float | None = 0.15
+    auto: bool = False
+    check_every: int = 25
+    lag: int = 5
+    patience: int = 2
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    moments: str = "rotate"
+    max_cut: float = 0.5
+    min_rank_share: float = 0.01
+    total_steps: int | None = None
+    factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
+
+    def __post_init__(self) -> None:
+        if self.beta is not None and not 0 < self.beta < 1:
+            raise ConfigError(
+                expected(
+                    "beta", "in (0, 1)", self.beta, "The reference uses 0.15; larger cuts more."
+                )
+            )
+        for name in ("interval", "check_every", "lag", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    expected(
+                        name, "a positive number of steps", value, "Use e.g. one epoch's steps."
+                    )
+                )
+        if not self.auto and (self.delay is None or self.beta is None):
+            raise ConfigError(
+                "Expected `delay` and `beta` when auto=False but got "
+                f"delay={self.delay!r}, beta={self.beta!r}. Give both, or auto=True."
+            )
+        if self.delay is not None and self.delay < 0:
+            raise ConfigError(expected("delay", ">= 0 steps", self.delay, "Use 0 to convert now."))
+        if (
+            self.total_steps is not None
+            and self.delay is not None
+            and not self.auto
+            and self.delay >= self.total_steps
+        ):
+            raise ConfigError(
+                expected(
+                    "delay",
+                    f"shorter than training ({self.total_steps} steps)",
+                    self.delay,
+                    "Lower --delay or train longer.",
+                )
+            )
+        if not 0 < self.max_cut <= 1:
+            raise ConfigError(expected("max_cut", "in (0, 1]", self.max_cut, "0.5 halves at most."))
+        check_policy(self.moments)
+
+
+class OIALR:
+    """Drives OIALR on ``model`` trained by ``optimizer`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: OIALRConfig | None = None,
+        filter_fn=None,
+    ) -> None:
+        self.cfg = config or OIALRConfig(auto=True)
+        self.model, self.optimizer = unwrap_model(model), optimizer
+        self.filter_fn = filter_fn
+        self._check_optimizer()
+        self.candidates, self.skipped = eligible_layers(self.model, self.cfg.factorize, filter_fn)
+        if not self.candidates:
+            why = "; ".join(f"{n}: {r}" for n, r in self.skipped[:10]) or "none"
+            raise ConfigError(
+                f"Expected a model with layers OIALR can factorise but "
+                f"{type(self.model).__name__} has none ({why}). Relax the "
+                "eligibility options (aspect_limit, keep_first, keep_last)."
+            )
+        self.steps = 0
+        self.converted_at: int | None = None
+        self.beta = self.cfg.beta
+        self.events: list[dict[str, Any]] = []
+        self.layers: dict[str, nn.Module] = {}
+        self._history: dict[str, deque] = {}
+        self._streak = 0
+        self._optimizer_steps = 0
+        self._warned = False
+        self._auto_hook = None
+        self._count_hook = optimizer.register_step_post_hook(self._count)
+        self.full_rank_trainable = self.trainable_params()
+
+    # ------------------------------------------------------------------ checks
+    def _check_optimizer(self) -> None:
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        missing = [
+            n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in held
+        ]
+        if missing:
+            raise ConfigError(
+                f"Expected the optimizer to hold the model's parameters but it "
+                f"lacks {len(missing)} of them ({', '.join(missing[:5])}). Pass the "
+                "optimizer built from this model's parameters."
+            )
+
+    def _count(self, *_: Any) -> None:
+        self._optimizer_steps += 1
+        grace = (self.cfg.delay or 0) + self.cfg.interval
+        if not self._warned and self.steps == 0 and self._optimizer_steps > grace:
+            self._warned = True
+            msg = (
+                f"OIALR.step() was never called in {self._optimizer_steps} optimizer steps: "
+                "nothing is being factorised. Call oialr.step() after optimizer.step(), or "
+                "oialr.attach()."
+            )
+            log.error(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+    def attach(self) -> OIALR:
+        """Call :meth:`step` automatically after every ``optimizer.step()``."""
+        if self._auto_hook is None:
+            self._auto_hook = self.optimizer.register_step_post_hook(lambda *_: self.step())
+        return self
+
+    # ------------------------------------------------------------------ the schedule
+    @property
+    def phase(self) -> str:
+        return "full" if self.converted_at is None else "low-rank"
+
+    def step(self) -> bool:
+        """Advance one optimizer step; convert or update when due.
+
+        Returns:
+            True when the model's parameter set changed (conversion or a rank cut): a DDP
+            wrapper must then be rebuilt around the model.
+        """
+        self.steps += 1
+        if self.converted_at is None:
+            if self.cfg.auto:
+                if self.steps % self.cfg.check_every == 0 and self._delay_rule_fires():
+                    return self.convert()
+            elif self.steps >= self.cfg.delay:
+                return self.convert()
+            return False
+        if (self.steps - self.converted_at) % self.cfg.interval == 0:
+            return self.update()
+        return False
+
+    def _log(self, event: str, **numbers: Any) -> None:
+        record = {"step": self.steps, "event": event, **numbers}
+        self.events.append(record)
+        log.info("OIALR %s at step %d: %s", event, self.steps, numbers)
+
+    # ------------------------------------------------------------------ auto mode
+    @torch.no_grad()
+    def _delay_rule_fires(self) -> bool:
+        cfg, plan = self.cfg, self.cfg.plan
+        stable, total, spectra, values, shapes = 0, 0, {}, {}, {}
+        for name, module in self.candidates:
+            weight = (
+                module.in_proj_weight
+                if isinstance(module, nn.MultiheadAttention)
+                else module.weight
+            )
+            _, transposed = tall_shape(weight.shape)
+            w = to_tall(weight.detach(), transposed).float().cpu()
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            basis = u @ vh
+            hist = self._history.setdefault(name, deque(maxlen=cfg.lag + 1))
+            hist.append(basis)
+            spectra[name] = s.double().numpy()
+            shapes[name] = tuple(w.shape)
+            size = w.numel()
+            total += size
+            if len(hist) > cfg.lag:
+                values[name] = float((hist[0] * basis).sum()) / basis.shape[1]
+                stable += size if values[name] >= plan.tau else 0
+        if len(values) < len(self.candidates):
+            return False
+        share = stable / total
+        self._streak = self._streak + 1 if share >= plan.share else 0
+        self._log(
+            "check",
+            stable_share=share,
+            streak=self._streak,
+            mean_S=float(np.mean(list(values.values()))),
+        )
+        if self._streak < cfg.patience:
+            return False
+        self.beta, why = choose_beta(beta_curve(spectra, shapes, plan.betas), plan)
+        self._log("auto-decision", stable_share=share, beta=self.beta, why=why)
+        return True
+
+    # ------------------------------------------------------------------ conversion
+    def convert(self) -> bool:
+        """Factorise every eligible layer now (exactly: the outputs do not change)."""
+        if self.converted_at is not None:
+            return False
+        report = factorize_(self.model, self.cfg.factorize, self.filter_fn)
+        for old_weight, module in report.swapped:
+            factor = factor_of(module)
+            swap_parameter(
+                self.optimizer, old_weight, factor.S, conversion_transform(self.cfg.moments, factor)
+            )
+        self.layers = dict(report.converted)
+        self.converted_at = self.steps
+        self._history.clear()
+        self._broadcast()
+        self._log(
+            "convert",
+            beta=self.beta,
+            layers=len(self.layers),
+            trainable_share=self.trainable_share(),
+        )
+        return True
+
+    def _min_rank(self, factor: LowRankFactor) -> int:
+        return max(1, int(self.cfg.min_rank_share * factor.tall_shape[1]))
+
+    def _new_rank(self, factor: LowRankFactor, s: torch.Tensor) -> int:
+        k = factor.rank
+        keep = int((s >= self.beta * s[0]).sum())
+        keep = max(keep, math.ceil(k * (1 - self.cfg.max_cut)), self._min_rank(factor))
+        return min(keep, k)
+
+    @torch.no_grad()
+    def update(self) -> bool:
+        """Rotate every low-rank layer so S is diagonal, then cut values below beta * s_1."""
+        changed, ranks = False, {}
+        for name, module in self.layers.items():
+            factor = factor_of(module)
+            svd = torch.linalg.svd(factor.S.detach().double())
+            if not torch.isfinite(svd[1]).all():
+                warnings.warn(
+                    f"NaN/Inf in S of {name}: its update is skipped (U and V kept).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._log("skip-nan", layer=name)
+                continue
+            old = factor.S
+            k_new = self._new_rank(factor, svd[1])
+            rot = factor.rotate_and_truncate_(k_new, svd)
+            swap_parameter(self.optimizer, old, factor.S, update_transform(self.cfg.moments, rot))
+            ranks[name] = k_new
+            changed = True
+        self._broadcast()
+        self._log("update", ranks=ranks, trainable_share=self.trainable_share())
+        return changed
+
+    def _broadcast(self) -> None:
+        """Under torch.distributed, every rank takes rank 0's factors (identical everywhere)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        for module in self.layers.values():
+            factor = factor_of(module)
+            for tensor in (factor.U, factor.S.data, factor.Vh):
+                dist.broadcast(tensor, src=0)
+
+    # ------------------------------------------------------------------ reporting
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def trainable_share(self) -> float:
+        """Trainable parameters now / trainable parameters of the full-rank model (SPEC §5.6)."""
+        return self.trainable_params() / self.full_rank_trainable
+
+    def factorised_share(self) -> float:
+        """Trainable share within the factorised layers: sum k^2 / sum m n."""
+        if not self.layers:
+            return 1.0
+        factors = [factor_of(m) for m in self.layers.values()]
+        return sum(f.rank**2 for f in factors) / sum(
+            f.tall_shape[0] * f.tall_shape[1] for f in factors
+        )
+
+    def ranks(self) -> dict[str, int]:
+        return {n: factor_of(m).rank for n, m in self.layers.items()}
+
+    def close(self) -> None:
+        for hook in (self._count_hook, self._auto_hook):
+            if hook is not None:
+                hook.remove()
