@@ -10,7 +10,7 @@ import torch
 
 from .errors import ConfigError, expected
 from .record import RecordConfig, Recorder, every_epoch, parse_schedule
-from .train import TrainConfig, fit, make_optimizer
+from .train.loop import TrainConfig, fit, make_optimizer
 from .zoo import build_model, load_dataset
 
 
@@ -118,3 +118,193 @@ def run_record_job(
             progress=progress,
         )
         return RecordResult(Path(path), history, rec.n_snapshots, len(rec.views))
+
+
+# ---------------------------------------------------------------------------- OIALR training
+@dataclass
+class TrainJob:
+    """A built-in training run, full-rank or OIALR (what ``bstab train`` runs).
+
+    ``delay`` and ``interval`` are epochs (``"10"``, ``"2.5"``) or steps (``"250steps"``).
+    With none of ``delay``, ``beta`` and ``plan`` given, OIALR runs in auto mode.
+    """
+
+    model: str = "cnn"
+    dataset: str = "digits"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mode: str = "oialr"
+    delay: str | None = None
+    interval: str | None = None
+    beta: float | None = None
+    plan: str | None = None
+    moments: str = "rotate"
+    device: str = "cpu"
+
+
+@dataclass
+class TrainResult:
+    run_path: Path
+    export_path: Path | None
+    history: list[dict[str, float]]
+    seconds: float
+    trainable_share: float
+    factorised_share: float
+    events: list[dict]
+    export: object | None = None
+
+
+def parse_steps(text: str | None, arg: str, steps_per_epoch: int) -> int | None:
+    """``"10"`` epochs or ``"250steps"`` -> optimizer steps."""
+    if text is None:
+        return None
+    raw = str(text).strip().lower()
+    try:
+        if raw.endswith("step") or raw.endswith("steps"):
+            value = int(raw.removesuffix("s").removesuffix("step"))
+        else:
+            value = round(float(raw) * steps_per_epoch)
+    except ValueError:
+        raise ConfigError(
+            expected(
+                arg,
+                "epochs (e.g. 10) or steps (e.g. 250steps)",
+                text,
+                "Use a number of epochs or append 'steps'.",
+            )
+        ) from None
+    return value
+
+
+def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
+    """The OIALR settings the job asks for: explicit values, a plan.json, or auto."""
+    from .recommend import Plan
+    from .train.oialr import OIALRConfig
+
+    total = steps_per_epoch * job.train.epochs
+    common = {"moments": job.moments, "total_steps": total}
+    if job.plan is not None:
+        plan = Plan.from_json(job.plan)
+        check_plan_matches(plan, model)
+        if plan.delay_step is None and plan.delay_epoch is None:
+            raise ConfigError(
+                f"The plan {job.plan} has no delay (its run never stabilised): "
+                "train with --auto or give --delay."
+            )
+        delay = (
+            plan.delay_step
+            if plan.delay_step is not None
+            else round(plan.delay_epoch * steps_per_epoch)
+        )
+        interval = plan.interval_steps or round((plan.interval_epochs or 5) * steps_per_epoch)
+        return OIALRConfig(delay=delay, interval=interval, beta=plan.beta, **common)
+    interval = parse_steps(job.interval, "--interval", steps_per_epoch) or 5 * steps_per_epoch
+    if interval < 1:
+        raise ConfigError(
+            expected(
+                "--interval", "at least one step", job.interval, "Use e.g. --interval 5 (epochs)."
+            )
+        )
+    if job.delay is None and job.beta is None:
+        return OIALRConfig(
+            auto=True, interval=interval, check_every=steps_per_epoch, lag=5, beta=None, **common
+        )
+    delay = parse_steps(job.delay, "--delay", steps_per_epoch)
+    delay = total // 6 if delay is None else delay
+    return OIALRConfig(
+        delay=delay, interval=interval, beta=0.15 if job.beta is None else job.beta, **common
+    )
+
+
+def check_plan_matches(plan, model: torch.nn.Module) -> None:
+    """A plan names the layers (and tall shapes) of the run it came from; they must exist here."""
+    from .views import select_layers
+
+    here = {v.name: list(v.shape) for v in select_layers(model).views}
+    missing = [n for n in plan.layers if n not in here]
+    reshaped = [n for n in plan.layers if n in here and list(plan.layers[n]) != here[n]]
+    if missing or reshaped:
+        detail = ", ".join(
+            missing[:4] + [f"{n} {plan.layers[n]} vs {here[n]}" for n in reshaped[:4]]
+        )
+        raise ConfigError(
+            f"Expected a plan.json for this model but it is for another "
+            f"({plan.model_class}: {detail}). Analyse a run of this model "
+            "and pass its plan, or drop --plan."
+        )
+
+
+def run_train_job(
+    job: TrainJob,
+    run_path: str | Path,
+    export_path: str | Path | None = None,
+    mode: str = "create",
+    progress: bool = True,
+) -> TrainResult:
+    """Train a built-in model (full-rank or OIALR), record it, export the factorised model."""
+    import time
+
+    from .train.export import compare_export, export_factorized
+    from .train.oialr import OIALR
+
+    if job.mode not in ("full", "oialr"):
+        raise ConfigError(expected("mode", "full or oialr", job.mode, "oialr is the default."))
+    model, data = build(RecordJob(job.model, job.dataset, job.train, device=job.device))
+    steps_per_epoch = math.ceil(len(data.x_train) / job.train.batch_size)
+    optimizer = make_optimizer(model, job.train)
+    oialr = None
+    if job.mode == "oialr":
+        oialr = OIALR(model, optimizer, oialr_config(job, model, steps_per_epoch)).attach()
+    meta = {
+        "job": {
+            "kind": "train",
+            **{k: v for k, v in asdict(job).items() if k != "train"},
+            "train": asdict(job.train),
+            "steps_per_epoch": steps_per_epoch,
+        }
+    }
+    start = time.perf_counter()
+    with Recorder(model, run_path, RecordConfig(metadata=meta), mode=mode) as rec:
+
+        def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+            extra = {}
+            if oialr is not None:
+                extra = {
+                    "trainable_share": oialr.trainable_share(),
+                    "factorised_share": oialr.factorised_share(),
+                    **{f"rank/{n}": r for n, r in oialr.ranks().items()},
+                }
+            rec.snapshot(epoch=epoch, step=epoch * steps_per_epoch, metrics={**metrics, **extra})
+
+        history = fit(
+            model, data, job.train, optimizer, on_epoch_end=on_epoch_end, progress=progress
+        )
+    seconds = time.perf_counter() - start
+    result = TrainResult(
+        Path(run_path),
+        None,
+        history,
+        seconds,
+        oialr.trainable_share() if oialr else 1.0,
+        oialr.factorised_share() if oialr else 1.0,
+        oialr.events if oialr else [],
+    )
+    if oialr is not None:
+        oialr.close()
+        if export_path is not None:
+            exported = export_factorized(model)
+            torch.save(exported, export_path)
+            dense = export_dense_copy(model)
+            result.export_path = Path(export_path)
+            result.export = compare_export(dense, exported, data.x_test[:256].to(job.device))
+    return result
+
+
+def export_dense_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A dense copy of a (partly) low-rank model: the baseline of the inference comparison."""
+    import copy
+
+    from .lowrank import densify_
+
+    dense = copy.deepcopy(model)
+    densify_(dense)
+    return dense.eval()
