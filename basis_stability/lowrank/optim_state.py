@@ -5,13 +5,16 @@ update S is rotated and cut to a smaller k. The new Parameter takes the old one'
 param group (learning-rate schedulers and per-group settings keep working) and the old state is
 mapped by the moment policy:
 
-- ``rotate`` (default): first moments (Adam's ``exp_avg``, SGD's ``momentum_buffer``) are mapped
+- ``rotate``: first moments (Adam's ``exp_avg``, SGD's ``momentum_buffer``) are mapped
   exactly as the gradient is: ``G_S = U^T G_W V`` at conversion, ``Up^T M Vp`` at a rotation,
   then cut to the top-left k x k block. Second moments (``exp_avg_sq``) are not linear in the
   gradient; they are mapped with the squared rotations, ``(Up∘Up)^T V (Vp∘Vp)``, which keeps their
   scale and is exact when the rotation only permutes or flips directions.
-- ``slice``: the reference code's choice: moments cut to the top-left k x k block, not rotated
-  (at conversion, where shapes differ, they are reset).
+- ``slice`` (default): the reference code's choice: moments cut to the top-left k x k block, not
+  rotated (at conversion, where shapes differ, they are reset). Chosen by measurement: on the
+  digits cnn (AdamW, delay 7 epochs, beta 0.15, 40 epochs, seeds 0 and 1) final accuracy was
+  0.969/0.978 with ``slice``, 0.969/0.975 with ``reset`` and 0.953/0.958 with ``rotate`` (whose
+  carried-over first moments meet only approximate second moments: Adam's step sizes drift).
 - ``reset``: moments zeroed.
 
 Step counters (Adam's ``step``) are kept, so bias correction does not restart.
@@ -37,7 +40,7 @@ def check_policy(policy: str) -> str:
     if policy not in MOMENT_POLICIES:
         raise ConfigError(
             expected(
-                "moments", f"one of {', '.join(MOMENT_POLICIES)}", policy, "rotate is the default."
+                "moments", f"one of {', '.join(MOMENT_POLICIES)}", policy, "slice is the default."
             )
         )
     return policy

@@ -55,7 +55,7 @@ class OIALRConfig:
         lag: auto: compare each measurement with the one ``lag`` checks earlier.
         patience: auto: checks in a row the delay rule must hold.
         plan: auto: thresholds of the delay and beta rules.
-        moments: optimizer-state policy: ``rotate`` (default), ``slice`` or ``reset``.
+        moments: optimizer-state policy: ``slice`` (default), ``rotate`` or ``reset``.
         max_cut: at most this share of k is cut per update (the reference halves at most).
         min_rank_share: k never falls below ``max(1, int(min_rank_share * n))``.
         total_steps: training length, to reject a delay longer than training.
@@ -70,7 +70,7 @@ class OIALRConfig:
     lag: int = 5
     patience: int = 2
     plan: PlanConfig = field(default_factory=PlanConfig)
-    moments: str = "rotate"
+    moments: str = "slice"
     max_cut: float = 0.5
     min_rank_share: float = 0.01
     total_steps: int | None = None
