@@ -264,6 +264,8 @@ def run_train_job(
     }
     start = time.perf_counter()
     with Recorder(model, run_path, RecordConfig(metadata=meta), mode=mode) as rec:
+        if oialr is not None:
+            oialr.on_event = rec.log_event  # every decision, with its numbers, in the run file
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
             extra = {}

@@ -11,7 +11,9 @@ Its contents follow closed-form rules, so a test can check every number it reads
   shape ``value[idx] = t + 0.1 * flat_index(idx)``;
 - metric ``loss = 1 / (t + 1)`` from snapshot 1 on (NaN at 0), ``acc = 0.5 + 0.2 t`` at every one;
 - a half-written fourth snapshot (layer ``fc`` grown to 4 rows, filled with 99) that every reader
-  must ignore.
+  must ignore;
+- two events (format 1.1): ``{"event": "check", "step": 10, "stable_share": 0.5}`` and
+  ``{"event": "convert", "step": 20, "beta": 0.15}``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ LAYERS = [
     LayerView.of("attn.in_proj", "attn.in_proj_weight", "mha", (6, 2)),
 ]
 N_SNAPSHOTS = 3
+EVENTS = [
+    {"event": "check", "step": 10, "stable_share": 0.5},
+    {"event": "convert", "step": 20, "beta": 0.15},
+]
 
 
 def param_value(view: LayerView, t: int) -> np.ndarray:
@@ -52,6 +58,8 @@ def write_reference(path: Path) -> Path:
         for t in range(N_SNAPSHOTS):
             mats = (view.matrix(torch.from_numpy(param_value(view, t))).numpy() for view in LAYERS)
             writer.append(mats, step=10 * t, epoch=float(t), metrics=metrics_at(t))
+        for event in EVENTS:
+            writer.log_event(event)
     with h5py.File(path, "r+", libver="latest") as f:  # a half-written, uncommitted snapshot
         ds = f["layers/fc"]
         ds.resize(N_SNAPSHOTS + 1, axis=0)

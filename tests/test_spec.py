@@ -61,6 +61,32 @@ def test_reference_file_reads_back_closed_form_values(path, tmp_path):
         assert np.isnan(frame["loss"][0])
         np.testing.assert_allclose(frame["loss"][1:], [1 / 2, 1 / 3])
         assert run.format_version == FORMAT_VERSION
+        assert run.events() == [
+            {"event": "check", "step": 10, "stable_share": 0.5},
+            {"event": "convert", "step": 20, "beta": 0.15},
+        ]
+
+
+def test_a_format_1_0_file_without_events_still_reads_and_validates(tmp_path):
+    old = tmp_path / "v1_0.h5"
+    shutil.copy(REFERENCE, old)
+    with h5py.File(old, "r+", libver="latest") as f:
+        del f["events"]
+        f.attrs["format_version"] = "1.0"
+    with open_run(old) as run:
+        assert run.n_snapshots == 3 and run.events() == []
+    report = validate_run(old)
+    assert report.ok and not [f for f in report.findings if f.where == "/events"]
+
+
+def test_validator_rejects_events_that_are_not_json_objects(tmp_path):
+    path = tmp_path / "bad_events.h5"
+    shutil.copy(REFERENCE, path)
+    with h5py.File(path, "r+", libver="latest") as f:
+        f["events"][0] = b"[1, 2]"
+    report = validate_run(path)
+    assert not report.ok
+    assert any("row 0 is not a JSON object" in f.message for f in report.findings)
 
 
 def test_reference_file_validates_and_reports_the_half_written_row():

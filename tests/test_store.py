@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from basis_stability.errors import ConfigError, RunExistsError, RunFileError, RunMismatchError
-from basis_stability.store import RunWriter, open_run, recover
+from basis_stability.store import FORMAT_VERSION, RunWriter, open_run, recover
 from basis_stability.views import LayerView
 
 # "fc" is a Linear (8, 4), "conv" a Conv2d (4, 3, 2, 2) seen as its (12, 4) transpose
@@ -60,7 +60,7 @@ def test_round_trip_values_steps_epochs_and_attrs(run_path: Path):
         assert run.n_snapshots == 4
         assert run.layer_names == ["fc", "conv"]
         assert run.model_class == "Toy"
-        assert run.format_version == "1.0"
+        assert run.format_version == FORMAT_VERSION == "1.1"
         np.testing.assert_array_equal(run.steps, [0, 10, 20, 30])
         np.testing.assert_array_equal(run.epochs, [0.0, 0.5, 1.0, 1.5])
         assert np.all(np.diff(run.wall_time) >= 0)
@@ -363,3 +363,21 @@ def test_resume_after_a_killed_writer_recovers_and_appends(killed_copy: Path):
     with open_run(killed_copy) as run:
         np.testing.assert_array_equal(run.layer("conv")[3], mats[1])
         np.testing.assert_array_equal(run.metrics_array()[:, 0], [0.0, 1.0, 2.0, 3.0])
+
+
+def test_events_round_trip_and_survive_recovery(tmp_path: Path):
+    """Decisions logged with log_event are read back in order, also after a crash recovery."""
+    path = tmp_path / "ev.h5"
+    views = [LayerView.of("fc", "fc.weight", "linear", (4, 3))]
+    with RunWriter.create(path, views, model_class="Toy") as w:
+        w.append(iter([np.ones((4, 3), np.float32)]), step=0, epoch=0.0)
+        assert w.log_event({"event": "convert", "step": 5, "beta": 0.15})
+        assert w.log_event({"event": "update", "step": 9, "ranks": {"fc": 2}})
+    with open_run(path) as run:
+        assert run.events() == [
+            {"beta": 0.15, "event": "convert", "step": 5},
+            {"event": "update", "ranks": {"fc": 2}, "step": 9},
+        ]
+    recover(path)  # the copy keeps the events
+    with open_run(path) as run:
+        assert [e["event"] for e in run.events()] == ["convert", "update"]

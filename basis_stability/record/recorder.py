@@ -236,6 +236,14 @@ class Recorder:
             return step / self._steps_per_epoch
         return self._schedule.epoch_of(step) if self._schedule else math.nan
 
+    def log_event(self, event: Mapping[str, Any]) -> None:
+        """Store one decision (a JSON-able dict, e.g. from the OIALR controller) in the run's
+        ``/events``; flushed at once. A no-op on ranks that do not write."""
+        if self._writer is not None and not self._writer.log_event(event):
+            log.warning(
+                "%s predates format 1.1 and has no /events; event not stored: %s", self.path, event
+            )
+
     def log(self, **metrics: float) -> None:
         """Remember metrics for the next snapshot (useful with :meth:`attach`)."""
         self._pending.update({k: float(v) for k, v in metrics.items()})

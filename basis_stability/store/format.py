@@ -19,6 +19,7 @@ SNAPSHOT_DTYPE = np.dtype(
     [("step", "<i8"), ("epoch", "<f8"), ("wall_time", "<f8"), ("unix_time", "<f8")]
 )
 NAME_DTYPE = "S128"
+EVENT_DTYPE = "S4096"  # one JSON object per decision (format 1.1)
 
 
 @lru_cache(maxsize=1)
@@ -48,3 +49,7 @@ def decode(raw: np.ndarray, storage_dtype: str) -> np.ndarray:
     if storage_dtype == "bfloat16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32, copy=False)
+
+
+def event_bytes() -> int:
+    return np.dtype(EVENT_DTYPE).itemsize

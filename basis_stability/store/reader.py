@@ -148,6 +148,14 @@ class Run:
     def metric_names(self) -> list[str]:
         return [n.decode() for n in self._file["metrics/names"][:]]
 
+    def events(self) -> list[dict[str, Any]]:
+        """The decisions logged into the run (format 1.1: ``/events``), oldest first."""
+        ds = self._file.get("events")
+        if ds is None:
+            return []
+        ds.refresh()
+        return [json.loads(row.decode()) for row in ds[:]]
+
     def metrics_array(self) -> np.ndarray:
         """``(T, K)`` float64 metrics, NaN where a snapshot did not log a metric."""
         names = self.metric_names
@@ -184,7 +192,9 @@ class Run:
             The number of new snapshots.
         """
         self._file["snapshots"].refresh()
-        for name in ("metrics/names", "metrics/values"):
+        for name in ("metrics/names", "metrics/values", "events"):
+            if name not in self._file:
+                continue
             self._file[name].refresh()
         for info in self.layers:
             self._file["layers"][info.name].refresh()

@@ -66,6 +66,10 @@ def summarize(path: str | os.PathLike, scan: bool = True) -> str:
             lines.append(f"skipped    {len(skipped)} layer(s) at recording:")
             lines += [f"  {name}: {reason}" for name, reason in skipped[:20]]
         lines += _metric_lines(run)
+        events = run.events()
+        if events:
+            kinds = sorted({e.get("event", "?") for e in events})
+            lines.append(f"events     {len(events)} ({', '.join(kinds)}); first: {events[0]}")
         if scan and any(bad.values()):
             lines.append("WARNING: some snapshots hold NaN/Inf weights (recorded as they were).")
     return "\n".join(lines)

@@ -163,6 +163,26 @@ def _check_metrics(report: ValidationReport, f: h5py.File, spec: dict, n: int) -
         report.add("warning", "/metrics", f"infinite values in {', '.join(bad)}")
 
 
+def _check_events(report: ValidationReport, f: h5py.File, spec: dict) -> None:
+    rule = spec["events"]
+    ds = f.get(rule["path"])
+    if ds is None:
+        version = _plain(f.attrs.get("format_version", "1.0"))
+        if version != "1.0":
+            report.add("warning", "/events", f"missing (expected since format {rule['since']})")
+        return
+    if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.dtype.kind != "S":
+        report.add("error", "/events", "should be a 1-D bytes dataset of JSON objects")
+        return
+    for i, row in enumerate(ds[:]):
+        try:
+            if not isinstance(json.loads(row.decode()), dict):
+                raise ValueError
+        except ValueError:
+            report.add("error", "/events", f"row {i} is not a JSON object")
+            return
+
+
 def _check_layer(report: ValidationReport, name: str, ds: object, spec: dict, n: int) -> None:
     where = f"/layers/{name}"
     rule = spec["layer"]
@@ -242,6 +262,7 @@ def validate_run(path: str | os.PathLike) -> ValidationReport:
             return report
         n = report.n_snapshots = _check_snapshots(report, f, spec)
         _check_metrics(report, f, spec, n)
+        _check_events(report, f, spec)
         layers = f.get("layers")
         if isinstance(layers, h5py.Group):
             if not len(layers):

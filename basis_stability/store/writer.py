@@ -82,6 +82,7 @@ def _create_skeleton(f: h5py.File, layers: Sequence[LayerView], attrs: Mapping[s
     f.create_dataset(
         "snapshots", shape=(0,), maxshape=(None,), chunks=(256,), dtype=fmt.SNAPSHOT_DTYPE
     )
+    f.create_dataset("events", shape=(0,), maxshape=(None,), chunks=(16,), dtype=fmt.EVENT_DTYPE)
     metrics = f.create_group("metrics")
     metrics.create_dataset(
         "names", shape=(0,), maxshape=(None,), chunks=(64,), dtype=fmt.NAME_DTYPE
@@ -255,6 +256,27 @@ class RunWriter:
         self.n_snapshots = t + 1
         return t
 
+    def log_event(self, event: Mapping[str, Any]) -> bool:
+        """Append one decision (a JSON object) to ``/events`` and flush; False when the run
+        predates format 1.1 and has no ``/events``."""
+        ds = self._f.get("events")
+        if ds is None:
+            return False
+        text = json.dumps(dict(event), sort_keys=True, default=str).encode()
+        if len(text) > fmt.event_bytes():
+            raise ConfigError(
+                expected(
+                    "event",
+                    f"at most {fmt.event_bytes()} bytes of JSON",
+                    f"{len(text)} bytes",
+                    "Log fewer numbers per event.",
+                )
+            )
+        ds.resize(ds.shape[0] + 1, axis=0)
+        ds[-1] = text
+        self._f.flush()
+        return True
+
     def _metric_row(self, metrics: Mapping[str, float]) -> np.ndarray | None:
         if not metrics and not self.metric_names:
             return None
@@ -353,6 +375,14 @@ def recover(path: str | os.PathLike) -> int:
         out.create_dataset(
             "snapshots", data=src["snapshots"][: run.n_snapshots], maxshape=(None,), chunks=(256,)
         )
+        if "events" in src:  # format >= 1.1
+            out.create_dataset(
+                "events",
+                data=src["events"][:],
+                maxshape=(None,),
+                chunks=(16,),
+                dtype=fmt.EVENT_DTYPE,
+            )
         metrics = out.create_group("metrics")
         names = src["metrics/names"][:]
         metrics.create_dataset(

@@ -20,6 +20,7 @@ import logging
 import math
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +144,8 @@ class OIALR:
         self.converted_at: int | None = None
         self.beta = self.cfg.beta
         self.events: list[dict[str, Any]] = []
+        # called with every decision record, e.g. Recorder.log_event to keep it in the run file
+        self.on_event: Callable[[dict[str, Any]], None] | None = None
         self.layers: dict[str, nn.Module] = {}
         self._history: dict[str, deque] = {}
         self._streak = 0
@@ -212,6 +215,8 @@ class OIALR:
         record = {"step": self.steps, "event": event, **numbers}
         self.events.append(record)
         log.info("OIALR %s at step %d: %s", event, self.steps, numbers)
+        if self.on_event is not None:
+            self.on_event(record)
 
     # ------------------------------------------------------------------ auto mode
     @torch.no_grad()
