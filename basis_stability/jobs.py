@@ -197,7 +197,8 @@ def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
         )
         interval = plan.interval_steps or round((plan.interval_epochs or 5) * steps_per_epoch)
         return OIALRConfig(delay=delay, interval=interval, beta=plan.beta, **common)
-    interval = parse_steps(job.interval, "--interval", steps_per_epoch) or 5 * steps_per_epoch
+    interval = parse_steps(job.interval, "--interval", steps_per_epoch)
+    interval = 5 * steps_per_epoch if interval is None else interval  # 0 is an error, not unset
     if interval < 1:
         raise ConfigError(
             expected(

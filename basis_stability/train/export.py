@@ -57,13 +57,25 @@ def _thin_conv(layer: LowRankConv) -> nn.Module:
     return nn.Sequential(a, b)
 
 
+# modules whose stock forward reads ``child.weight`` of their Linear children (the
+# TransformerEncoderLayer / DecoderLayer inference fast path): those children stay dense
+_READS_WEIGHT = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 def export_factorized(model: nn.Module) -> nn.Module:
     """A plain-``torch.nn`` copy of ``model`` with thin two-layer replacements (same outputs)."""
     out = copy.deepcopy(unwrap_model(model)).eval()
     layers = low_rank_layers(out)
+    attention = {n for n, m in layers.items() if isinstance(m, LowRankMultiheadAttention)}
     for name in sorted(layers, key=lambda n: -n.count(".")):  # inner layers first
+        if name.rpartition(".")[0] in attention:  # out_proj: the attention densifies it itself
+            continue
         module = out.get_submodule(name)
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, LowRankLinear) and isinstance(
+            out.get_submodule(name.rpartition(".")[0]) if "." in name else out, _READS_WEIGHT
+        ):  # the stock fast path reads .weight of linear1/linear2: keep one dense Linear
+            new = module.to_dense()
+        elif isinstance(module, LowRankLinear):
             new = _thin_linear(module)
         elif isinstance(module, LowRankConv):
             new = _thin_conv(module)

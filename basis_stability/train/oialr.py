@@ -296,8 +296,10 @@ class OIALR:
         changed, ranks = False, {}
         for name, module in self.layers.items():
             factor = factor_of(module)
-            svd = torch.linalg.svd(factor.S.detach().double())
-            if not torch.isfinite(svd[1]).all():
+            # check S itself: torch.linalg.svd raises on non-finite input
+            finite = bool(torch.isfinite(factor.S).all())
+            svd = torch.linalg.svd(factor.S.detach().double()) if finite else None
+            if svd is None or not torch.isfinite(svd[1]).all():
                 warnings.warn(
                     f"NaN/Inf in S of {name}: its update is skipped (U and V kept).",
                     RuntimeWarning,

@@ -1,0 +1,157 @@
+"""`bstab train`: the summary line, the run file it records, plans, and clean failures."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from basis_stability import open_run
+from basis_stability.cli import main
+
+FAST = ("--model", "mlp", "--batch-size", "128", "--no-progress")
+
+
+def bstab(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_failure(result, *fragments: str) -> None:
+    assert result.exit_code != 0, result.output
+    assert (
+        "Traceback" not in result.output
+        and result.exception is None
+        or isinstance(result.exception, SystemExit)
+    ), result.output
+    text = " ".join(result.output.split())  # undo click's line wrapping
+    for fragment in fragments:
+        assert fragment in text, result.output
+
+
+SUMMARY = re.compile(
+    r"^val_acc (?P<acc>[0-9.]+) \| trainable (?P<share>[0-9.]+)% of the full-rank model "
+    r"\((?P<fshare>[0-9.]+)% of the factorised layers\) \| (?P<sec>[0-9.]+) s \| "
+    r"run (?P<run>\S+?)(, model (?P<model>\S+))?$"
+)
+
+
+def _summary(output: str) -> re.Match:
+    matches = [m for m in map(SUMMARY.match, output.splitlines()) if m]
+    assert len(matches) == 1, output
+    return matches[0]
+
+
+def _metrics(path: Path) -> tuple[list[str], np.ndarray, int]:
+    with open_run(path) as run:
+        return run.metric_names, run.metrics_array(), run.n_snapshots
+
+
+def test_train_auto_prints_one_summary_and_records_the_run(tmp_path):
+    out = tmp_path / "run.h5"
+    result = bstab("train", *FAST, "--epochs", "3", "-o", out)
+    assert result.exit_code == 0, result.output
+    summary = _summary(result.output)
+    assert Path(summary["run"]) == out and out.exists()
+    model_path = Path(summary["model"])
+    assert model_path == tmp_path / "run-factorized.pt" and model_path.exists()
+    assert 0 < float(summary["acc"]) <= 1 and float(summary["sec"]) > 0
+    names, values, n = _metrics(out)
+    assert n == 4  # initial + 3 epochs
+    assert "trainable_share" in names and "val_acc" in names
+    # auto mode: 3 epochs are too few to see stable bases (lag 5), so no conversion yet
+    assert float(summary["share"]) == 100.0 and not any(m.startswith("rank/") for m in names)
+    share = values[-1, names.index("trainable_share")]
+    assert share == pytest.approx(float(summary["share"]) / 100, abs=1e-3)
+    exported = torch.load(model_path, weights_only=False)
+    assert exported(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_train_full_mode(tmp_path):
+    out = tmp_path / "full.h5"
+    result = bstab("train", *FAST, "--epochs", "2", "--mode", "full", "-o", out)
+    assert result.exit_code == 0, result.output
+    summary = _summary(result.output)
+    assert summary["model"] is None and float(summary["share"]) == 100.0
+    names, _, n = _metrics(out)
+    assert n == 3 and not any(name.startswith("rank/") for name in names)
+
+
+def test_train_with_explicit_delay_beta_interval_cuts_ranks(tmp_path):
+    out = tmp_path / "low.h5"
+    args = ("--epochs", "3", "--delay", "1", "--beta", "0.2", "--interval", "1")
+    result = bstab("train", *FAST, *args, "-o", out)
+    assert result.exit_code == 0, result.output
+    share = float(_summary(result.output)["share"])
+    assert share < 100.0
+    names, values, _ = _metrics(out)
+    ranks = values[:, names.index("rank/3")]
+    assert {"rank/1", "rank/3"} <= set(names) and "rank/5" not in names  # 256x10 head: full
+    assert np.isnan(ranks[0]) and ranks[-1] < 256  # full-rank at first, cut by the end
+    assert np.all(np.diff(ranks[~np.isnan(ranks)]) <= 0)
+    assert values[-1, names.index("trainable_share")] == pytest.approx(share / 100, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def mlp_plan(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("plan")
+    run = folder / "mlp.h5"
+    result = bstab("record", *FAST, "--epochs", "4", "-o", run)
+    assert result.exit_code == 0, result.output
+    result = bstab("analyze", run, "-o", folder / "an", "--lag", "1", "--no-plots", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return folder / "an" / "plan.json"
+
+
+def test_train_with_a_plan_of_the_same_model(mlp_plan, tmp_path):
+    import json
+
+    plan = json.loads(mlp_plan.read_text())
+    assert plan["delay_step"] is not None, "the recorded run did not stabilise"
+    out = tmp_path / "planned.h5"
+    result = bstab("train", *FAST, "--epochs", "6", "--plan", mlp_plan, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert float(_summary(result.output)["share"]) < 100.0  # converted at the plan's delay
+    names, values, _ = _metrics(out)
+    converted = ~np.isnan(values[:, names.index("rank/3")])
+    first = int(np.argmax(converted))  # the first snapshot (epoch) after conversion
+    assert first == int(np.ceil(plan["delay_step"] / 12))  # 12 steps per epoch at batch 128
+
+
+def test_train_with_a_plan_of_another_model_fails_cleanly(mlp_plan, tmp_path):
+    result = bstab(
+        "train", "--model", "cnn", "--epochs", "4", "--no-progress", "--plan", mlp_plan,
+        "-o", tmp_path / "x.h5",
+    )  # fmt: skip
+    assert_clean_failure(result, "plan")
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+    assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--beta", "1.5"), "--beta"),
+        (("--delay", "1", "--interval", "0"), "--interval"),
+        (("--delay", "500"), "delay"),
+        (("--delay", "abc"), "--delay"),
+        (("--auto", "--delay", "1"), "--auto"),
+        (("--plan", "nope.json", "--delay", "1"), "--plan"),
+    ],
+)
+def test_bad_input_fails_cleanly(args, fragment, tmp_path):
+    out = tmp_path / "bad.h5"
+    result = bstab("train", *FAST, "--epochs", "3", *args, "-o", out)
+    assert_clean_failure(result, fragment)
+    assert not out.exists()
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "taken.h5"
+    out.write_bytes(b"keep me")
+    result = bstab("train", *FAST, "--epochs", "1", "-o", out)
+    assert_clean_failure(result, "already exists", "--force")
+    assert out.read_bytes() == b"keep me"
