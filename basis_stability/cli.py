@@ -447,7 +447,7 @@ def analyze(
 @click.option(
     "--moments",
     type=click.Choice(["rotate", "slice", "reset"]),
-    default="slice",
+    default="reset",
     show_default=True,
     help="Optimizer-state policy at conversion and truncation.",
 )

@@ -137,7 +137,7 @@ class TrainJob:
     interval: str | None = None
     beta: float | None = None
     plan: str | None = None
-    moments: str = "slice"
+    moments: str = "reset"
     device: str = "cpu"
 
 

@@ -56,7 +56,7 @@ class OIALRConfig:
         lag: auto: compare each measurement with the one ``lag`` checks earlier.
         patience: auto: checks in a row the delay rule must hold.
         plan: auto: thresholds of the delay and beta rules.
-        moments: optimizer-state policy: ``slice`` (default), ``rotate`` or ``reset``.
+        moments: optimizer-state policy: ``reset`` (default), ``slice`` or ``rotate``.
         max_cut: at most this share of k is cut per update (the reference halves at most).
         min_rank_share: k never falls below ``max(1, int(min_rank_share * n))``.
         total_steps: training length, to reject a delay longer than training.
@@ -71,7 +71,7 @@ class OIALRConfig:
     lag: int = 5
     patience: int = 2
     plan: PlanConfig = field(default_factory=PlanConfig)
-    moments: str = "slice"
+    moments: str = "reset"
     max_cut: float = 0.5
     min_rank_share: float = 0.01
     total_steps: int | None = None
