@@ -120,19 +120,29 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value)}")
 
 
+def first_lasting(ok: np.ndarray) -> int | None:
+    """Index of the first element from which ``ok`` is True to the end; None if the last is not.
+
+    Example:
+        >>> first_lasting(np.array([False, True, False, True, True]))
+        3
+    """
+    tail_ok = np.logical_and.accumulate(np.asarray(ok, dtype=bool)[::-1])[::-1]
+    return int(np.argmax(tail_ok)) if tail_ok.any() else None
+
+
 def choose_delay(network: pd.DataFrame, share: float) -> tuple[int | None, str]:
     """First snapshot b from which ``stable_share >= share`` holds at every later b."""
     if network.empty:
         return None, "no stability pairs (a run needs two snapshots)"
-    ok = (network["stable_share"] >= share).to_numpy()
-    tail_ok = np.logical_and.accumulate(ok[::-1])[::-1]  # ok from here to the end
-    if not tail_ok.any():
+    first = first_lasting((network["stable_share"] >= share).to_numpy())
+    if first is None:
         last = float(network["stable_share"].iloc[-1])
         return None, (
             f"not stable yet: at the last snapshot {last:.0%} of parameters are in "
             f"stable layers (< {share:.0%}); train longer or lower tau"
         )
-    return int(network["snapshot"].to_numpy()[int(np.argmax(tail_ok))]), "delay rule met"
+    return int(network["snapshot"].to_numpy()[first]), "delay rule met"
 
 
 def kept_energy(s: np.ndarray, rank: int) -> float:

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from ..errors import ConfigError, RunFileError, expected
-from ..recommend import Plan, PlanConfig, make_plan
+from ..recommend import Plan, PlanConfig, first_lasting, make_plan
 from ..store.reader import LayerInfo, Run, open_run
 from .engine import EngineConfig, SVDCache, fill_cache
 from .spectra import batch_ranks, rank_at_beta
@@ -388,10 +388,9 @@ def _summary(run: Run, stab: pd.DataFrame, ranks: pd.DataFrame, tau: float) -> p
             row["final_O_left"] = float(last_pair["O_left"])
             row["final_O_right"] = float(last_pair["O_right"])
             row["k"] = int(last_pair["k"])
-            ok = (mine["S"] >= tau).to_numpy()
-            tail = np.logical_and.accumulate(ok[::-1])[::-1]
-            if tail.any():
-                row["stable_from_epoch"] = float(mine["epoch_b"].to_numpy()[int(np.argmax(tail))])
+            first = first_lasting((mine["S"] >= tau).to_numpy())
+            if first is not None:
+                row["stable_from_epoch"] = float(mine["epoch_b"].to_numpy()[first])
         for col in ("stable_rank", "effective_rank", "energy_rank", "rank_beta"):
             row[col] = last[col].iloc[0] if len(last) and col in last else math.nan
         rows.append(row)

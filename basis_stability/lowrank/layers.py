@@ -122,6 +122,16 @@ class LowRankFactor(nn.Module):
         return f"tall={m}x{n}, rank={self.rank}, transposed={self.transposed}"
 
 
+def _filled(dense: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """``dense`` moved to ``weight``'s device and dtype, holding ``weight`` and ``bias``."""
+    dense = dense.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense
+
+
 def _cheaper_to_form(factor: LowRankFactor, rows: int) -> bool:
     """Whether forming W then one product costs fewer multiply-adds than three thin products."""
     m, n = factor.tall_shape
@@ -148,12 +158,7 @@ class LowRankLinear(nn.Module):
 
     def to_dense(self) -> nn.Linear:
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        out = out.to(device=self.factor.S.device, dtype=self.factor.S.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.weight)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return _filled(out, self.weight, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -210,12 +215,7 @@ class LowRankConv(nn.Module):
             self.groups,
             bias=self.bias is not None,
         )
-        out = out.to(device=self.factor.S.device, dtype=self.factor.S.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.weight)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return _filled(out, self.weight, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:

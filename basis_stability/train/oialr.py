@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..analyze.stability import decompose, stability
 from ..errors import ConfigError, expected
 from ..lowrank.layers import LowRankFactor
 from ..lowrank.optim_state import (
@@ -231,16 +232,15 @@ class OIALR:
             )
             _, transposed = tall_shape(weight.shape)
             w = to_tall(weight.detach(), transposed).float().cpu()
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            basis = u @ vh
+            now = decompose(w)  # the analysis' own S: NaN (never stable) where undefined
             hist = self._history.setdefault(name, deque(maxlen=cfg.lag + 1))
-            hist.append(basis)
-            spectra[name] = s.double().numpy()
+            hist.append(now)
+            spectra[name] = now.svd.S.double().numpy()
             shapes[name] = tuple(w.shape)
             size = w.numel()
             total += size
             if len(hist) > cfg.lag:
-                values[name] = float((hist[0] * basis).sum()) / basis.shape[1]
+                values[name] = stability(hist[0], now).value
                 stable += size if values[name] >= plan.tau else 0
         if len(values) < len(self.candidates):
             return False
@@ -250,7 +250,7 @@ class OIALR:
             "check",
             stable_share=share,
             streak=self._streak,
-            mean_S=float(np.mean(list(values.values()))),
+            mean_S=float(np.nanmean(list(values.values()))),
         )
         if self._streak < cfg.patience:
             return False
