@@ -33,13 +33,34 @@ _API = {
     "load_dataset": "zoo",
     "TrainConfig": "train",
     "fit": "train",
+    "AnalysisConfig": "analyze",
+    "EngineConfig": "analyze",
+    "Report": "analyze",
+    "Plan": "recommend",
+    "PlanConfig": "recommend",
+    "OIALR": "train.oialr",
+    "OIALRConfig": "train.oialr",
+    "factorize_": "lowrank",
+    "densify_": "lowrank",
+    "FactorizeConfig": "lowrank",
+    "export_factorized": "train.export",
+    "compare_export": "train.export",
+    "RecordJob": "jobs",
+    "run_record_job": "jobs",
+    "TrainJob": "jobs",
+    "run_train_job": "jobs",
     "BstabError": "errors",
 }
+# Subpackages reachable as attributes; ``analyze`` is the subpackage (its function is
+# ``basis_stability.analyze.analyze``), ``plots`` imports matplotlib only when asked for.
+_SUBMODULES = ("analyze", "plots")
 
-__all__ = ["__version__", *sorted(_API)]
+__all__ = ["__version__", *sorted(_API), *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _API:
         value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
         globals()[name] = value
