@@ -141,7 +141,21 @@ def _cheaper_to_form(factor: LowRankFactor, rows: int) -> bool:
     return form <= apply
 
 
-class LowRankLinear(nn.Module):
+class _Factored(nn.Module):
+    """Shared by the layers holding one ``factor``: the effective dense weight and the rank."""
+
+    factor: LowRankFactor
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.factor.dense()
+
+    @property
+    def rank(self) -> int:
+        return self.factor.rank
+
+
+class LowRankLinear(_Factored):
     """A Linear layer ``y = x W^T + b`` with ``W`` held as a :class:`LowRankFactor`."""
 
     def __init__(self, factor: LowRankFactor, bias: nn.Parameter | None) -> None:
@@ -160,14 +174,6 @@ class LowRankLinear(nn.Module):
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         return _filled(out, self.weight, self.bias)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.factor.dense()
-
-    @property
-    def rank(self) -> int:
-        return self.factor.rank
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.factor
         if _cheaper_to_form(f, x.numel() // max(x.shape[-1], 1)):
@@ -180,7 +186,7 @@ class LowRankLinear(nn.Module):
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-class LowRankConv(nn.Module):
+class LowRankConv(_Factored):
     """A Conv1d/2d/3d whose weight is a :class:`LowRankFactor` of ``reshape(out, -1)``.
 
     The factor path runs a rank-k convolution with the conv's stride/padding/dilation, then a
@@ -216,14 +222,6 @@ class LowRankConv(nn.Module):
             bias=self.bias is not None,
         )
         return _filled(out, self.weight, self.bias)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.factor.dense()
-
-    @property
-    def rank(self) -> int:
-        return self.factor.rank
 
     def thin_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rank-k conv weight (k, in, *ks), 1x1 mixing weight (out, k, 1, ...))."""
