@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,9 @@ from basis_stability.analyze.report import AnalysisConfig, Report, analyze
 from basis_stability.store.reader import open_run
 from basis_stability.store.writer import RunWriter
 from basis_stability.views import LayerView
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved, verdict  # noqa: E402
 
 TARGETS = {"cold": 1.3, "warm": 0.1, "jobs": 0.65, "approx_speed": 3.0, "approx_err": 1e-3}
 K = 8  # top-k of the overlap and of the singular-value comparison
@@ -262,17 +265,6 @@ def approx_sweep(largest: list[torch.Tensor]) -> list[str]:
     return lines
 
 
-def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Run each callable ``repeats`` times, rotating the order every repeat."""
-    names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(runs[name]())
-            print(f"  repeat {r + 1}/{repeats} {name:<26s} {times[name][-1]:8.3f} s", flush=True)
-    return times
-
-
 # ---------------------------------------------------------------- comparisons
 def max_abs_diff(a: pd.DataFrame, b: pd.DataFrame, cols: list[str]) -> tuple[float, int]:
     """Largest |a - b| over ``cols`` on rows matched by (layer, pair, a, b) where both are finite,
@@ -317,13 +309,6 @@ def recording_summary(report: Report) -> str:
 
 
 # ---------------------------------------------------------------- driver
-def verdict(ratio: float, target: float, higher_is_better: bool) -> str:
-    if not math.isfinite(ratio):
-        return "MISS"
-    ok = ratio >= target if higher_is_better else ratio <= target
-    return "PASS" if ok else "MISS"
-
-
 def machine_note() -> str:
     try:
         affinity = len(os.sched_getaffinity(0))

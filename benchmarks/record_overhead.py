@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -33,6 +32,9 @@ from torch import nn
 from basis_stability import Recorder, every
 from basis_stability.jobs import RecordJob, build
 from basis_stability.train import TrainConfig, fit, make_optimizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved, verdict  # noqa: E402
 
 TARGETS = {"per-epoch": 1.02, "every(10)": 1.10, "throughput": 0.8}
 
@@ -149,22 +151,6 @@ def write_bare(arrays: list[np.ndarray], n_snapshots: int, path: Path) -> float:
 
 
 # ---------------------------------------------------------------- driver
-def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Run each callable ``repeats`` times, rotating the order every repeat."""
-    names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(runs[name]())
-            print(f"  repeat {r + 1}/{repeats} {name:<12s} {times[name][-1]:8.3f} s", flush=True)
-    return times
-
-
-def verdict(ratio: float, target: float, higher_is_better: bool) -> str:
-    ok = ratio >= target if higher_is_better else ratio <= target
-    return "PASS" if ok else "MISS"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=None, help="runs per variant (default 5)")
