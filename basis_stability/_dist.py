@@ -15,3 +15,14 @@ def rank() -> int:
 def is_writer() -> bool:
     """Only global rank 0 writes run files; every other rank is a no-op."""
     return rank() == 0
+
+
+def broadcast_object(value):
+    """Rank 0's ``value`` on every rank (the value itself without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -273,6 +273,87 @@ def validate(run_path: Path) -> None:
 @main.command()
 @click.argument("run_path", metavar="RUN.h5", type=click.Path(path_type=Path))
 @click.option(
+    "-s",
+    "--snapshot",
+    type=int,
+    default=-1,
+    show_default=True,
+    help="Snapshot index; negative counts from the end (-1 is the last).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "pt"]),
+    default=None,
+    help="File format. Default: from the --output suffix, else safetensors.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="File to write. Default: RUN-snapshotN.safetensors (or .pt) beside RUN.",
+)
+@click.option(
+    "--layers",
+    "layers",
+    metavar="PATTERN",
+    multiple=True,
+    help="Layer name glob to export (quote it); repeatable. Default: every layer.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["stored", "float32"]),
+    default="stored",
+    show_default=True,
+    help="stored: the run's storage dtype, bit for bit; float32: widen half precision.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
+@_clean_errors
+def export(
+    run_path: Path,
+    snapshot: int,
+    fmt: str | None,
+    output: Path | None,
+    layers: tuple[str, ...],
+    dtype: str,
+    force: bool,
+) -> None:
+    """Write one snapshot of a run as a state-dict file for other tools.
+
+    The keys are the parameter names (features.0.weight), the tensors have the parameters' own
+    shapes and the dtype the run stored (bfloat16 included), so the file is a state dict that
+    tools which read safetensors files or torch state dicts accept, e.g. to load into the model
+    (model.load_state_dict(safetensors.torch.load_file(path), strict=False)) and analyse it.
+    A .pt file is a plain dict of tensors (torch.load(path, weights_only=True)).
+
+    \b
+    Examples:
+      bstab export runs/cnn-digits-seed0.h5
+      bstab export runs/cnn-digits-seed0.h5 -s 10 -o epoch10.pt
+      bstab export runs/vit.h5 --layers 'blocks.*' --dtype float32
+    """
+    from .store.export import _export
+    from .store.summary import _size
+
+    result = _export(
+        run_path,
+        output,
+        snapshot=snapshot,
+        format=fmt,
+        dtype=dtype,
+        layers=list(layers) or None,
+        force=force,
+    )
+    click.echo(
+        f"Wrote {result.path}: snapshot {result.snapshot} (epoch {result.epoch:g}, "
+        f"step {result.step}), {result.n_tensors} tensors, {_size(result.n_bytes)}"
+    )
+
+
+@main.command()
+@click.argument("run_path", metavar="RUN.h5", type=click.Path(path_type=Path))
+@click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),

@@ -113,3 +113,17 @@ def update_transform(policy: str, rot: Rotation) -> Transform:
         return m[:k, :k]
 
     return transform
+
+
+def match_model_order(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """Sort each parameter group into the order of ``model.parameters()``.
+
+    After a swap, a factor's S sits in the slot of the dense weight it replaced; a fresh optimizer
+    built from the low-rank model's ``parameters()`` lists it elsewhere (a module's own bias comes
+    before its factor's S). An optimizer ``state_dict`` is positional, so a checkpoint saved after
+    conversion loads correctly into that fresh optimizer only when the orders agree; the state
+    itself is keyed by parameter and is unaffected.
+    """
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    for group in optimizer.param_groups:
+        group["params"].sort(key=lambda p: order.get(id(p), len(order)))

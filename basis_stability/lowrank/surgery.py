@@ -179,3 +179,33 @@ def low_rank_layers(model: nn.Module) -> dict[str, nn.Module]:
 def factor_of(module: nn.Module):
     """The :class:`~.layers.LowRankFactor` of a low-rank layer."""
     return module.in_proj if isinstance(module, LowRankMultiheadAttention) else module.factor
+
+
+def rebuild_low_rank(
+    model: nn.Module,
+    ranks: dict[str, int],
+    config: FactorizeConfig | None = None,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+) -> SurgeryReport:
+    """Give a dense ``model`` the low-rank layers of a checkpoint taken after conversion.
+
+    The layers are factorised as :func:`factorize_` would and cut to the checkpoint's ``ranks``
+    (layer name -> k); their values are placeholders until the checkpoint's weights are loaded.
+
+    Raises:
+        ConfigError: a layer of ``ranks`` is not factorisable in this model (another model or
+            other eligibility options than the checkpoint's).
+    """
+    report = factorize_(model, config, filter_fn)
+    missing = sorted(set(ranks) - set(report.converted))
+    if missing:
+        raise ConfigError(
+            f"Expected the checkpoint's low-rank layers {missing} to be factorisable in this "
+            "model but they are not. Resume with the same model and factorisation options."
+        )
+    for name, module in report.converted.items():
+        factor = factor_of(module)
+        k = int(ranks.get(name, factor.rank))
+        if k < factor.rank:
+            factor.rotate_and_truncate_(k)
+    return report

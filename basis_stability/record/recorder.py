@@ -96,6 +96,54 @@ def to_storage(view: LayerView, weight: torch.Tensor, dtype: str) -> np.ndarray:
         return mat.numpy()
 
 
+def _is_dtensor(tensor: Any) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "placements")
+
+
+def _refuse_fsdp1(model: nn.Module) -> None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ConfigError(
+            "Expected a model whose layers keep their own weights but got one wrapped in "
+            "FullyShardedDataParallel (FSDP1), whose flat parameters hold no layer matrices. "
+            "Shard with torch.distributed.fsdp.fully_shard (FSDP2) instead: the recorder "
+            "gathers its layers one at a time onto rank 0."
+        )
+
+
+def gather_to_rank0(weight: Any) -> torch.Tensor | None:
+    """The full value of a sharded (DTensor) parameter on global rank 0, None on other ranks.
+
+    A parameter sharded along dim 0 over a 1-D mesh (FSDP2's layout) is gathered to rank 0 only:
+    each rank sends its shard, padded to a common size, and only rank 0 holds the full matrix.
+    Other layouts fall back to ``full_tensor()`` (an all-gather: every rank holds this one layer
+    for a moment). Every rank of the mesh must call this.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    mesh = weight.device_mesh
+    local = weight.to_local().detach()
+    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        full = weight.full_tensor().detach()
+        return full if _dist.is_writer() else None
+    group = mesh.get_group()
+    size = dist.get_world_size(group)
+    rows = weight.shape[0]
+    chunk = -(-rows // size)  # torch.chunk's split: ceil(rows / size) rows per rank
+    padded = local.new_zeros((chunk, *weight.shape[1:]))
+    padded[: local.shape[0]] = local
+    dst = dist.get_global_rank(group, 0)
+    gathered = [torch.empty_like(padded) for _ in range(size)] if _dist.rank() == dst else None
+    dist.gather(padded, gathered, dst=dst, group=group)
+    if _dist.rank() != dst:
+        return None
+    return torch.cat(gathered)[:rows]
+
+
 class Recorder:
     """Records snapshots of a model's layer matrices into one run file.
 
@@ -105,9 +153,16 @@ class Recorder:
         config: a :class:`RecordConfig`; keyword arguments override its fields.
         mode: ``create`` (refuse an existing file), ``overwrite`` (replace it) or ``append``
             (resume after the last complete snapshot; creates the file if missing).
+        keep: with ``append``, resume after the first ``keep`` snapshots instead (training was
+            rolled back to a checkpoint taken then); the later ones are moved to a backup file
+            beside the run, never deleted.
 
     Under torch.distributed only global rank 0 opens and writes the file; on other ranks every
-    method is a cheap no-op, so the same code runs on all ranks.
+    method is a cheap no-op, so the same code runs on all ranks. A model sharded by FSDP2
+    (``torch.distributed.fsdp.fully_shard``, parameters as DTensors) is gathered one layer at a
+    time onto rank 0, so every rank must call :meth:`snapshot` (an attached schedule does);
+    the whole model is never materialised on one rank. FSDP1 (``FullyShardedDataParallel``)
+    flattens its parameters and is refused with a clear message.
 
     Raises:
         NoEligibleLayersError: no layer matched the selection.
@@ -122,6 +177,7 @@ class Recorder:
         config: RecordConfig | None = None,
         *,
         mode: str = "create",
+        keep: int | None = None,
         **overrides: Any,
     ) -> None:
         if mode not in _MODES:
@@ -135,6 +191,7 @@ class Recorder:
             )
         self.config = RecordConfig(**{**asdict(config or RecordConfig()), **overrides})
         self.model = unwrap_model(model)
+        _refuse_fsdp1(self.model)
         self.selection: Selection = select_layers(
             self.model, self.config.include, self.config.exclude, self.config.types
         )
@@ -148,7 +205,12 @@ class Recorder:
         self._metrics_fn: Callable[[], Mapping[str, float]] | None = None
         self._fired = 0
         self._steps_per_epoch: int | None = None
-        self._writer = self._open(mode) if _dist.is_writer() else None
+        self._sharded = any(_is_dtensor(_resolve(self.model, v.param_name)) for v in self.views)
+        self._writer = self._open(mode, keep) if _dist.is_writer() else None
+        if self._sharded:  # every rank joins the gathers of the initial snapshot, or none does
+            initial = _dist.broadcast_object(self._writer is not None and self._created)
+            if initial and self.config.initial:
+                self.snapshot(step=0, epoch=0.0)
 
     @property
     def views(self) -> list[LayerView]:
@@ -159,11 +221,12 @@ class Recorder:
         """Snapshots in the file (0 on ranks that do not write)."""
         return self._writer.n_snapshots if self._writer else 0
 
-    def _open(self, mode: str):
+    def _open(self, mode: str, keep: int | None = None):
         from ..store.writer import RunWriter
 
+        self._created = False
         if mode == "append" and self.path.exists():
-            writer = RunWriter.resume(self.path, self.views)
+            writer = RunWriter.resume(self.path, self.views, keep=keep)
             if writer.storage_dtype != self.config.dtype:  # one run holds one storage dtype
                 log.warning(
                     "%s stores %s; appending in %s, not %s",
@@ -191,14 +254,21 @@ class Recorder:
             config=cfg,
             force=mode == "overwrite",
         )
-        if self.config.initial:
+        self._created = True
+        if self.config.initial and not self._sharded:
             self._write(writer, step=0, epoch=0.0, metrics={})
         return writer
 
     # ------------------------------------------------------------------ snapshots
     def _matrices(self):
         for view in self.views:  # one layer at a time: never a whole state_dict copy
-            yield to_storage(view, _resolve(self.model, view.param_name), self.config.dtype)
+            weight = _resolve(self.model, view.param_name)
+            if _is_dtensor(weight):
+                weight = gather_to_rank0(weight)  # a collective: every rank runs this loop
+                if weight is None:
+                    yield None
+                    continue
+            yield to_storage(view, weight, self.config.dtype)
 
     def _write(self, writer, *, step: int, epoch: float, metrics: Mapping[str, float]) -> int:
         return writer.append(self._matrices(), step=step, epoch=epoch, metrics=metrics)
@@ -228,6 +298,9 @@ class Recorder:
         merged = {**self._pending, **(metrics or {})}
         self._pending.clear()
         if self._writer is None:
+            if self._sharded:
+                for _ in self._matrices():  # join rank 0's gathers, one layer at a time
+                    pass
             return None
         return self._write(self._writer, step=int(step), epoch=float(epoch), metrics=merged)
 

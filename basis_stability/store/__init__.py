@@ -1,5 +1,6 @@
-"""Store: the versioned, crash-safe HDF5 run file (writer, lazy reader, validator)."""
+"""Store: the versioned, crash-safe HDF5 run file (writer, lazy reader, validator, export)."""
 
+from .export import export_snapshot
 from .format import FORMAT_NAME, FORMAT_VERSION
 from .reader import LayerInfo, LayerSnapshots, Run, open_run
 from .writer import RunWriter, recover
@@ -11,6 +12,7 @@ __all__ = [
     "LayerSnapshots",
     "Run",
     "RunWriter",
+    "export_snapshot",
     "open_run",
     "recover",
 ]

@@ -181,7 +181,8 @@ class Run:
         )
         metrics = self.metrics_array()
         for j, name in enumerate(self.metric_names):
-            frame[name] = metrics[:, j]
+            # a metric may share a name with an index column ("epoch"): never replace the index
+            frame[f"{name} (metric)" if name in frame.columns else name] = metrics[:, j]
         return frame
 
     # ------------------------------------------------------------------ live runs

@@ -168,11 +168,21 @@ class RunWriter:
         return cls(f, path, layers)
 
     @classmethod
-    def resume(cls, path: str | os.PathLike, layers: Sequence[LayerView]) -> RunWriter:
+    def resume(
+        cls, path: str | os.PathLike, layers: Sequence[LayerView], keep: int | None = None
+    ) -> RunWriter:
         """Re-open a run to append after its last complete snapshot.
 
         A half-written last snapshot is dropped. A file whose writer was killed is first
         recovered (its committed snapshots copied into a fresh file that replaces it).
+
+        Args:
+            path: the run file.
+            layers: the layer views of the model being recorded (must match the run's).
+            keep: resume after the first ``keep`` snapshots (training was rolled back to a
+                checkpoint taken then). Later snapshots belong to the abandoned training: the
+                whole file is first copied to a backup beside it (never overwritten), so nothing
+                recorded is lost, and then dropped from the run.
 
         Raises:
             RunMismatchError: the run holds a different layer set or shapes.
@@ -196,6 +206,23 @@ class RunWriter:
             recover(path)
             f = h5py.File(path, "r+", libver="latest")
         committed = len(f["snapshots"])
+        if keep is not None and keep < committed:
+            f.close()
+            if keep < 0:
+                raise ConfigError(expected("keep", "a snapshot count >= 0", keep, "Use e.g. 1."))
+            backup = _backup(path, committed)
+            f = h5py.File(path, "r+", libver="latest")
+            f["snapshots"].resize(keep, axis=0)
+            log.warning(
+                "%s: resuming after snapshot %d (training was rolled back to a checkpoint); "
+                "snapshots %d..%d are dropped from the run and kept in %s",
+                path,
+                keep - 1,
+                keep,
+                committed - 1,
+                backup,
+            )
+            committed = keep
         for ds in f["layers"].values():
             if ds.shape[0] != committed:
                 ds.resize(committed, axis=0)
@@ -337,6 +364,22 @@ def _mismatch_message(path: Path, recorded: dict, wanted: dict) -> str:
         + "; ".join(parts)
         + "). Record into a new file, or select the same layers."
     )
+
+
+def _backup(path: Path, committed: int) -> Path:
+    """Copy ``path`` to a new file beside it (never replacing one); returns the copy's path."""
+    import shutil
+
+    for i in range(1000):
+        suffix = f"-{i}" if i else ""
+        dest = path.with_name(f"{path.stem}.before-resume-{committed}{suffix}{path.suffix}")
+        if not dest.exists():
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+            shutil.copyfile(path, tmp)
+            os.link(tmp, dest)  # atomic, and never replaces a file that appeared meanwhile
+            os.unlink(tmp)
+            return dest
+    raise RunFileError(f"Cannot find a free backup name beside {path}; remove old backups.")
 
 
 def recover(path: str | os.PathLike) -> int:

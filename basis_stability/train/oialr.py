@@ -37,7 +37,13 @@ from ..lowrank.optim_state import (
     swap_parameter,
     update_transform,
 )
-from ..lowrank.surgery import FactorizeConfig, eligible_layers, factor_of, factorize_
+from ..lowrank.surgery import (
+    FactorizeConfig,
+    eligible_layers,
+    factor_of,
+    factorize_,
+    low_rank_layers,
+)
 from ..recommend import PlanConfig, beta_curve, choose_beta
 from ..views import tall_shape, to_tall, unwrap_model
 
@@ -134,7 +140,7 @@ class OIALR:
         self.filter_fn = filter_fn
         self._check_optimizer()
         self.candidates, self.skipped = eligible_layers(self.model, self.cfg.factorize, filter_fn)
-        if not self.candidates:
+        if not self.candidates and not low_rank_layers(self.model):
             why = "; ".join(f"{n}: {r}" for n, r in self.skipped[:10]) or "none"
             raise ConfigError(
                 f"Expected a model with layers OIALR can factorise but "
@@ -347,6 +353,46 @@ class OIALR:
 
     def ranks(self) -> dict[str, int]:
         return {n: factor_of(m).rank for n, m in self.layers.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume this controller (JSON-able).
+
+        The auto mode's stability history (bases of recent checks) is not kept: a run resumed
+        before conversion measures afresh, so its delay rule needs ``lag + patience`` new checks.
+        """
+        return {
+            "steps": self.steps,
+            "converted_at": self.converted_at,
+            "beta": self.beta,
+            "ranks": self.ranks() if self.converted_at is not None else {},
+            "full_rank_trainable": self.full_rank_trainable,
+            "optimizer_steps": self._optimizer_steps,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state`; the model must already hold the checkpoint's low-rank
+        layers (as rebuilt by the framework integrations) when it was taken after conversion."""
+        self.steps = int(state["steps"])
+        self._optimizer_steps = int(state.get("optimizer_steps", self.steps))
+        self.converted_at = state.get("converted_at")
+        self.beta = state.get("beta", self.beta)
+        self.full_rank_trainable = int(state.get("full_rank_trainable", self.full_rank_trainable))
+        if self.converted_at is not None:
+            present = low_rank_layers(self.model)
+            ranks = state.get("ranks", {})
+            wrong = {
+                n: k
+                for n, k in ranks.items()
+                if n not in present or factor_of(present[n]).rank != k
+            }
+            if wrong:
+                raise ConfigError(
+                    f"Expected the model to hold the checkpoint's low-rank layers {wrong} but it "
+                    "does not. Rebuild them first (the Lightning and Hugging Face integrations do "
+                    "this when resuming), or resume with the same model."
+                )
+            self.layers = {n: present[n] for n in ranks}
 
     def close(self) -> None:
         for hook in (self._count_hook, self._auto_hook):

@@ -1,0 +1,180 @@
+"""What the framework adapters share: optional imports, schedules by name, a recording session."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import BstabError, ConfigError, expected
+from ..record.recorder import Recorder
+from ..record.schedules import Schedule, at, every
+
+log = logging.getLogger(__name__)
+
+
+class MissingExtraError(BstabError, ImportError):
+    """An integration was asked for but its framework is not installed."""
+
+
+def require(module: str, extra: str, what: str) -> Any:
+    """Import ``module`` or fail with the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(
+            f"{what} needs the `{module.split('.')[0]}` package, which is not installed. "
+            f"Install it with: pip install 'basis_stability[{extra}]'"
+        ) from None
+
+
+def schedule_from(spec: Schedule | str | None) -> Schedule | None:
+    """A step schedule from a Schedule, ``"every:N"``, ``"at:1,5,9"`` or ``"log:N:LAST"``;
+    None or ``"epoch"`` means: at the end of every epoch."""
+    if spec is None or isinstance(spec, Schedule):
+        return spec
+    if isinstance(spec, str):
+        if spec == "epoch":
+            return None
+        from ..record.schedules import parse_schedule
+
+        return parse_schedule(spec, steps_per_epoch=1)
+    raise ConfigError(
+        expected(
+            "schedule",
+            "None, 'epoch', 'every:N', 'at:1,5,9', 'log:N:LAST' or a Schedule",
+            spec,
+            "Use e.g. every(50) from basis_stability.record.",
+        )
+    )
+
+
+def schedule_spec(schedule: Schedule | None) -> str:
+    """The text form of a schedule (what :func:`schedule_from` reads back)."""
+    if schedule is None:
+        return "epoch"
+    if isinstance(schedule, every):
+        return f"every:{schedule.n}"
+    if isinstance(schedule, at):
+        return "at:" + ",".join(str(s) for s in sorted(schedule.steps))
+    raise ConfigError(
+        expected(
+            "schedule",
+            "every(...), at(...), logspaced(...) or None here",
+            schedule,
+            "Checkpointed callbacks store their schedule as text; use one of those.",
+        )
+    )
+
+
+def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite-or-NaN scalar entries of a metrics mapping (tensors of one element included)."""
+    out = {}
+    for name, value in metrics.items():
+        if hasattr(value, "numel"):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[str(name)] = float(value)
+    return out
+
+
+class RecordSession:
+    """One recording across a framework's fit, its checkpoints and its resumption.
+
+    The framework calls :meth:`open` when training starts, :meth:`step` after every optimizer
+    step, :meth:`epoch_end` at the end of every epoch, :meth:`state`/:meth:`restore` with its
+    checkpoints and :meth:`close` at the end. A restored session appends to the same run, after
+    the snapshots that existed when the checkpoint was taken.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        schedule: Schedule | str | None = None,
+        *,
+        mode: str = "create",
+        record: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.schedule = schedule_from(schedule)
+        self.mode = mode
+        self.record = dict(record or {})
+        self.recorder: Recorder | None = None
+        self.resume_at: int | None = None  # snapshots in the run when the checkpoint was taken
+        self.last_step = -1
+        self._closed_count: int | None = None
+
+    def open(self, model: nn.Module) -> Recorder:
+        if self.recorder is None:
+            resuming = self.resume_at is not None
+            self.recorder = Recorder(
+                model,
+                self.path,
+                mode="append" if resuming else self.mode,
+                keep=self.resume_at,
+                **self.record,
+            )
+        return self.recorder
+
+    def resume_after_step(self, step: int) -> None:
+        """Resume after the snapshots taken up to optimizer step ``step`` (the checkpoint's)."""
+        from .. import _dist
+        from ..store.reader import open_run
+
+        if not (_dist.is_writer() and self.path.exists()):
+            return
+        with open_run(self.path) as run:
+            steps = run.steps
+        self.resume_at = int((steps <= step).sum())
+        self.last_step = step
+
+    def step(self, step: int, epoch: float, metrics: Mapping[str, Any] | None = None) -> None:
+        """After optimizer step ``step`` (counted from 1): snapshot if the schedule says so."""
+        if self.recorder is None or self.schedule is None or step == self.last_step:
+            return
+        if self.schedule(step):
+            self.last_step = step
+            self.recorder.snapshot(step=step, epoch=epoch, metrics=scalars(metrics or {}))
+
+    def epoch_end(self, epoch: float, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        if self.recorder is None or self.schedule is not None:
+            return
+        self.last_step = step
+        self.recorder.snapshot(step=step, epoch=epoch, metrics=scalars(metrics or {}))
+
+    def snapshots(self) -> int:
+        """Snapshots in the run (counted on the writing rank; other ranks report 0)."""
+        if self.recorder is not None:
+            return self.recorder.n_snapshots
+        return self._closed_count if self._closed_count is not None else self.resume_at or 0
+
+    def state(self) -> dict[str, Any]:
+        return {"path": str(self.path), "snapshots": self.snapshots(), "last_step": self.last_step}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        if Path(state.get("path", self.path)) != self.path:
+            log.warning(
+                "the checkpoint recorded into %s; this callback records into %s (appending there)",
+                state.get("path"),
+                self.path,
+            )
+        self.resume_at = int(state["snapshots"]) if state.get("snapshots") else None
+        self.last_step = int(state.get("last_step", -1))
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self._closed_count = self.recorder.n_snapshots
+            self.recorder.close()
+            self.recorder = None
+
+
+def epoch_of(step: int, steps_per_epoch: float | None) -> float:
+    return step / steps_per_epoch if steps_per_epoch else math.nan

@@ -1,0 +1,209 @@
+"""PyTorch Lightning: record a fit, and train it with OIALR, from two callbacks.
+
+    from basis_stability.integrations.lightning import RecordCallback, OIALRCallback
+
+    trainer = L.Trainer(max_epochs=30, callbacks=[RecordCallback("run.h5")])
+    trainer.fit(model, train_loader, val_loader)
+
+:class:`RecordCallback` snapshots at every epoch end (after validation, with the logged
+metrics), or after the optimizer steps a schedule selects; only global rank 0 writes. Its state
+travels in Lightning checkpoints: ``trainer.fit(..., ckpt_path=...)`` appends to the same run,
+after the snapshots that existed when the checkpoint was saved.
+
+:class:`OIALRCallback` runs the OIALR controller inside ``fit()``: it converts and truncates the
+LightningModule's layers in place and carries the optimizer's state across (policy ``reset``,
+``slice`` or ``rotate``). A checkpoint taken after conversion holds the factors; resuming from it
+rebuilds the low-rank layers at the checkpoint's ranks before Lightning loads the weights.
+It needs a single-process strategy: under DDP the parameter set changes, and Lightning's DDP
+wrapper cannot be rebuilt from a callback (use :class:`~basis_stability.train.oialr.OIALR` in a
+plain loop, which re-wraps, for multi-process training).
+
+Needs ``pip install 'basis_stability[lightning]'`` (the ``lightning`` package).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..lowrank.optim_state import match_model_order
+from ..lowrank.surgery import rebuild_low_rank
+from ..record.schedules import Schedule
+from ._common import RecordSession, epoch_of, require
+
+_pl = require("lightning.pytorch", "lightning", "The Lightning integration")
+log = logging.getLogger(__name__)
+
+__all__ = ["OIALRCallback", "RecordCallback"]
+
+
+def _steps_per_epoch(trainer: Any) -> float | None:
+    n = trainer.num_training_batches
+    if not isinstance(n, (int, float)) or n in (0, float("inf")):
+        return None
+    return n / max(trainer.accumulate_grad_batches, 1)
+
+
+class RecordCallback(_pl.Callback):
+    """Record a LightningModule's layer matrices into a run file during ``fit()``.
+
+    Args:
+        path: the run file (``.h5``).
+        schedule: None or ``"epoch"`` (default): at every training-epoch end, after validation;
+            or a step schedule: ``every(50)``, ``at([...])``, ``logspaced(...)``, or the text
+            forms ``"every:50"``, ``"at:1,10,100"``, ``"log:30:5000"``.
+        mode: ``create`` (refuse an existing run), ``overwrite`` or ``append``; a fit resumed
+            from a checkpoint always appends.
+        **record: :class:`~basis_stability.record.RecordConfig` fields (``include``,
+            ``exclude``, ``types``, ``dtype``, ``initial``, ``metadata``).
+
+    Snapshots are stamped with the global step and the epoch (``current_epoch + 1`` at epoch
+    end; fractional for step schedules) and carry the scalar ``trainer.callback_metrics``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        schedule: Schedule | str | None = None,
+        *,
+        mode: str = "create",
+        **record: Any,
+    ) -> None:
+        super().__init__()
+        self.session = RecordSession(path, schedule, mode=mode, record=record)
+
+    @property
+    def state_key(self) -> str:
+        return f"{type(self).__name__}[{self.session.path}]"
+
+    @property
+    def recorder(self):
+        """The :class:`~basis_stability.record.Recorder` while fitting, else None."""
+        return self.session.recorder
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.session.open(pl_module)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        step = trainer.global_step
+        self.session.step(step, epoch_of(step, _steps_per_epoch(trainer)), trainer.callback_metrics)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.session.epoch_end(
+            float(trainer.current_epoch + 1), trainer.global_step, trainer.callback_metrics
+        )
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.session.close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.session.close()  # every committed snapshot is already on disk
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.session.state()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.session.restore(state_dict)
+
+
+class OIALRCallback(_pl.Callback):
+    """Train a LightningModule with OIALR inside ``fit()``.
+
+    Args:
+        config: an :class:`~basis_stability.train.oialr.OIALRConfig` (delay, interval and beta in
+            optimizer steps, or ``auto=True``); default: auto.
+        recorder: a :class:`RecordCallback` of the same fit, to store every OIALR decision in the
+            run's ``/events``.
+        filter_fn: ``(name, module) -> bool``, the last word on which layers are factorised.
+
+    The LightningModule must build its optimizer from ``self.parameters()`` in
+    ``configure_optimizers`` (one optimizer). Lightning calls ``configure_optimizers`` once, so
+    a learning-rate scheduler keeps working: the optimizer object and its groups stay the same,
+    only the parameters inside the groups are swapped.
+    """
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        recorder: RecordCallback | None = None,
+        filter_fn: Any = None,
+    ) -> None:
+        super().__init__()
+        from ..train.oialr import OIALRConfig
+
+        self.config = config or OIALRConfig(auto=True)
+        self.recorder = recorder
+        self.filter_fn = filter_fn
+        self.oialr = None
+        self._restored: dict[str, Any] | None = None
+        self._last_step = -1
+        self._unhook = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.world_size > 1:
+            raise ConfigError(
+                f"Expected a single-process Lightning strategy for OIALRCallback but the "
+                f"trainer runs {trainer.world_size} processes. OIALR changes the parameter set, "
+                "which Lightning's DDP wrapper cannot follow from a callback; train with "
+                "basis_stability.train.OIALR in a plain torch.distributed loop (it re-wraps DDP)."
+            )
+        # Lightning loads a checkpoint's weights into the module before any callback sees the
+        # checkpoint; the module's own on_load_checkpoint hook runs just before that, so the
+        # low-rank layers of a checkpoint taken after conversion are rebuilt from there.
+        if "on_load_checkpoint" not in vars(pl_module):
+            original = pl_module.on_load_checkpoint
+            key = self.state_key
+
+            def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+                state = checkpoint.get("callbacks", {}).get(key)
+                if state and state.get("ranks"):
+                    rebuild_low_rank(
+                        pl_module, state["ranks"], self.config.factorize, self.filter_fn
+                    )
+                original(checkpoint)
+
+            pl_module.on_load_checkpoint = on_load_checkpoint
+            self._unhook = lambda: vars(pl_module).pop("on_load_checkpoint", None)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        from ..train.oialr import OIALR
+
+        if len(trainer.optimizers) != 1:
+            raise ConfigError(
+                f"Expected one optimizer for OIALRCallback but configure_optimizers returned "
+                f"{len(trainer.optimizers)}. Use one optimizer over self.parameters()."
+            )
+        self.oialr = OIALR(pl_module, trainer.optimizers[0], self.config, self.filter_fn)
+        if self.recorder is not None:
+            self.oialr.on_event = lambda e: (
+                self.recorder.recorder.log_event(e) if self.recorder.recorder else None
+            )
+        if self._restored:
+            self.oialr.load_state(self._restored)
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if self.oialr is None or trainer.global_step == self._last_step:
+            return  # no optimizer step yet in this batch (gradient accumulation)
+        self._last_step = trainer.global_step
+        if self.oialr.step():  # keep the optimizer's order = a fresh one's, for checkpoints
+            match_model_order(trainer.optimizers[0], pl_module)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.oialr is not None:
+            self.oialr.close()
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.oialr.state() if self.oialr is not None else dict(self._restored or {})
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._restored = dict(state_dict)

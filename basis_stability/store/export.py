@@ -1,0 +1,344 @@
+"""Export one recorded snapshot of a run as a state-dict file (``.safetensors`` or torch ``.pt``).
+
+The keys are the parameters' own names (``features.0.weight``), the tensors have the parameters'
+own shapes and, by default, the dtype the run stored them in, bit for bit (bfloat16 included), so
+tools that read safetensors files or torch state dicts can analyse a run's weights directly.
+
+Example:
+    >>> path = export_snapshot("runs/cnn.h5", snapshot=-1)  # doctest: +SKIP
+    >>> from safetensors.torch import load_file  # doctest: +SKIP
+    >>> model.load_state_dict(load_file(path), strict=False)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, NoEligibleLayersError, RunExistsError, expected
+from .reader import LayerInfo, LayerSnapshots, Run, open_run
+
+FORMATS = ("safetensors", "pt")
+DTYPES = ("stored", "float32")
+METADATA_FORMAT = "basis_stability.snapshot"
+_SUFFIX_FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt"}
+
+
+@dataclass(frozen=True)
+class SnapshotExport:
+    """What :func:`export_snapshot` wrote."""
+
+    path: Path
+    snapshot: int  # the resolved, non-negative index
+    step: int
+    epoch: float
+    format: str
+    n_tensors: int
+    n_bytes: int  # size of the written file
+
+
+class _StoredSnapshots(LayerSnapshots):
+    """A layer's snapshots exactly as stored (no decoding), so the inherited
+    :meth:`LayerSnapshots.original` gives the on-disk values in the parameter's shape."""
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            return self._ds[self._check(int(key))]
+        raise TypeError(f"stored snapshots are read one at a time, not by {type(key).__name__}")
+
+
+def _stored_tensor(arr: np.ndarray, storage_dtype: str):
+    """Stored values -> a torch tensor of the storage dtype (bfloat16 bits reinterpreted)."""
+    import torch
+
+    arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("="), copy=False))
+    if storage_dtype == "bfloat16":
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def _check_choice(arg: str, value: str | None, choices: Sequence[str], fix: str) -> None:
+    if value is not None and value not in choices:
+        raise ConfigError(expected(arg, f"one of {', '.join(choices)}", value, fix))
+
+
+def _resolve_format(out_path: Path | None, format: str | None) -> str | None:
+    """The output format from ``format`` and the output suffix; None: decide later (default)."""
+    _check_choice("format", format, FORMATS, "safetensors is the portable choice.")
+    if out_path is None:
+        return format
+    by_suffix = _SUFFIX_FORMATS.get(out_path.suffix.lower())
+    if by_suffix is None:
+        if format is None:
+            raise ConfigError(
+                expected(
+                    "out_path",
+                    "a file ending in .safetensors or .pt",
+                    str(out_path),
+                    "Rename it or pass the format (--format safetensors|pt) explicitly.",
+                )
+            )
+        return format
+    if format is not None and format != by_suffix:
+        raise ConfigError(
+            expected(
+                "format",
+                f"{by_suffix} for an output ending in {out_path.suffix}",
+                format,
+                f"Drop the format or name the output *.{format}.",
+            )
+        )
+    return by_suffix
+
+
+def _resolve_snapshot(run: Run, snapshot: int) -> int:
+    if isinstance(snapshot, bool) or not isinstance(snapshot, (int, np.integer)):
+        raise ConfigError(
+            expected("snapshot", "an integer index", snapshot, "Use -1 for the last snapshot.")
+        )
+    n = run.n_snapshots
+    if n == 0:
+        raise ConfigError(
+            f"{run.path} has no committed snapshots, so there is nothing to export. "
+            "Record at least one snapshot first."
+        )
+    if not -n <= snapshot < n:
+        raise ConfigError(
+            expected(
+                "snapshot",
+                f"in the range {-n}..{n - 1} ({n} snapshots)",
+                int(snapshot),
+                "Use 0 for the first snapshot and -1 for the last.",
+            )
+        )
+    return int(snapshot) % n
+
+
+def _select(run: Run, layers: str | Sequence[str] | None) -> list[LayerInfo]:
+    """The layers whose name (or parameter name) matches any glob, in the run's order."""
+    if layers is None:
+        return list(run.layers)
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if not patterns:
+        return list(run.layers)
+    names = ", ".join(run.layer_names)
+    for pattern in patterns:
+        if not any(
+            fnmatch.fnmatchcase(info.name, pattern) or fnmatch.fnmatchcase(info.param_name, pattern)
+            for info in run.layers
+        ):
+            raise NoEligibleLayersError(
+                expected(
+                    "layers",
+                    f"globs matching some of the run's layers ({names})",
+                    pattern,
+                    "Quote the glob and pick from those names.",
+                )
+            )
+    return [
+        info
+        for info in run.layers
+        if any(
+            fnmatch.fnmatchcase(info.name, p) or fnmatch.fnmatchcase(info.param_name, p)
+            for p in patterns
+        )
+    ]
+
+
+def default_output(run_path: str | os.PathLike, snapshot: int, format: str = "safetensors") -> Path:
+    """``RUN-snapshot<N>.<format>`` beside the run (``N`` a non-negative index)."""
+    run_path = Path(run_path)
+    return run_path.with_name(f"{run_path.stem}-snapshot{snapshot}.{format}")
+
+
+def _check_output(out: Path, run_path: Path, force: bool) -> None:
+    same = out.resolve() == run_path.resolve() or (
+        out.exists() and run_path.exists() and os.path.samefile(out, run_path)
+    )
+    if same:
+        raise ConfigError(
+            expected(
+                "out_path",
+                "a path other than the run file",
+                str(out),
+                "Choose another output; exporting over the run would destroy it.",
+            )
+        )
+    if out.is_dir():
+        raise ConfigError(
+            expected(
+                "out_path",
+                "a file path",
+                f"{out} (a directory)",
+                f"Name a file inside it, e.g. {out / default_output(run_path, 0).name}.",
+            )
+        )
+    if out.exists() and not force:
+        raise RunExistsError(
+            f"{out} already exists. Pass --force (force=True) to overwrite it or choose "
+            "another output path; nothing was written."
+        )
+
+
+def _metadata(run: Run, run_path: Path, t: int, dtype: str, infos: list[LayerInfo]) -> dict:
+    from .. import __version__
+
+    stored = sorted({info.storage_dtype for info in infos})
+    step = int(run.steps[t])
+    epoch = float(run.epochs[t])
+    return {
+        "format": METADATA_FORMAT,
+        "basis_stability_version": str(__version__),
+        "run": str(run_path),
+        "run_format_version": run.format_version,
+        "model_class": run.model_class,
+        "snapshot": str(t),
+        "n_snapshots": str(run.n_snapshots),
+        "step": str(step),
+        "epoch": "nan" if math.isnan(epoch) else repr(epoch),
+        "storage_dtype": ",".join(stored),
+        "dtype": ",".join(stored) if dtype == "stored" else dtype,
+    }
+
+
+def _write_atomically(out: Path, force: bool, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``out``, then move it into place.
+
+    Without ``force`` the move is a hard link, which never replaces a file that appeared meanwhile.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        if force:
+            os.replace(tmp, out)
+            return
+        try:
+            os.link(tmp, out)
+        except FileExistsError:
+            raise RunExistsError(
+                f"{out} appeared while the snapshot was being exported; nothing was "
+                "overwritten. Pass --force (force=True) or choose another output path."
+            ) from None
+        except OSError:  # a file system without hard links
+            if out.exists():
+                raise RunExistsError(
+                    f"{out} already exists. Pass --force (force=True) to overwrite it; "
+                    "nothing was written."
+                ) from None
+            os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _export(
+    run_path: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    snapshot: int = -1,
+    format: str | None = None,
+    dtype: str | None = None,
+    layers: str | Sequence[str] | None = None,
+    force: bool = False,
+) -> SnapshotExport:
+    """:func:`export_snapshot`, returning what was written."""
+    dtype = dtype or "stored"
+    _check_choice("dtype", dtype, DTYPES, "stored is bit-exact; float32 widens half precision.")
+    out = Path(out_path) if out_path is not None else None
+    fmt_name = _resolve_format(out, format)
+    run_path = Path(run_path)
+    with open_run(run_path) as run:
+        t = _resolve_snapshot(run, snapshot)
+        infos = _select(run, layers)
+        if out is None:
+            fmt_name = fmt_name or "safetensors"
+            out = default_output(run_path, t, fmt_name)
+        assert fmt_name is not None
+        _check_output(out, run_path, force)
+        keys = [info.param_name for info in infos]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(
+                f"{run_path} records one parameter under several layer names ({keys}); "
+                "export them separately with `layers`."
+            )
+        import torch
+
+        tensors = {}
+        for info in infos:  # one layer at a time from the file
+            if dtype == "float32":
+                tensors[info.param_name] = torch.from_numpy(run.layer(info.name).original(t))
+            else:
+                raw = _StoredSnapshots(run, info).original(t)
+                tensors[info.param_name] = _stored_tensor(raw, info.storage_dtype)
+        metadata = _metadata(run, run_path, t, dtype, infos)
+
+    if fmt_name == "safetensors":
+        from safetensors.torch import save_file
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp), metadata=metadata)
+    else:
+
+        def write(tmp: Path) -> None:
+            torch.save(tensors, tmp)  # a plain state dict: torch.load(weights_only=True) reads it
+
+    _write_atomically(out, force, write)
+    return SnapshotExport(
+        path=out,
+        snapshot=t,
+        step=int(metadata["step"]),
+        epoch=float(metadata["epoch"]),
+        format=fmt_name,
+        n_tensors=len(tensors),
+        n_bytes=out.stat().st_size,
+    )
+
+
+def export_snapshot(
+    run_path: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    snapshot: int = -1,
+    format: str | None = None,
+    dtype: str | None = None,
+    layers: str | Sequence[str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write one snapshot of a run as a state-dict file that other tools can read.
+
+    Args:
+        run_path: the run file (``.h5``).
+        out_path: the file to write; default ``RUN-snapshot<N>.safetensors`` beside the run.
+        snapshot: the snapshot index; negative counts from the end (-1, the default, is the last).
+        format: ``safetensors`` or ``pt``; default from the suffix of ``out_path``
+            (``.safetensors``, ``.pt``/``.pth``), else safetensors. An explicit format must agree
+            with that suffix.
+        dtype: ``stored`` (default; the run's storage dtype, bit for bit, bfloat16 included) or
+            ``float32`` (half precision widened exactly).
+        layers: layer-name globs (fnmatch; the parameter name matches too) to export only some
+            layers; every glob must match a layer.
+        force: overwrite an existing ``out_path``.
+
+    The keys are the parameters' names in the model (``features.0.weight``), the tensors have the
+    parameters' own shapes. A ``.safetensors`` file carries the run path, snapshot index, step,
+    epoch, storage dtype and package version as string metadata; a ``.pt`` file is a plain dict of
+    tensors (``torch.load(path, weights_only=True)`` reads it) and nothing else.
+
+    Returns:
+        The path written (via a temporary file beside it, moved into place).
+
+    Raises:
+        ConfigError: a bad format, dtype or snapshot index, a format that contradicts the
+            suffix, or an output that is the run itself or a directory.
+        NoEligibleLayersError: a ``layers`` glob matched no layer (the message lists them).
+        RunExistsError: ``out_path`` exists and ``force`` is false (it is left untouched).
+        RunFileError: the run cannot be read.
+    """
+    return _export(run_path, out_path, snapshot, format, dtype, layers, force).path
