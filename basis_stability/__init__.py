@@ -29,6 +29,7 @@ _API = {
     "LayerView": "views",
     "register_view": "views",
     "validate_run": "store.validate",
+    "export_snapshot": "store",
     "build_model": "zoo",
     "load_dataset": "zoo",
     "TrainConfig": "train",

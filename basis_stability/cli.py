@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .errors import BstabError
+from .errors import BstabError, ConfigError, expected
 
 
 def _clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -485,10 +485,26 @@ def analyze(
       bstab analyze runs/cnn-digits-seed0.h5
       bstab analyze runs/vit.h5 -o out/ --lag 10 --jobs 2
       bstab analyze runs/live.h5 --follow
+      torchrun --nproc_per_node=2 -m basis_stability analyze runs/vit.h5
+
+    Under torchrun the SVDs are shared out across the ranks (each may use its own GPU with
+    --device cuda); rank 0 gathers them and writes exactly what one process would.
     """
-    from .analyze import AnalysisConfig, EngineConfig
+    from .analyze import AnalysisConfig, EngineConfig, distributed
     from .analyze.follow import follow_analysis
     from .recommend import PlanConfig
+
+    if distributed.launched_by_torchrun():
+        if follow:
+            raise ConfigError(
+                "Expected `--follow` without torchrun but got both. Follow a live run with one "
+                "process; shard a finished run's SVDs over ranks with torchrun."
+            )
+        if jobs > 1:
+            raise ConfigError(
+                expected("--jobs", "1 under torchrun", jobs, "The ranks are the workers.")
+            )
+        distributed.init_from_env()
 
     config = AnalysisConfig(lag=lag, k=k)
     engine = EngineConfig(

@@ -48,6 +48,8 @@ def follow_analysis(
         _wait_for_first(path, poll, idle_timeout)
     while True:
         report = analyze(path, config, engine, plan, progress=progress)
+        if report is None:  # a rank other than 0 of a distributed analysis: rank 0 writes
+            return
         written = write_report(report, out, plots=plots)
         yield report.text() + f"\nwrote {len(written)} files to {out}"
         if not follow:

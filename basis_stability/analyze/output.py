@@ -35,6 +35,11 @@ def prepare_dir(out_dir: str | Path) -> Path:
 
 def write_tables(report: Report, out: Path) -> list[Path]:
     parquet = importlib.util.find_spec("pyarrow") is not None
+    if not parquet:
+        log.warning(
+            "pyarrow is not installed: tables written as CSV only. "
+            "Install it for Parquet too: pip install 'basis_stability[parquet]'"
+        )
     paths = []
     for name in TABLES:
         frame = getattr(report, name)

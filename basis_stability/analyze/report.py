@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import _dist
 from ..errors import ConfigError, RunFileError, expected
 from ..recommend import Plan, PlanConfig, first_lasting, make_plan
 from ..store.reader import LayerInfo, Run, open_run
@@ -242,7 +244,7 @@ def analyze(
     engine: EngineConfig | None = None,
     plan: PlanConfig | None = None,
     progress: bool = False,
-) -> Report:
+) -> Report | None:
     """Analyse a run (also one still being recorded): stability, overlaps, spectra, ranks, plan.
 
     Args:
@@ -255,13 +257,19 @@ def analyze(
         progress: show a progress bar over the SVDs.
 
     Returns:
-        A :class:`Report` with tidy DataFrames and the plan.
+        A :class:`Report` with tidy DataFrames and the plan. Under torch.distributed (e.g.
+        ``torchrun -m basis_stability analyze``) every rank must call this: the SVDs are shared
+        out across the ranks, rank 0 gets the report and the other ranks get None.
     """
     config, engine, plan = (
         config or AnalysisConfig(),
         engine or EngineConfig(),
         plan or PlanConfig(),
     )
+    from . import distributed
+
+    world = distributed.world_size()
+    lead = _dist.is_writer()
     with open_run(path) as run:
         if run.n_snapshots == 0:
             raise RunFileError(
@@ -269,9 +277,15 @@ def analyze(
                 "to write one (or re-run with --follow)."
             )
         available, notes = _available(run)
-        cache = SVDCache(run, engine)
+        # under torch.distributed only rank 0 keeps the cache; the others send it their SVDs
+        cache = SVDCache(run, engine if lead else dataclasses.replace(engine, cache=False))
         try:
-            computed = fill_cache(run, cache, engine, available, progress)
+            if world > 1:
+                computed = distributed.fill_cache_sharded(run, cache, engine, available, progress)
+            else:
+                computed = fill_cache(run, cache, engine, available, progress)
+            if not lead:
+                return None
             report = _build(run, cache, available, config, plan)
         finally:
             cache.close()
