@@ -94,6 +94,8 @@ def fill_cache_sharded(run, cache, cfg, available: dict[str, int], progress: boo
     total = sum(len(t[2]) for t in tasks)
     if not total:
         return 0
+    if max(t for task in tasks for t in task[2]) >= run.n_snapshots:
+        run.refresh()  # a live run: rank 0 listed commits made after this rank opened it
     infos = {i.name: i for i in run.layers}
     costs = [math.prod(infos[t[1]].shape) * len(t[2]) for t in tasks]
     owner = assign(costs, world)

@@ -271,6 +271,10 @@ def analyze(
     world = distributed.world_size()
     lead = _dist.is_writer()
     with open_run(path) as run:
+        if world > 1:  # every rank works on rank 0's view of a run that may still grow
+            seen = _dist.broadcast_object(run.n_snapshots)
+            if run.n_snapshots < seen:
+                run.refresh()
         if run.n_snapshots == 0:
             raise RunFileError(
                 f"{run.path} has no committed snapshot yet; wait for the recorder "

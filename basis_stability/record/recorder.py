@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import _dist
-from ..errors import ConfigError, expected
+from ..errors import ConfigError, RunFileError, expected
 from ..views import LayerView, Selection, select_layers, unwrap_model
 from .schedules import Schedule
 
@@ -206,11 +206,29 @@ class Recorder:
         self._fired = 0
         self._steps_per_epoch: int | None = None
         self._sharded = any(_is_dtensor(_resolve(self.model, v.param_name)) for v in self.views)
-        self._writer = self._open(mode, keep) if _dist.is_writer() else None
-        if self._sharded:  # every rank joins the gathers of the initial snapshot, or none does
-            initial = _dist.broadcast_object(self._writer is not None and self._created)
-            if initial and self.config.initial:
-                self.snapshot(step=0, epoch=0.0)
+        self._writer = None
+        if not self._sharded:
+            self._writer = self._open(mode, keep) if _dist.is_writer() else None
+            return
+        # sharded: every rank must learn whether rank 0 opened the file (or why it could not),
+        # then join the gathers of the initial snapshot, or none does
+        failure: BaseException | None = None
+        if _dist.is_writer():
+            try:
+                self._writer = self._open(mode, keep)
+            except Exception as exc:  # re-raised below, on every rank
+                failure = exc
+        status = _dist.broadcast_object(
+            ("failed", f"{type(failure).__name__}: {failure}")
+            if failure is not None
+            else ("ok", self._writer is not None and self._created)
+        )
+        if failure is not None:
+            raise failure
+        if status[0] == "failed":
+            raise RunFileError(f"Rank 0 could not open {self.path} ({status[1]}).")
+        if status[1] and self.config.initial:
+            self.snapshot(step=0, epoch=0.0)
 
     @property
     def views(self) -> list[LayerView]:
