@@ -381,3 +381,50 @@ def test_events_round_trip_and_survive_recovery(tmp_path: Path):
     recover(path)  # the copy keeps the events
     with open_run(path) as run:
         assert [e["event"] for e in run.events()] == ["convert", "update"]
+
+
+def _events(path: Path, steps: list[int | None]) -> None:
+    with RunWriter.resume(path, LAYERS) as w:
+        for i, s in enumerate(steps):
+            w.log_event({"event": f"e{i}", **({} if s is None else {"step": s})})
+
+
+def test_resume_with_keep_backs_up_then_drops_later_snapshots_and_events(run_path: Path):
+    # snapshots at steps 0, 10, 20, 30; events at 5, 15, 25 and one without a step
+    _events(run_path, [5, 15, None, 25])
+    before = run_path.read_bytes()
+    with RunWriter.resume(run_path, LAYERS, keep=2) as w:  # rolled back to step 10
+        assert w.n_snapshots == 2
+        w.append(iter(_snapshots(1, seed=7)[0]), step=20)
+    backups = sorted(run_path.parent.glob("run.before-resume-4*.h5"))
+    assert len(backups) == 1 and backups[0].read_bytes() == before  # nothing recorded is lost
+    with open_run(run_path) as run:
+        np.testing.assert_array_equal(run.steps, [0, 10, 20])
+        np.testing.assert_array_equal(run.layer("fc")[:2], np.stack([s[0] for s in _snapshots(2)]))
+        np.testing.assert_array_equal(run.layer("fc")[2], _snapshots(1, seed=7)[0][0])
+        assert [e["event"] for e in run.events()] == ["e0", "e2"]  # 15 and 25 were later
+    with open_run(backups[0]) as old:
+        assert old.n_snapshots == 4 and len(old.events()) == 4
+
+
+def test_resume_step_drops_events_after_the_checkpoint_even_with_no_later_snapshot(
+    run_path: Path,
+):
+    _events(run_path, [5, 32, 35])
+    with RunWriter.resume(run_path, LAYERS, keep=4, step=33):  # checkpoint at step 33
+        pass
+    with open_run(run_path) as run:
+        assert run.n_snapshots == 4
+        assert [e["event"] for e in run.events()] == ["e0", "e1"]
+    assert len(list(run_path.parent.glob("run.before-resume-4*.h5"))) == 1
+    # a second rollback to the same point changes nothing and makes no second backup
+    with RunWriter.resume(run_path, LAYERS, keep=4, step=33):
+        pass
+    assert len(list(run_path.parent.glob("run.before-resume-4*.h5"))) == 1
+
+
+def test_resume_keep_must_not_be_negative(run_path: Path):
+    with pytest.raises(ConfigError, match="keep"):
+        RunWriter.resume(run_path, LAYERS, keep=-1)
+    with open_run(run_path) as run:
+        assert run.n_snapshots == 4

@@ -109,6 +109,8 @@ class RecordSession:
         self.record = dict(record or {})
         self.recorder: Recorder | None = None
         self.resume_at: int | None = None  # snapshots in the run when the checkpoint was taken
+        self.resume_step: int | None = None  # the checkpoint's optimizer step
+        self.current_step = 0
         self.last_step = -1
         self._closed_count: int | None = None
 
@@ -120,6 +122,7 @@ class RecordSession:
                 self.path,
                 mode="append" if resuming else self.mode,
                 keep=self.resume_at,
+                resume_step=self.resume_step,
                 **self.record,
             )
         return self.recorder
@@ -134,10 +137,11 @@ class RecordSession:
         with open_run(self.path) as run:
             steps = run.steps
         self.resume_at = int((steps <= step).sum())
-        self.last_step = step
+        self.resume_step = self.last_step = step
 
     def step(self, step: int, epoch: float, metrics: Mapping[str, Any] | None = None) -> None:
         """After optimizer step ``step`` (counted from 1): snapshot if the schedule says so."""
+        self.current_step = step
         if self.recorder is None or self.schedule is None or step == self.last_step:
             return
         if self.schedule(step):
@@ -145,6 +149,7 @@ class RecordSession:
             self.recorder.snapshot(step=step, epoch=epoch, metrics=scalars(metrics or {}))
 
     def epoch_end(self, epoch: float, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        self.current_step = step
         if self.recorder is None or self.schedule is not None:
             return
         self.last_step = step
@@ -157,7 +162,12 @@ class RecordSession:
         return self._closed_count if self._closed_count is not None else self.resume_at or 0
 
     def state(self) -> dict[str, Any]:
-        return {"path": str(self.path), "snapshots": self.snapshots(), "last_step": self.last_step}
+        return {
+            "path": str(self.path),
+            "snapshots": self.snapshots(),
+            "step": self.current_step,
+            "last_step": self.last_step,
+        }
 
     def restore(self, state: Mapping[str, Any]) -> None:
         if Path(state.get("path", self.path)) != self.path:
@@ -167,6 +177,7 @@ class RecordSession:
                 self.path,
             )
         self.resume_at = int(state["snapshots"]) if state.get("snapshots") else None
+        self.resume_step = int(state["step"]) if state.get("step") is not None else None
         self.last_step = int(state.get("last_step", -1))
 
     def close(self) -> None:

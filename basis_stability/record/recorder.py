@@ -156,6 +156,8 @@ class Recorder:
         keep: with ``append``, resume after the first ``keep`` snapshots instead (training was
             rolled back to a checkpoint taken then); the later ones are moved to a backup file
             beside the run, never deleted.
+        resume_step: with ``keep``, the checkpoint's optimizer step: events logged after it
+            (by the rolled-back training) are dropped too (default: the last kept snapshot's).
 
     Under torch.distributed only global rank 0 opens and writes the file; on other ranks every
     method is a cheap no-op, so the same code runs on all ranks. A model sharded by FSDP2
@@ -178,6 +180,7 @@ class Recorder:
         *,
         mode: str = "create",
         keep: int | None = None,
+        resume_step: int | None = None,
         **overrides: Any,
     ) -> None:
         if mode not in _MODES:
@@ -208,14 +211,14 @@ class Recorder:
         self._sharded = any(_is_dtensor(_resolve(self.model, v.param_name)) for v in self.views)
         self._writer = None
         if not self._sharded:
-            self._writer = self._open(mode, keep) if _dist.is_writer() else None
+            self._writer = self._open(mode, keep, resume_step) if _dist.is_writer() else None
             return
         # sharded: every rank must learn whether rank 0 opened the file (or why it could not),
         # then join the gathers of the initial snapshot, or none does
         failure: BaseException | None = None
         if _dist.is_writer():
             try:
-                self._writer = self._open(mode, keep)
+                self._writer = self._open(mode, keep, resume_step)
             except Exception as exc:  # re-raised below, on every rank
                 failure = exc
         status = _dist.broadcast_object(
@@ -239,12 +242,12 @@ class Recorder:
         """Snapshots in the file (0 on ranks that do not write)."""
         return self._writer.n_snapshots if self._writer else 0
 
-    def _open(self, mode: str, keep: int | None = None):
+    def _open(self, mode: str, keep: int | None = None, step: int | None = None):
         from ..store.writer import RunWriter
 
         self._created = False
         if mode == "append" and self.path.exists():
-            writer = RunWriter.resume(self.path, self.views, keep=keep)
+            writer = RunWriter.resume(self.path, self.views, keep=keep, step=step)
             if writer.storage_dtype != self.config.dtype:  # one run holds one storage dtype
                 log.warning(
                     "%s stores %s; appending in %s, not %s",

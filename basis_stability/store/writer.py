@@ -169,7 +169,11 @@ class RunWriter:
 
     @classmethod
     def resume(
-        cls, path: str | os.PathLike, layers: Sequence[LayerView], keep: int | None = None
+        cls,
+        path: str | os.PathLike,
+        layers: Sequence[LayerView],
+        keep: int | None = None,
+        step: int | None = None,
     ) -> RunWriter:
         """Re-open a run to append after its last complete snapshot.
 
@@ -180,9 +184,12 @@ class RunWriter:
             path: the run file.
             layers: the layer views of the model being recorded (must match the run's).
             keep: resume after the first ``keep`` snapshots (training was rolled back to a
-                checkpoint taken then). Later snapshots belong to the abandoned training: the
+                checkpoint taken then). Later snapshots, and the ``/events`` stamped with a
+                step after the last kept snapshot's, belong to the abandoned training: the
                 whole file is first copied to a backup beside it (never overwritten), so nothing
-                recorded is lost, and then dropped from the run.
+                recorded is lost, and then they are dropped from the run.
+            step: with ``keep``, the checkpoint's optimizer step: events after it are dropped
+                (default: the last kept snapshot's step).
 
         Raises:
             RunMismatchError: the run holds a different layer set or shapes.
@@ -206,23 +213,33 @@ class RunWriter:
             recover(path)
             f = h5py.File(path, "r+", libver="latest")
         committed = len(f["snapshots"])
-        if keep is not None and keep < committed:
+        if keep is not None and keep < 0:
             f.close()
-            if keep < 0:
-                raise ConfigError(expected("keep", "a snapshot count >= 0", keep, "Use e.g. 1."))
-            backup = _backup(path, committed)
-            f = h5py.File(path, "r+", libver="latest")
-            f["snapshots"].resize(keep, axis=0)
-            log.warning(
-                "%s: resuming after snapshot %d (training was rolled back to a checkpoint); "
-                "snapshots %d..%d are dropped from the run and kept in %s",
-                path,
-                keep - 1,
-                keep,
-                committed - 1,
-                backup,
-            )
-            committed = keep
+            raise ConfigError(expected("keep", "a snapshot count >= 0", keep, "Use e.g. 1."))
+        if keep is not None and keep <= committed:
+            keep_steps = f["snapshots"][:keep]["step"]
+            # the checkpoint's step, else the last kept snapshot's (-1: unknown, keep all events)
+            last = step if step is not None else int(keep_steps[-1]) if keep else -1
+            later = _events_after(f, last) if last >= 0 else []
+            if keep < committed or later:
+                f.close()
+                backup = _backup(path, committed)
+                f = h5py.File(path, "r+", libver="latest")
+                f["snapshots"].resize(keep, axis=0)
+                # the abandoned training's decisions go too (the resumed one logs its own again)
+                _keep_events(f, later)
+                log.warning(
+                    "%s: resuming at step %d after snapshot %d (training was rolled back to a "
+                    "checkpoint); %d later snapshot(s) and %d later event(s) are dropped from the "
+                    "run and kept in %s",
+                    path,
+                    last,
+                    keep - 1,
+                    committed - keep,
+                    len(later),
+                    backup,
+                )
+                committed = keep
         for ds in f["layers"].values():
             if ds.shape[0] != committed:
                 ds.resize(committed, axis=0)
@@ -364,6 +381,35 @@ def _mismatch_message(path: Path, recorded: dict, wanted: dict) -> str:
         + "; ".join(parts)
         + "). Record into a new file, or select the same layers."
     )
+
+
+def _event_step(row: bytes) -> float | None:
+    try:
+        s = json.loads(row.decode()).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return s if isinstance(s, (int, float)) and not isinstance(s, bool) else None
+
+
+def _events_after(f: h5py.File, step: int) -> list[int]:
+    """Indices of the events stamped with an optimizer step after ``step`` (those of a
+    rolled-back training); events without a step are never counted."""
+    ds = f.get("events")
+    if ds is None or not len(ds):
+        return []
+    return [i for i, row in enumerate(ds[:]) if (_event_step(row) or -1) > step]
+
+
+def _keep_events(f: h5py.File, drop: list[int]) -> None:
+    """Remove the events at indices ``drop`` from ``/events``, keeping the others in order."""
+    if not drop:
+        return
+    ds = f["events"]
+    gone = set(drop)
+    kept = [row for i, row in enumerate(ds[:]) if i not in gone]
+    if kept:
+        ds[: len(kept)] = np.array(kept, dtype=ds.dtype)
+    ds.resize(len(kept), axis=0)
 
 
 def _backup(path: Path, committed: int) -> Path:
