@@ -428,3 +428,17 @@ def test_resume_keep_must_not_be_negative(run_path: Path):
         RunWriter.resume(run_path, LAYERS, keep=-1)
     with open_run(run_path) as run:
         assert run.n_snapshots == 4
+
+
+def test_a_metric_named_like_an_index_column_does_not_replace_it(tmp_path: Path):
+    # broke once: HF logs an "epoch" metric, which overwrote the snapshot's own epoch column
+    path = tmp_path / "run.h5"
+    with RunWriter.create(path, LAYERS, model_class="Toy") as w:
+        for t, mats in enumerate(_snapshots(2)):
+            w.append(iter(mats), step=t, epoch=t / 2, metrics={"epoch": 7.0, "step": 9.0})
+    with open_run(path) as run:
+        frame = run.snapshots()
+    np.testing.assert_array_equal(frame["epoch"], [0.0, 0.5])
+    np.testing.assert_array_equal(frame["step"], [0, 1])
+    np.testing.assert_array_equal(frame["epoch (metric)"], [7.0, 7.0])
+    np.testing.assert_array_equal(frame["step (metric)"], [9.0, 9.0])
