@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -238,3 +239,19 @@ def test_record_from_checkpoints_bad_input(tmp_path):
     )
     assert_clean_failure(result, "differing keys", "epoch_3.pt")
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_record_from_checkpoints_list_shows_the_selection_and_writes_nothing(tmp_path):
+    # broke once in the CLI split: a wrong relative import only this path reaches
+    _save_checkpoints(tmp_path / "ckpts", [1, 2])
+    out = tmp_path / "x.h5"
+    result = bstab(
+        "record", "--from-checkpoints", f"{tmp_path}/ckpts/epoch_*.pt", "--list", "-o", out
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 layers selected:" in result.output
+    # Linear(6, 4) and Linear(4, 3) are stored transposed: their tall shapes are 6x4 and 4x3
+    assert re.search(r"^\s+0\s+linear\s+6x4$", result.output, re.M)
+    assert re.search(r"^\s+2\s+linear\s+4x3$", result.output, re.M)
+    assert "0.bias" in result.output  # skipped, with its reason
+    assert not out.exists()

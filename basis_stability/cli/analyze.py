@@ -1,0 +1,188 @@
+"""``bstab analyze``: stability, overlap, spectra and the OIALR plan of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError, expected
+from ._errors import _clean_errors
+
+
+@click.command()
+@click.argument("run_path", metavar="RUN.h5", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder for tables, plots and plan.json. Default: RUN-analysis/ beside RUN.",
+)
+@click.option(
+    "--lag",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Snapshots apart for the lag pairs and the delay rule.",
+)
+@click.option(
+    "--k",
+    "k",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Top-k of the singular-subspace overlap O_k.",
+)
+@click.option(
+    "--tau",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.99,
+    show_default=True,
+    help="A layer is stable when S >= tau.",
+)
+@click.option(
+    "--share",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.9,
+    show_default=True,
+    help="Parameter share of stable layers the delay needs.",
+)
+@click.option(
+    "--beta-rule",
+    type=click.Choice(["energy", "share"]),
+    default="energy",
+    show_default=True,
+    help="Pick beta by kept energy or by a trainable-share target.",
+)
+@click.option(
+    "--min-energy",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.9,
+    show_default=True,
+    help="energy rule: spectral energy every layer must keep.",
+)
+@click.option(
+    "--target-share",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.25,
+    show_default=True,
+    help="share rule: trainable share of the recorded layers.",
+)
+@click.option(
+    "--svd",
+    type=click.Choice(["exact", "approx"]),
+    default="exact",
+    show_default=True,
+    help="approx: randomised top-k (no S, fast on big layers).",
+)
+@click.option(
+    "--svd-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes over layers.",
+)
+@click.option("--no-cache", is_flag=True, help="Do not read or write the SVD sidecar cache.")
+@click.option("--no-plots", is_flag=True, help="Tables and plan.json only.")
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Keep re-analysing as new snapshots arrive until the writer stops.",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="--follow: seconds between checks for new snapshots.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="--follow: stop after this many seconds without a new snapshot.",
+)
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_clean_errors
+def analyze(
+    run_path: Path,
+    output: Path | None,
+    lag: int,
+    k: int,
+    tau: float,
+    share: float,
+    beta_rule: str,
+    min_energy: float,
+    target_share: float,
+    svd: str,
+    svd_dtype: str,
+    device: str,
+    jobs: int,
+    no_cache: bool,
+    no_plots: bool,
+    follow: bool,
+    poll: float,
+    idle_timeout: float,
+    no_progress: bool,
+) -> None:
+    """Measure basis stability, top-k overlap, spectra and ranks of a run; recommend OIALR's
+    delay and beta.
+
+    Prints a per-layer table and a network summary; writes CSV tables (and Parquet when pyarrow
+    is installed), PNG and SVG plots, and plan.json (read by `bstab train --plan`). SVDs are
+    cached beside the run (RUN.bstab-cache-*.h5), so re-running only pays for new snapshots; the
+    run itself is never modified. Works on a run that is still being recorded.
+
+    \b
+    Examples:
+      bstab analyze runs/cnn-digits-seed0.h5
+      bstab analyze runs/vit.h5 -o out/ --lag 10 --jobs 2
+      bstab analyze runs/live.h5 --follow
+      torchrun --nproc_per_node=2 -m basis_stability analyze runs/vit.h5
+
+    Under torchrun the SVDs are shared out across the ranks (each may use its own GPU with
+    --device cuda); rank 0 gathers them and writes exactly what one process would.
+    """
+    from ..analyze import AnalysisConfig, EngineConfig, distributed
+    from ..analyze.follow import follow_analysis
+    from ..recommend import PlanConfig
+
+    if distributed.launched_by_torchrun():
+        if follow:
+            raise ConfigError(
+                "Expected `--follow` without torchrun but got both. Follow a live run with one "
+                "process; shard a finished run's SVDs over ranks with torchrun."
+            )
+        if jobs > 1:
+            raise ConfigError(
+                expected("--jobs", "1 under torchrun", jobs, "The ranks are the workers.")
+            )
+        distributed.init_from_env()
+
+    config = AnalysisConfig(lag=lag, k=k)
+    engine = EngineConfig(
+        svd=svd, svd_dtype=svd_dtype, device=device, jobs=jobs, cache=not no_cache
+    )
+    plan = PlanConfig(
+        tau=tau, share=share, beta_rule=beta_rule, min_energy=min_energy, target_share=target_share
+    )
+    out = output or run_path.with_name(run_path.stem + "-analysis")
+    for text in follow_analysis(
+        run_path,
+        out,
+        config,
+        engine,
+        plan,
+        plots=not no_plots,
+        follow=follow,
+        poll=poll,
+        idle_timeout=idle_timeout,
+        progress=not no_progress,
+    ):
+        click.echo(text)

@@ -1,0 +1,155 @@
+"""``bstab record``: train a built-in model (or read checkpoints) into a run file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ._errors import _clean_errors
+from ._options import _training_options
+
+
+@click.command()
+@_training_options
+@click.option(
+    "--schedule",
+    default="epoch",
+    show_default=True,
+    help="When to snapshot: epoch, every:N (steps), at:S1,S2,... or log:N.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Storage dtype of the snapshots.",
+)
+@click.option("--include", multiple=True, help="Layer name glob (or re:REGEX); repeatable.")
+@click.option("--exclude", multiple=True, help="Layer name glob (or re:REGEX) to drop.")
+@click.option("--types", multiple=True, help="Layer kinds: linear, conv*, mha, embedding, ...")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run file. Default: runs/MODEL-DATASET-seedN.h5, never overwriting.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
+@click.option(
+    "--from-checkpoints",
+    "checkpoints",
+    metavar="GLOB",
+    default=None,
+    help="Build the run from existing state-dict checkpoints instead of training.",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option(
+    "--list",
+    "list_only",
+    is_flag=True,
+    help="Only list the layers that would be recorded and skipped.",
+)
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_clean_errors
+def record(
+    model: str,
+    dataset: str,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    schedule: str,
+    dtype: str,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    types: tuple[str, ...],
+    output: Path | None,
+    force: bool,
+    checkpoints: str | None,
+    device: str,
+    list_only: bool,
+    no_progress: bool,
+) -> None:
+    """Train a built-in model and snapshot its layers into a run file.
+
+    With no options: the cnn on scikit-learn's digits for 40 epochs, a snapshot of the initial
+    weights and one after every epoch. With --from-checkpoints 'ckpts/epoch_*.pt' (quote it), the
+    snapshots come from existing state dicts (.pt or .safetensors), in natural order.
+
+    \b
+    Examples:
+      bstab record
+      bstab record --model vit-tiny --epochs 60 --schedule every:10 -o runs/vit.h5
+      bstab record --from-checkpoints 'ckpts/epoch_*.pt' -o runs/mine.h5
+    """
+    from ..record import RecordConfig
+
+    rec_cfg = RecordConfig(
+        include=include or None, exclude=exclude or None, types=types or None, dtype=dtype
+    )
+    if output is not None and output.exists() and not force and not list_only:
+        raise click.ClickException(
+            f"{output} already exists. Pass --force to overwrite it or "
+            "choose another --output; nothing was written."
+        )
+    if checkpoints is not None:
+        _record_checkpoints(checkpoints, rec_cfg, output, force, list_only, not no_progress)
+        return
+    from .. import jobs
+    from ..train import TrainConfig
+
+    job = jobs.RecordJob(
+        model,
+        dataset,
+        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed),
+        rec_cfg,
+        schedule,
+        device,
+    )
+    if list_only:
+        from ..views import select_layers
+
+        net, _ = jobs.build(job)
+        _print_selection(select_layers(net, rec_cfg.include, rec_cfg.exclude, rec_cfg.types))
+        return
+    path = output or jobs.default_run_path(f"{model}-{dataset}-seed{seed}")
+    result = jobs.run_record_job(
+        job, path, mode="overwrite" if force else "create", progress=not no_progress
+    )
+    last = result.history[-1]
+    click.echo(
+        f"Recorded {result.n_snapshots} snapshots of {result.n_layers} layers "
+        f"(final val_acc {last['val_acc']:.3f}) to {result.path}"
+    )
+    click.echo(f"Next: bstab inspect {result.path}")
+
+
+def _record_checkpoints(
+    pattern: str, cfg: Any, output: Path | None, force: bool, list_only: bool, progress: bool
+) -> None:
+    from ..jobs import default_run_path
+    from ..record import find_checkpoints, record_checkpoints
+    from ..record.checkpoints import open_checkpoint
+    from ..store import open_run
+    from ..views import select_state_dict
+
+    if list_only:
+        with open_checkpoint(find_checkpoints(pattern)[0]) as ckpt:
+            _print_selection(select_state_dict(ckpt.shapes, cfg.include, cfg.exclude, cfg.types))
+        return
+    path = output or default_run_path("checkpoints")
+    record_checkpoints(pattern, path, cfg, force=force, progress=progress)
+    with open_run(path) as run:
+        click.echo(f"Recorded {run.n_snapshots} checkpoints of {len(run.layers)} layers to {path}")
+
+
+def _print_selection(selection: Any) -> None:
+    click.echo(f"{len(selection.views)} layers selected:")
+    for v in selection.views:
+        click.echo(f"  {v.name:40s} {v.kind:10s} {v.shape[0]}x{v.shape[1]}")
+    if selection.skipped:
+        click.echo(f"{len(selection.skipped)} skipped:")
+        click.echo(selection.describe_skipped())

@@ -1,0 +1,127 @@
+"""``bstab train``: OIALR (or full-rank) training of a built-in model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._errors import _clean_errors
+from ._options import _training_options
+
+
+@click.command()
+@click.option("--mode", type=click.Choice(["oialr", "full"]), default="oialr", show_default=True)
+@_training_options
+@click.option("--delay", default=None, help="Full-rank epochs (10) or steps (250steps).")
+@click.option("--interval", default=None, help="Epochs or steps between updates (default 5).")
+@click.option("--beta", type=float, default=None, help="Cut-off in (0, 1), e.g. 0.15.")
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Take delay, interval and beta from a plan.json of `bstab analyze`.",
+)
+@click.option(
+    "--auto/--no-auto",
+    default=None,
+    help="Pick delay and beta from stability measured while training (the default "
+    "when neither --delay, --beta nor --plan is given).",
+)
+@click.option(
+    "--moments",
+    type=click.Choice(["rotate", "slice", "reset"]),
+    default="reset",
+    show_default=True,
+    help="Optimizer-state policy at conversion and truncation.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run file. Default: runs/train-MODE-MODEL-DATASET-seedN.h5.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_clean_errors
+def train(
+    mode: str,
+    model: str,
+    dataset: str,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    delay: str | None,
+    interval: str | None,
+    beta: float | None,
+    plan_path: Path | None,
+    auto: bool | None,
+    moments: str,
+    output: Path | None,
+    force: bool,
+    device: str,
+    no_progress: bool,
+) -> None:
+    """Train a built-in model with OIALR (or full-rank), record it, export the compact model.
+
+    OIALR trains full-rank, then freezes each layer's singular bases and trains only a small
+    k x k S, cutting singular values below beta * s_1 every interval. By default (--auto) the
+    delay and beta come from the stability and spectra measured while training.
+
+    \b
+    Examples:
+      bstab train
+      bstab train --mode full --model vit-tiny
+      bstab train --delay 7 --interval 5 --beta 0.15
+      bstab train --plan runs/cnn-digits-seed0-analysis/plan.json
+    """
+    from .. import jobs
+    from ..train import TrainConfig
+
+    if auto and (delay is not None or beta is not None or plan_path is not None):
+        raise click.UsageError(
+            "--auto chooses delay and beta itself; drop --delay/--beta/--plan or --auto."
+        )
+    if plan_path is not None and (delay is not None or beta is not None):
+        raise click.UsageError("--plan already sets delay and beta; drop --delay/--beta.")
+    if beta is not None and not 0 < beta < 1:
+        raise click.BadParameter(
+            f"Expected --beta in (0, 1) but got {beta}. The reference uses 0.15.",
+            param_hint="--beta",
+        )
+    if output is not None and output.exists() and not force:
+        raise click.ClickException(
+            f"{output} already exists. Pass --force to overwrite it or "
+            "choose another --output; nothing was written."
+        )
+    job = jobs.TrainJob(
+        model,
+        dataset,
+        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed),
+        mode,
+        delay,
+        interval,
+        beta,
+        str(plan_path) if plan_path else None,
+        moments,
+        device,
+    )
+    path = output or jobs.default_run_path(f"train-{mode}-{model}-{dataset}-seed{seed}")
+    export = path.with_name(path.stem + "-factorized.pt") if mode == "oialr" else None
+    result = jobs.run_train_job(
+        job, path, export, mode="overwrite" if force else "create", progress=not no_progress
+    )
+    last = result.history[-1]
+    tail = f", model {result.export_path}" if result.export_path else ""
+    click.echo(
+        f"val_acc {last['val_acc']:.4f} | trainable {result.trainable_share:.1%} of the "
+        f"full-rank model ({result.factorised_share:.1%} of the factorised layers) | "
+        f"{result.seconds:.1f} s | run {result.run_path}{tail}"
+    )
+    if result.export is not None:
+        click.echo(f"export: {result.export}")
