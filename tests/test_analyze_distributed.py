@@ -16,13 +16,13 @@ import random
 import shutil
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
+from helpers.gloo import gloo_group
 from torch import nn
 
 import basis_stability as bs
@@ -107,16 +107,7 @@ def _analyze_rank(rank: int, folder: str, run_path: str) -> None:
     """One rank: analyse twice (cold, then warm cache); leaves its facts in ``folder``."""
     from basis_stability.analyze import engine
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/rendezvous",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, folder, WORLD):
         out = Path(folder)
         decomposed: list[tuple[str, list[int]]] = []
         original = engine.decompose_snapshots
@@ -144,8 +135,6 @@ def _analyze_rank(rank: int, folder: str, run_path: str) -> None:
             with open(out / "reports.pkl", "wb") as f:
                 pickle.dump({"cold": cold, "warm": warm}, f)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -207,16 +196,7 @@ def _live_rank(rank: int, folder: str) -> None:
     """Rank 0 records a run while rank 1 has it open; rank 0 opens it after one more commit."""
     from basis_stability.analyze.distributed import fill_cache_sharded
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/rendezvous",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, folder, WORLD):
         out, path = Path(folder), Path(folder) / "live.h5"
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 9), nn.Linear(9, 4))
@@ -242,8 +222,6 @@ def _live_rank(rank: int, folder: str) -> None:
         rec.close()
         (out / f"live{rank}.json").write_text(json.dumps(facts))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_rank_that_opened_a_live_run_earlier_still_decomposes_its_share(tmp_path: Path) -> None:

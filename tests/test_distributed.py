@@ -9,14 +9,13 @@ takes, and its last one equals rank 0's final weights.
 from __future__ import annotations
 
 import json
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from helpers.gloo import gloo_group
 from torch import nn
 
 import basis_stability as bs
@@ -36,18 +35,7 @@ def _train_and_record(rank: int, folder: str) -> None:
     """One rank: DDP training with a recorder; leaves its facts in ``folder`` for the test."""
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    torch.set_num_threads(1)
-    # Rendezvous through a file, not a TCP port picked in advance: no port race with other
-    # processes. A bounded timeout: a rank that dies must not leave the other waiting long.
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/rendezvous",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, folder, WORLD):
         out = Path(folder)
         torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -84,8 +72,6 @@ def _train_and_record(rank: int, folder: str) -> None:
         state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
         np.savez(out / f"rank{rank}.npz", **state)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_only_rank0_writes_and_last_snapshot_is_rank0_weights(tmp_path: Path) -> None:

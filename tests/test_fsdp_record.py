@@ -11,16 +11,15 @@ The default Shard(0) path gathers each layer to rank 0 only: no rank calls ``ful
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from helpers.gloo import gloo_group
 from torch import nn
 
 import basis_stability as bs
@@ -58,18 +57,9 @@ def _record_sharded(rank: int, folder: str) -> None:
 
     from basis_stability.record import recorder as recorder_mod
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     # the Linears see (B, 5, L) inputs, so FSDP2 warns that they return views (none is edited)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/rendezvous",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, folder, WORLD):
         out = Path(folder)
         # count what the recorder does: full_tensor calls, and what each gather returned here
         counting, full_tensor_calls, gathered = [False], [0], []
@@ -173,8 +163,6 @@ def _record_sharded(rank: int, folder: str) -> None:
                 fsdp1 = {"built": True, "raised": str(exc)}
         (out / f"fsdp1-rank{rank}.json").write_text(json.dumps(fsdp1))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -279,16 +267,7 @@ def _refused_everywhere(rank: int, folder: str) -> None:
     """Rank 0 cannot create the run (it exists): every rank must raise, none may hang."""
     from torch.distributed.fsdp import fully_shard
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/rendezvous-refused",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, folder, WORLD, "rendezvous-refused"):
         torch.manual_seed(0)
         model = _model()
         fully_shard(model)
@@ -298,8 +277,6 @@ def _refused_everywhere(rank: int, folder: str) -> None:
         except bs.BstabError as exc:
             outcome = f"{type(exc).__name__}: {exc}"
         (Path(folder) / f"refused-rank{rank}.txt").write_text(outcome)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_failure_to_open_on_rank0_is_raised_on_every_rank(tmp_path: Path) -> None:

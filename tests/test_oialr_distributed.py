@@ -15,14 +15,13 @@ parameters and buffers itself, which would hide a missing broadcast) and again a
 from __future__ import annotations
 
 import math
-import os
 import pickle
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers.gloo import gloo_group
 from torch import nn
 
 from basis_stability.lowrank.surgery import factor_of
@@ -71,16 +70,7 @@ def _train(rank: int, folder: str) -> None:
     """One rank: DDP + OIALR training; leaves what every rank saw in ``folder``."""
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/rendezvous",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, folder, WORLD):
         model = _model()
         ddp = DistributedDataParallel(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -123,8 +113,6 @@ def _train(rank: int, folder: str) -> None:
             }
             (Path(folder) / "result.pkl").write_bytes(pickle.dumps(result))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_oialr_factors_identical_across_ranks(tmp_path: Path) -> None:
