@@ -23,14 +23,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def world_size() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several started by torchrun (or a similar launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

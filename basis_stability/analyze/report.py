@@ -268,7 +268,7 @@ def analyze(
     )
     from . import distributed
 
-    world = distributed.world_size()
+    world = _dist.world_size()
     lead = _dist.is_writer()
     with open_run(path) as run:
         if world > 1:  # every rank works on rank 0's view of a run that may still grow

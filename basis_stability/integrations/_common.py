@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from torch import nn
 
 from ..errors import BstabError, ConfigError, expected
 from ..record.recorder import Recorder
-from ..record.schedules import Schedule, at, every
+from ..record.schedules import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +49,6 @@ def schedule_from(spec: Schedule | str | None) -> Schedule | None:
             "None, 'epoch', 'every:N', 'at:1,5,9', 'log:N:LAST' or a Schedule",
             spec,
             "Use e.g. every(50) from basis_stability.record.",
-        )
-    )
-
-
-def schedule_spec(schedule: Schedule | None) -> str:
-    """The text form of a schedule (what :func:`schedule_from` reads back)."""
-    if schedule is None:
-        return "epoch"
-    if isinstance(schedule, every):
-        return f"every:{schedule.n}"
-    if isinstance(schedule, at):
-        return "at:" + ",".join(str(s) for s in sorted(schedule.steps))
-    raise ConfigError(
-        expected(
-            "schedule",
-            "every(...), at(...), logspaced(...) or None here",
-            schedule,
-            "Checkpointed callbacks store their schedule as text; use one of those.",
         )
     )
 
@@ -185,7 +166,3 @@ class RecordSession:
             self._closed_count = self.recorder.n_snapshots
             self.recorder.close()
             self.recorder = None
-
-
-def epoch_of(step: int, steps_per_epoch: float | None) -> float:
-    return step / steps_per_epoch if steps_per_epoch else math.nan

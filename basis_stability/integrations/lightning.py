@@ -24,6 +24,7 @@ Needs ``pip install 'basis_stability[lightning]'`` (the ``lightning`` package).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from ..errors import ConfigError
 from ..lowrank.optim_state import match_model_order
 from ..lowrank.surgery import rebuild_low_rank
 from ..record.schedules import Schedule
-from ._common import RecordSession, epoch_of, require
+from ._common import RecordSession, require
 
 _pl = require("lightning.pytorch", "lightning", "The Lightning integration")
 log = logging.getLogger(__name__)
@@ -40,11 +41,12 @@ log = logging.getLogger(__name__)
 __all__ = ["OIALRCallback", "RecordCallback"]
 
 
-def _steps_per_epoch(trainer: Any) -> float | None:
+def _epoch_of(trainer: Any, step: int) -> float:
+    """The fractional epoch of optimizer step ``step`` (NaN when the epoch length is unknown)."""
     n = trainer.num_training_batches
     if not isinstance(n, (int, float)) or n in (0, float("inf")):
-        return None
-    return n / max(trainer.accumulate_grad_batches, 1)
+        return math.nan
+    return step / (n / max(trainer.accumulate_grad_batches, 1))
 
 
 class RecordCallback(_pl.Callback):
@@ -89,7 +91,7 @@ class RecordCallback(_pl.Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         step = trainer.global_step
-        self.session.step(step, epoch_of(step, _steps_per_epoch(trainer)), trainer.callback_metrics)
+        self.session.step(step, _epoch_of(trainer, step), trainer.callback_metrics)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self.session.epoch_end(

@@ -284,7 +284,7 @@ class Recorder:
     def _matrices(self):
         for view in self.views:  # one layer at a time: never a whole state_dict copy
             weight = _resolve(self.model, view.param_name)
-            if _is_dtensor(weight):
+            if self._sharded and _is_dtensor(weight):
                 weight = gather_to_rank0(weight)  # a collective: every rank runs this loop
                 if weight is None:
                     yield None

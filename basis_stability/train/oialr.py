@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _dist
 from ..analyze.stability import decompose, stability
 from ..errors import ConfigError, expected
 from ..lowrank.layers import LowRankFactor
@@ -327,7 +328,7 @@ class OIALR:
         """Under torch.distributed, every rank takes rank 0's factors (identical everywhere)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        if _dist.world_size() < 2:
             return
         for module in self.layers.values():
             factor = factor_of(module)
