@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from helpers.runs import read_all  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
@@ -101,15 +102,6 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _read_all(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str, np.ndarray]]]:
-    with bs.open_run(path) as run:
-        snaps = [
-            {info.param_name: run.layer(info.name).original(t) for info in run.layers}
-            for t in range(run.n_snapshots)
-        ]
-        return run.steps.copy(), run.epochs.copy(), snaps
-
-
 def _assert_same(recorded: dict[str, np.ndarray], captured: dict[str, torch.Tensor]) -> None:
     assert len(recorded) >= 12  # q, k, v, out, ffn in, ffn out of two layers at least
     for name, arr in recorded.items():
@@ -149,7 +141,7 @@ def test_epoch_mode_snapshots_weights_with_that_epochs_eval_metrics(tmp_path):
     )
     trainer.train()
 
-    steps, epochs, snaps = _read_all(path)
+    steps, epochs, snaps = read_all(path)
     assert steps.tolist() == [0, 4, 8, 12] == cap.steps
     assert epochs.tolist() == [0.0, 1.0, 2.0, 3.0]
     for t in range(4):
@@ -210,7 +202,7 @@ def test_step_schedule_snapshots_exactly_the_multiples(tmp_path, accumulate):
     trainer.train()
     assert trainer.state.global_step == 12
 
-    steps, epochs, snaps = _read_all(path)
+    steps, epochs, snaps = read_all(path)
     assert steps.tolist() == [0, 3, 6, 9, 12]
     assert sorted(cap.weights) == steps.tolist()
     np.testing.assert_allclose(epochs, steps / (STEPS_PER_EPOCH / accumulate))
@@ -249,11 +241,11 @@ def _resume(tmp_path: Path, checkpoint: str, data_seed: int) -> EpochCapture:
 
 def test_resume_from_the_last_checkpoint_appends(tmp_path):
     path = _first_phase(tmp_path)
-    _, _, before = _read_all(path)
+    _, _, before = read_all(path)
 
     cap = _resume(tmp_path, "checkpoint-8", data_seed=0)
 
-    steps, epochs, after = _read_all(path)
+    steps, epochs, after = read_all(path)
     assert steps.tolist() == [0, 4, 8, 12, 16]
     assert epochs.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
     for t in range(3):
@@ -267,11 +259,11 @@ def test_resume_from_the_last_checkpoint_appends(tmp_path):
 
 def test_resume_from_an_earlier_checkpoint_moves_later_snapshots_to_a_backup(tmp_path):
     path = _first_phase(tmp_path)  # epochs 0, 1, 2
-    _, _, before = _read_all(path)
+    _, _, before = read_all(path)
 
     cap = _resume(tmp_path, "checkpoint-4", data_seed=5)  # other data: another trajectory
 
-    steps, epochs, after = _read_all(path)
+    steps, epochs, after = read_all(path)
     assert steps.tolist() == [0, 4, 8, 12, 16]
     assert epochs.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # each exactly once
     for t in range(2):
@@ -283,7 +275,7 @@ def test_resume_from_an_earlier_checkpoint_moves_later_snapshots_to_a_backup(tmp
     assert not np.array_equal(after[2][name], before[2][name])
 
     (backup,) = tmp_path.glob("run.before-resume-*.h5")
-    _, b_epochs, kept = _read_all(backup)
+    _, b_epochs, kept = read_all(backup)
     assert b_epochs.tolist() == [0.0, 1.0, 2.0]
     for t in range(3):
         for name in before[t]:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pytest.importorskip("lightning")
 
 import lightning.pytorch as L  # noqa: E402, N812
+from helpers.runs import read_all  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 import basis_stability as bs  # noqa: E402
@@ -107,16 +108,6 @@ class Capture(L.Callback):
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def _read_all(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str, np.ndarray]]]:
-    """steps, epochs and every snapshot's weights (original shapes) by parameter name."""
-    with bs.open_run(path) as run:
-        snaps = [
-            {info.param_name: run.layer(info.name).original(t) for info in run.layers}
-            for t in range(run.n_snapshots)
-        ]
-        return run.steps.copy(), run.epochs.copy(), snaps
-
-
 def _assert_same(recorded: dict[str, np.ndarray], captured: dict[str, torch.Tensor]) -> None:
     assert set(recorded) == LAYERS
     for name, arr in recorded.items():
@@ -139,7 +130,7 @@ def test_epoch_schedule_snapshots_weights_and_metrics_at_every_epoch_end(tmp_pat
     trainer = _trainer(tmp_path, [cap, RecordCallback(path)], max_epochs=3)
     trainer.fit(Net(), _data(0), _data(1))
 
-    steps, epochs, snaps = _read_all(path)
+    steps, epochs, snaps = read_all(path)
     assert steps.tolist() == [0, BATCHES, 2 * BATCHES, 3 * BATCHES] == cap.steps
     assert epochs.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert len(snaps) == len(cap.weights) == 4
@@ -196,7 +187,7 @@ def test_step_schedule_snapshots_exactly_the_multiples(tmp_path, schedule, accum
     total = trainer.global_step
     assert total == epochs * BATCHES // accumulate == 16
 
-    steps, stamped, snaps = _read_all(path)
+    steps, stamped, snaps = read_all(path)
     assert steps.tolist() == [0, 5, 10, 15]  # each once, even when a step spans two batches
     assert sorted(cap.weights) == steps.tolist()
     steps_per_epoch = BATCHES / accumulate
@@ -219,7 +210,7 @@ def _first_phase(tmp_path: Path, epochs: int = 2) -> tuple[Path, Path, Capture]:
 
 def test_resume_from_last_checkpoint_appends_and_keeps_earlier_snapshots(tmp_path):
     path, ck, cap1 = _first_phase(tmp_path)
-    steps0, epochs0, before = _read_all(path)
+    steps0, epochs0, before = read_all(path)
     assert epochs0.tolist() == [0, 1, 2]
     ckpt = ck / f"epoch=1-step={2 * BATCHES}.ckpt"
     assert ckpt.is_file()
@@ -229,7 +220,7 @@ def test_resume_from_last_checkpoint_appends_and_keeps_earlier_snapshots(tmp_pat
     trainer = _trainer(tmp_path, [cap2, RecordCallback(path)], max_epochs=4)
     trainer.fit(Net(), _data(0), _data(1), ckpt_path=ckpt)
 
-    steps, epochs, after = _read_all(path)
+    steps, epochs, after = read_all(path)
     assert epochs.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert steps.tolist() == [0, 4, 8, 12, 16]
     assert np.all(np.diff(steps) > 0)
@@ -245,7 +236,7 @@ def test_resume_from_last_checkpoint_appends_and_keeps_earlier_snapshots(tmp_pat
 
 def test_resume_from_an_earlier_checkpoint_moves_abandoned_snapshots_to_a_backup(tmp_path):
     path, ck, _ = _first_phase(tmp_path)  # run: epochs 0, 1, 2
-    _, _, before = _read_all(path)
+    _, _, before = read_all(path)
     ckpt = ck / f"epoch=0-step={BATCHES}.ckpt"  # taken after epoch 1
     assert ckpt.is_file()
 
@@ -254,7 +245,7 @@ def test_resume_from_an_earlier_checkpoint_moves_abandoned_snapshots_to_a_backup
     trainer = _trainer(tmp_path, [cap, RecordCallback(path)], max_epochs=4)
     trainer.fit(Net(), _data(5), _data(6), ckpt_path=ckpt)  # other data: another trajectory
 
-    steps, epochs, after = _read_all(path)
+    steps, epochs, after = read_all(path)
     assert epochs.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # each exactly once
     assert steps.tolist() == [0, 4, 8, 12, 16]
     for t in range(2):
@@ -266,7 +257,7 @@ def test_resume_from_an_earlier_checkpoint_moves_abandoned_snapshots_to_a_backup
 
     backups = list(tmp_path.glob("run.before-resume-*.h5"))
     assert len(backups) == 1
-    b_steps, b_epochs, backup = _read_all(backups[0])
+    b_steps, b_epochs, backup = read_all(backups[0])
     assert b_epochs.tolist() == [0.0, 1.0, 2.0]  # the whole run as it was, abandoned epoch too
     for t in range(3):
         for name in LAYERS:
