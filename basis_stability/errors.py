@@ -32,6 +32,18 @@ class RunMismatchError(RunFileError):
     """An existing run does not match the layers being recorded into it."""
 
 
+class RunLockedError(RunFileError):
+    """Another process is writing the run (it holds the run's writer lock)."""
+
+
+class DamagedRunError(RunFileError):
+    """A run's data fails its checksum or contradicts its own metadata."""
+
+
+class WriteFailedError(RunFileError):
+    """Writing a snapshot failed (a full disk, an I/O error); earlier snapshots are kept."""
+
+
 class CheckpointError(BstabError, ValueError):
     """A set of checkpoints cannot be turned into a run."""
 

@@ -53,3 +53,38 @@ def decode(raw: np.ndarray, storage_dtype: str) -> np.ndarray:
 
 def event_bytes() -> int:
     return np.dtype(EVENT_DTYPE).itemsize
+
+
+# HDF5 gives '/' (a path separator) and '.' alone (the current group) meaning in a name; since
+# format 1.2 layer names are stored percent-encoded so that any module name round-trips.
+_NAME_ESCAPES = {"%": "%25", "/": "%2F"}
+NAMES_ENCODED_SINCE = (1, 2)
+CHECKSUMS_SINCE = (1, 2)  # every dataset carries HDF5's fletcher32 filter
+
+
+def encode_name(name: str) -> str:
+    """A layer name as stored in ``/layers`` (reversible; ``decode_name`` undoes it).
+
+    Example:
+        >>> encode_name("enc/0.attn")
+        'enc%2F0.attn'
+    """
+    if not name:
+        raise ValueError("a layer name cannot be empty")
+    out = "".join(_NAME_ESCAPES.get(ch, ch) for ch in name)
+    return "%2E" if out == "." else out
+
+
+def decode_name(stored: str) -> str:
+    """The layer name behind a stored ``/layers`` entry (format >= 1.2)."""
+    from urllib.parse import unquote
+
+    return unquote(stored)
+
+
+def at_least(version: str, since: tuple[int, int]) -> bool:
+    """Whether a file of ``version`` has what format ``since`` added."""
+    try:
+        return parse_version(version) >= since
+    except ValueError:
+        return False

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from ..errors import RunFileError
+from ..errors import DamagedRunError, RunFileError
 from . import format as fmt
+from .h5io import has_signature, open_readonly, writer_flagged  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -69,10 +70,18 @@ class LayerSnapshots:
         elif isinstance(key, (list, tuple, np.ndarray)):
             idx = [self._check(int(t)) for t in key]
         else:
-            return fmt.decode(self._ds[self._check(int(key))], self.info.storage_dtype)
+            return fmt.decode(self.raw(self._check(int(key))), self.info.storage_dtype)
         if not idx:
             return np.empty((0, *self.info.shape), dtype=np.float32)
-        return np.stack([fmt.decode(self._ds[t], self.info.storage_dtype) for t in idx])
+        return np.stack([fmt.decode(self.raw(t), self.info.storage_dtype) for t in idx])
+
+    def raw(self, t: int) -> np.ndarray:
+        """Snapshot ``t`` (non-negative, committed) exactly as stored, checksum verified.
+
+        Raises:
+            DamagedRunError: the stored row fails its checksum or cannot be read.
+        """
+        return read_checked(self._ds, t, self._run.path, f"layer {self.info.name} snapshot {t}")
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for t in range(len(self)):
@@ -92,12 +101,18 @@ class Run:
     def __init__(self, path: Path, file: h5py.File) -> None:
         self.path = path
         self._file = file
-        self.attrs: dict[str, Any] = {k: _plain(v) for k, v in file.attrs.items()}
-        self.layers: list[LayerInfo] = [
-            _layer_info(name, ds) for name, ds in file["layers"].items()
-        ]
-        self._by_name = {info.name: info for info in self.layers}
+        # one committed count, read before any layer is opened: a live writer grows layers
+        # before /snapshots, so every layer opened afterwards holds at least this many rows
         self.n_snapshots = len(file["snapshots"])
+        self.attrs: dict[str, Any] = {k: _plain(v) for k, v in file.attrs.items()}
+        self.layers: list[LayerInfo] = _layer_infos(path, file, self.n_snapshots)
+        self._by_name = {info.name: info for info in self.layers}
+        self._config = _parse_config(path, self.attrs.get("config", "{}"))
+
+    @property
+    def h5(self) -> h5py.File:
+        """The open (read-only) HDF5 file, for code that copies or inspects it."""
+        return self._file
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -106,7 +121,7 @@ class Run:
 
     @property
     def config(self) -> dict[str, Any]:
-        return json.loads(self.attrs.get("config", "{}"))
+        return dict(self._config)
 
     @property
     def model_class(self) -> str:
@@ -130,7 +145,13 @@ class Run:
 
     # ------------------------------------------------------------------ indices
     def _index(self) -> np.ndarray:
-        return self._file["snapshots"][: self.n_snapshots]
+        return read_checked(
+            self._file["snapshots"], slice(0, self.n_snapshots), self.path, "the snapshot table"
+        )
+
+    def index(self) -> np.ndarray:
+        """The committed rows of ``/snapshots`` (step, epoch, wall_time, unix_time)."""
+        return self._index()
 
     @property
     def steps(self) -> np.ndarray:
@@ -146,15 +167,35 @@ class Run:
 
     @property
     def metric_names(self) -> list[str]:
-        return [n.decode() for n in self._file["metrics/names"][:]]
+        raw = read_checked(self._file["metrics/names"], slice(None), self.path, "metric names")
+        try:
+            return [n.decode() for n in raw]
+        except UnicodeDecodeError:
+            raise DamagedRunError(
+                f"{self.path}: a metric name is not UTF-8; the file is damaged. Re-record it or "
+                "restore a copy."
+            ) from None
 
     def events(self) -> list[dict[str, Any]]:
         """The decisions logged into the run (format 1.1: ``/events``), oldest first."""
         ds = self._file.get("events")
         if ds is None:
             return []
-        ds.refresh()
-        return [json.loads(row.decode()) for row in ds[:]]
+        if self._file.swmr_mode:
+            ds.refresh()
+        out = []
+        for i, row in enumerate(read_checked(ds, slice(None), self.path, "the event log")):
+            try:
+                event = json.loads(row.decode())
+            except (UnicodeDecodeError, ValueError):
+                event = None
+            if not isinstance(event, dict):
+                raise DamagedRunError(
+                    f"{self.path}: event {i} in /events is not a JSON object; the file is "
+                    "damaged. Re-record it or restore a copy."
+                )
+            out.append(event)
+        return out
 
     def metrics_array(self) -> np.ndarray:
         """``(T, K)`` float64 metrics, NaN where a snapshot did not log a metric."""
@@ -163,7 +204,10 @@ class Run:
         out = np.full((self.n_snapshots, len(names)), np.nan)
         rows = min(values.shape[0], self.n_snapshots)
         cols = min(values.shape[1], len(names))
-        out[:rows, :cols] = values[:rows, :cols]
+        if rows and cols:
+            out[:rows, :cols] = read_checked(
+                values, (slice(0, rows), slice(0, cols)), self.path, "the metric values"
+            )
         return out
 
     def snapshots(self) -> pd.DataFrame:
@@ -192,6 +236,8 @@ class Run:
         Returns:
             The number of new snapshots.
         """
+        if not self._file.swmr_mode:  # opened after its writer closed: nothing can grow
+            return 0
         self._file["snapshots"].refresh()
         for name in ("metrics/names", "metrics/values", "events"):
             if name not in self._file:
@@ -232,68 +278,127 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _layer_info(name: str, ds: h5py.Dataset) -> LayerInfo:
-    a = ds.attrs
-    return LayerInfo(
-        name=name,
-        param_name=str(a["param_name"]),
-        kind=str(a["kind"]),
-        orig_shape=tuple(int(d) for d in a["orig_shape"]),
-        shape=(int(ds.shape[1]), int(ds.shape[2])),
-        transposed=bool(a["transposed"]),
-        storage_dtype=str(a["storage_dtype"]),
+def read_checked(ds: h5py.Dataset, sel: Any, path: Path, what: str) -> np.ndarray:
+    """``ds[sel]``, with a checksum failure or unreadable data as a clear error naming ``what``."""
+    try:
+        return ds[sel]
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise DamagedRunError(
+            f"{path}: {what} cannot be read ({_first_line(exc)}); the file is damaged there. "
+            "Re-record it or restore a copy."
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).split("\n")[0]
+    return text[:160]
+
+
+def _damaged(path: Path, what: str) -> DamagedRunError:
+    return DamagedRunError(
+        f"{path}: {what}; the file is damaged. Run `bstab validate` on it for details, and "
+        "re-record it or restore a copy."
     )
 
 
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+def _parse_config(path: Path, text: Any) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except (TypeError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise _damaged(path, "the root attribute `config` is not a JSON object")
+    return config
 
 
-def _is_truncated(path: Path) -> bool:
-    """Whether a cleanly closed file is shorter than the end-of-file its superblock records.
-
-    An SWMR open skips HDF5's own end-of-file check (a live writer may be extending the file), so
-    a truncated copy would open and read zeros past its end. Checked only for superblock v2+ (what
-    the writer makes) with clear consistency flags (no live or crashed writer).
-    """
-    with open(path, "rb") as fh:
-        head = fh.read(48)
-    if len(head) < 48 or head[:8] != _HDF5_SIGNATURE or head[8] < 2 or head[11] != 0:
-        return False
-    size = head[9]  # bytes per offset: base address, extension address, end-of-file address
-    base = int.from_bytes(head[12 : 12 + size], "little")
-    eof = int.from_bytes(head[12 + 2 * size : 12 + 3 * size], "little")
-    return os.path.getsize(path) < base + eof
+_LAYER_ATTRS = ("param_name", "kind", "orig_shape", "transposed", "storage_dtype")
 
 
-def writer_flagged(path: str | os.PathLike) -> bool:
-    """Whether the file's superblock says a writer has it open (or died holding it open).
-
-    A live recorder and a killed one look the same here; callers that wait for new snapshots
-    also stop after a quiet period.
-    """
-    with open(path, "rb") as fh:
-        head = fh.read(12)
-    return len(head) == 12 and head[:8] == _HDF5_SIGNATURE and head[8] >= 2 and head[11] != 0
-
-
-def _open_h5(path: Path) -> h5py.File:
-    """Open read-only; SWMR first so that live and crashed runs open too."""
-    if _is_truncated(path):
+def _layer_infos(path: Path, file: h5py.File, n_snapshots: int) -> list[LayerInfo]:
+    """Every recorded layer, each checked against its own metadata and the file's size."""
+    group = file["layers"]
+    if not isinstance(group, h5py.Group):
+        raise _damaged(path, "`/layers` is not a group")
+    decode = fmt.decode_name if _names_encoded(file) else str
+    infos, seen = [], set()
+    for stored in group:
+        link = group.get(stored, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise _damaged(path, f"`/layers/{stored}` is a {type(link).__name__}, not a dataset")
+        ds = group.get(stored)
+        if not isinstance(ds, h5py.Dataset):
+            raise _damaged(path, f"`/layers/{stored}` is a {type(ds).__name__}, not a dataset")
+        if hash(ds.id) in seen:
+            raise _damaged(path, f"`/layers/{stored}` is a second name for another layer")
+        seen.add(hash(ds.id))
+        infos.append(_layer_info(path, decode(stored), ds, n_snapshots))
+    if not infos:
         raise RunFileError(
-            f"{path} is shorter than its HDF5 header records; it is truncated or corrupt "
-            "(an interrupted copy?). Re-record it or restore a copy."
+            f"{path} holds no recorded layers, so there is nothing to read. Record a model with "
+            "at least one Linear, Conv or attention layer."
         )
+    stored_bytes = sum(i.n_params * _itemsize(i) for i in infos) * n_snapshots
+    if stored_bytes > os.path.getsize(path):
+        raise _damaged(
+            path,
+            f"its layers declare {stored_bytes:,} bytes of committed snapshots but the file "
+            f"holds {os.path.getsize(path):,} bytes",
+        )
+    return infos
+
+
+def _itemsize(info: LayerInfo) -> int:
+    return fmt.h5_dtype(info.storage_dtype).itemsize
+
+
+def _layer_info(path: Path, name: str, ds: h5py.Dataset, n_snapshots: int) -> LayerInfo:
+    from ..views import tall_shape
+
+    where = f"layer {name!r}"
+    a = ds.attrs
+    missing = [key for key in _LAYER_ATTRS if key not in a]
+    if missing:
+        raise _damaged(path, f"{where} lacks the attribute(s) {', '.join(missing)}")
+    if ds.ndim != 3:
+        raise _damaged(path, f"{where} has shape {ds.shape}, not (snapshots, m, n)")
+    m, n = int(ds.shape[1]), int(ds.shape[2])
+    if m == 0 or n == 0:
+        raise _damaged(path, f"{where} is a {m}x{n} matrix (empty)")
+    storage = _plain(a["storage_dtype"])
+    if storage not in fmt.STORAGE_DTYPES:
+        raise _damaged(path, f"{where} has an unknown storage_dtype {storage!r}")
+    if ds.dtype != fmt.h5_dtype(storage):
+        raise _damaged(path, f"{where} stores {ds.dtype} data but says storage_dtype {storage!r}")
     try:
-        return h5py.File(path, "r", libver="latest", swmr=True)
-    except OSError:
-        pass
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise RunFileError(
-            f"{path} is an HDF5 file that cannot be opened ({exc}); it is "
-            "truncated or corrupt. Re-record it or restore a copy."
-        ) from None
+        orig = tuple(int(d) for d in np.asarray(a["orig_shape"]).ravel())
+        transposed = a["transposed"]
+        if not isinstance(transposed, (bool, np.bool_)):
+            raise TypeError
+        tall = tall_shape(list(orig)) if orig else None
+    except (TypeError, ValueError):
+        raise _damaged(path, f"{where} has an unreadable orig_shape or transposed") from None
+    if tall != ((m, n), bool(transposed)):
+        raise _damaged(
+            path,
+            f"{where}: orig_shape {orig} and transposed={bool(transposed)} do not give the "
+            f"stored {m}x{n} matrix",
+        )
+    if ds.shape[0] < n_snapshots:
+        raise _damaged(path, f"{where} holds {ds.shape[0]} rows for {n_snapshots} snapshots")
+    return LayerInfo(
+        name=name,
+        param_name=str(_plain(a["param_name"])),
+        kind=str(_plain(a["kind"])),
+        orig_shape=orig,
+        shape=(m, n),
+        transposed=bool(transposed),
+        storage_dtype=storage,
+    )
+
+
+def _names_encoded(file: h5py.File) -> bool:
+    version = _plain(file.attrs.get("format_version", ""))
+    return fmt.at_least(str(version), fmt.NAMES_ENCODED_SINCE)
 
 
 def check_header(path: Path, file: h5py.File) -> None:
@@ -345,15 +450,21 @@ def open_run(path: str | os.PathLike) -> Run:
         )
     if path.is_dir():
         raise RunFileError(f"Expected a run file but {path} is a directory.")
-    if not h5py.is_hdf5(path):
+    if not has_signature(path) and not h5py.is_hdf5(path):
         raise RunFileError(
             f"{path} is not an HDF5 file (no HDF5 signature). Pass a run file "
             "written by `bstab record`."
         )
-    file = _open_h5(path)
+    file = open_readonly(path)
     try:
         check_header(path, file)
         return Run(path, file)
-    except Exception:
+    except RunFileError:
+        file.close()
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+        file.close()  # damaged metadata that HDF5 could open but not read
+        raise _damaged(path, f"its structure cannot be read ({_first_line(exc)})") from None
+    except BaseException:
         file.close()
         raise

@@ -19,7 +19,8 @@ import numpy as np
 from ..errors import RunFileError
 from ..views import tall_shape
 from . import format as fmt
-from .reader import _open_h5, _plain
+from .h5io import has_signature, open_readonly
+from .reader import _plain
 
 
 @dataclass(frozen=True)
@@ -178,14 +179,23 @@ def _check_events(report: ValidationReport, f: h5py.File, spec: dict) -> None:
         try:
             if not isinstance(json.loads(row.decode()), dict):
                 raise ValueError
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
             report.add("error", "/events", f"row {i} is not a JSON object")
             return
 
 
-def _check_layer(report: ValidationReport, name: str, ds: object, spec: dict, n: int) -> None:
+def _check_layer(
+    report: ValidationReport, name: str, ds: object, spec: dict, n: int, n_now: int
+) -> None:
     where = f"/layers/{name}"
     rule = spec["layer"]
+    if isinstance(ds, h5py.Group):
+        report.add(
+            "error",
+            where,
+            "is a group, not a dataset (a '/' in a layer name, written before format 1.2?)",
+        )
+        return
     if not isinstance(ds, h5py.Dataset):
         report.add("error", where, "is not a dataset")
         return
@@ -198,6 +208,9 @@ def _check_layer(report: ValidationReport, name: str, ds: object, spec: dict, n:
     if storage in rule["dtypes"] and ds.dtype != np.dtype(rule["dtypes"][storage]):
         report.add("error", where, f"dtype {ds.dtype} does not store {storage}")
     m, k = ds.shape[1:]
+    if m == 0 or k == 0:
+        report.add("error", where, f"matrix {m}x{k} is empty")
+        return
     if m < k:
         report.add("error", where, f"matrix {m}x{k} is not tall (rows >= columns)")
     if ds.chunks != (1, m, k):
@@ -218,8 +231,8 @@ def _check_layer(report: ValidationReport, name: str, ds: object, spec: dict, n:
         report.add("error", where, f"has {rows} snapshots but /snapshots commits {n}")
     elif rows == n + 1:
         report.add("info", where, "holds a half-written last snapshot that readers ignore")
-    elif rows > n + 1:
-        report.add("error", where, f"has {rows} rows for {n} committed snapshots")
+    elif rows > n_now + 1:  # n_now: the count after this layer was opened (a live writer)
+        report.add("error", where, f"has {rows} rows for {n_now} committed snapshots")
     _check_finite(report, where, ds, storage, min(rows, n))
 
 
@@ -228,7 +241,12 @@ def _check_finite(
 ) -> None:
     bad = []
     for t in range(n):
-        mat = fmt.decode(ds[t], storage) if storage in fmt.STORAGE_DTYPES else ds[t]
+        try:
+            raw = ds[t]  # reading a row verifies its checksum
+        except (OSError, RuntimeError) as exc:
+            report.add("error", where, f"snapshot {t} cannot be read ({_reason(exc)})")
+            continue
+        mat = fmt.decode(raw, storage) if storage in fmt.STORAGE_DTYPES else raw
         if not np.isfinite(mat).all():
             bad.append(t)
     if bad:
@@ -236,8 +254,63 @@ def _check_finite(
         report.add("warning", where, f"NaN/Inf values in {len(bad)} snapshot(s): {shown}")
 
 
+def _reason(exc: BaseException) -> str:
+    text = str(exc).split("\n")[0][:160]
+    if "checksum" in text.lower() or "filter" in text.lower():
+        return f"it fails its checksum: {text}"
+    return text
+
+
+def _check_checksums(report: ValidationReport, f: h5py.File) -> None:
+    """Since format 1.2 every dataset carries fletcher32; older files cannot detect damage."""
+    version = str(_plain(f.attrs.get("format_version", "")))
+    unchecked = []
+
+    def visit(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset) and not obj.fletcher32:
+            unchecked.append(name)
+
+    f.visititems(visit)
+    if not fmt.at_least(version, fmt.CHECKSUMS_SINCE):
+        report.add(
+            "warning",
+            "/",
+            f"format {version} predates checksums (1.2): damaged data cannot be detected",
+        )
+    elif unchecked:
+        shown = ", ".join(unchecked[:5]) + (" ..." if len(unchecked) > 5 else "")
+        report.add("error", "/", f"dataset(s) without their fletcher32 checksum: {shown}")
+
+
+def _check_layers(report: ValidationReport, f: h5py.File, spec: dict, n: int) -> None:
+    layers = f.get("layers")
+    if not isinstance(layers, h5py.Group):
+        return  # reported by _check_root
+    if not len(layers):
+        report.add("error", "/layers", "holds no layer")
+    seen: dict[int, str] = {}
+    for name in layers:
+        link = layers.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            report.add("error", f"/layers/{name}", f"is a {type(link).__name__}, not a dataset")
+            continue
+        ds = layers.get(name)
+        key = hash(ds.id)
+        if key in seen:
+            report.add("error", f"/layers/{name}", f"is a second name for /layers/{seen[key]}")
+            continue
+        seen[key] = name
+        n_now = n
+        if f.swmr_mode:  # a live writer: it may have committed more since /snapshots was read
+            f["snapshots"].refresh()
+            n_now = len(f["snapshots"])
+        _check_layer(report, name, ds, spec, n, n_now)
+
+
 def validate_run(path: str | os.PathLike) -> ValidationReport:
     """Check ``path`` against the format description; never raises for a bad file.
+
+    Every committed row of every dataset is read, which verifies its checksum (format 1.2).
 
     Returns:
         A :class:`ValidationReport`; ``report.ok`` is False when any finding is an error.
@@ -245,28 +318,41 @@ def validate_run(path: str | os.PathLike) -> ValidationReport:
     path = Path(path)
     report = ValidationReport(path)
     spec = fmt.format_description()
+    if path.is_dir():
+        report.add("error", str(path), "is a directory; pass a run file (RUN.h5)")
+        return report
     if not path.is_file():
         report.add("error", str(path), "no such file")
         return report
-    if not h5py.is_hdf5(path):
+    if not has_signature(path) and not h5py.is_hdf5(path):
         report.add("error", str(path), "not an HDF5 file")
         return report
     try:
-        f = _open_h5(path)
+        f = open_readonly(path)
     except RunFileError as exc:
         report.add("error", str(path), str(exc))
         return report
     with f:
-        _check_root(report, f, spec)
-        if not report.ok and "format" not in f.attrs:
-            return report
-        n = report.n_snapshots = _check_snapshots(report, f, spec)
-        _check_metrics(report, f, spec, n)
-        _check_events(report, f, spec)
-        layers = f.get("layers")
-        if isinstance(layers, h5py.Group):
-            if not len(layers):
-                report.add("error", "/layers", "holds no layer")
-            for name, ds in layers.items():
-                _check_layer(report, name, ds, spec, n)
+        try:
+            _validate_open(report, f, spec)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+            report.add("error", str(path), f"cannot be read further ({_reason(exc)})")
     return report
+
+
+def _validate_open(report: ValidationReport, f: h5py.File, spec: dict) -> None:
+    _check_root(report, f, spec)
+    if not report.ok and "format" not in f.attrs:
+        return
+    n = report.n_snapshots = _check_snapshots(report, f, spec)
+    checks = (
+        ("/metrics", lambda: _check_metrics(report, f, spec, n)),
+        ("/events", lambda: _check_events(report, f, spec)),
+    )
+    for where, check in checks:
+        try:
+            check()
+        except (OSError, RuntimeError) as exc:
+            report.add("error", where, f"cannot be read ({_reason(exc)})")
+    _check_checksums(report, f)
+    _check_layers(report, f, spec, n)

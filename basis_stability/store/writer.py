@@ -13,9 +13,11 @@ Crash safety comes from three rules, each measured on these machines:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -25,9 +27,18 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import ConfigError, RunExistsError, RunFileError, RunMismatchError, expected
+from ..errors import (
+    ConfigError,
+    RunExistsError,
+    RunFileError,
+    RunLockedError,
+    RunMismatchError,
+    WriteFailedError,
+    expected,
+)
 from ..views import LayerView
 from . import format as fmt
+from .lock import WriterLock, other_openers
 
 log = logging.getLogger(__name__)
 
@@ -64,41 +75,85 @@ def _root_attrs(model_class: str, storage_dtype: str, config: Mapping[str, Any])
     }
 
 
+# ----------------------------------------------------------------- the layout, declared once
+# Every dataset carries HDF5's fletcher32 checksum (format 1.2): damaged data is an error on
+# read, never a silently different number. Rows of a layer are one chunk each.
+_CHECKSUM = {"fletcher32": True}
+
+
+def _layer_dataset(group: h5py.Group, name: str, shape: tuple[int, int], dtype, rows: int = 0):
+    return group.create_dataset(
+        name,
+        shape=(rows, *shape),
+        maxshape=(None, *shape),
+        chunks=(1, *shape),
+        dtype=dtype,
+        **_CHECKSUM,
+    )
+
+
+def _table_datasets(f: h5py.File, snapshots=None, events=None, names=None, values=None) -> None:
+    """``/snapshots``, ``/events`` and ``/metrics``, empty or holding the given rows."""
+
+    def make(path, dtype, chunks, data, ndim=1, **kw):
+        shape = (0,) * ndim if data is None else None
+        f.create_dataset(
+            path,
+            shape=shape,
+            data=data,
+            maxshape=(None,) * ndim,
+            chunks=chunks,
+            dtype=dtype,
+            **_CHECKSUM,
+            **kw,
+        )
+
+    make("snapshots", fmt.SNAPSHOT_DTYPE, (256,), snapshots)
+    make("events", fmt.EVENT_DTYPE, (16,), events)
+    f.require_group("metrics")
+    make("metrics/names", fmt.NAME_DTYPE, (64,), names)
+    make("metrics/values", "<f8", (256, 16), values, ndim=2, fillvalue=np.nan)
+
+
 def _create_skeleton(f: h5py.File, layers: Sequence[LayerView], attrs: Mapping[str, Any]) -> None:
     for key, value in attrs.items():
         f.attrs[key] = str(value)  # str(): torch.__version__ is a str subclass h5py rejects
     group = f.create_group("layers", track_order=True)
     disk_dtype = fmt.h5_dtype(attrs["storage_dtype"])
     for view in layers:
-        m, n = view.shape
-        ds = group.create_dataset(
-            view.name, shape=(0, m, n), maxshape=(None, m, n), chunks=(1, m, n), dtype=disk_dtype
-        )
+        ds = _layer_dataset(group, fmt.encode_name(view.name), view.shape, disk_dtype)
         ds.attrs["param_name"] = view.param_name
         ds.attrs["kind"] = view.kind
         ds.attrs["orig_shape"] = np.asarray(view.orig_shape, dtype=np.int64)
         ds.attrs["transposed"] = bool(view.transposed)
         ds.attrs["storage_dtype"] = attrs["storage_dtype"]
-    f.create_dataset(
-        "snapshots", shape=(0,), maxshape=(None,), chunks=(256,), dtype=fmt.SNAPSHOT_DTYPE
-    )
-    f.create_dataset("events", shape=(0,), maxshape=(None,), chunks=(16,), dtype=fmt.EVENT_DTYPE)
-    metrics = f.create_group("metrics")
-    metrics.create_dataset(
-        "names", shape=(0,), maxshape=(None,), chunks=(64,), dtype=fmt.NAME_DTYPE
-    )
-    metrics.create_dataset(
-        "values",
-        shape=(0, 0),
-        maxshape=(None, None),
-        chunks=(256, 16),
-        dtype="<f8",
-        fillvalue=np.nan,
-    )
+    _table_datasets(f)
+
+
+def _cause(exc: BaseException) -> str:
+    """The operating system's words from an HDF5 write error ("No space left on device")."""
+    text = str(exc)
+    match = re.search(r"error message = '([^']+)'", text)
+    if match:
+        return match.group(1)
+    return text.split("\n")[0][:200]
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # AttributeError: no statvfs on Windows
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 class RunWriter:
     """Writes one run file. Use :meth:`create` or :meth:`resume`, then :meth:`append`.
+
+    A writer holds the run's writer lock (:mod:`basis_stability.store.lock`) until it closes, so
+    a second writer of the same run is refused instead of destroying it. A write error (a full
+    disk) commits nothing: the file keeps every earlier snapshot, the writer stops, and the
+    error names the path and the cause.
 
     Example:
         >>> w = RunWriter.create("run.h5", views, model_class="MLP")  # doctest: +SKIP
@@ -106,19 +161,27 @@ class RunWriter:
         >>> w.close()  # doctest: +SKIP
     """
 
-    def __init__(self, f: h5py.File, path: Path, layers: Sequence[LayerView]) -> None:
+    def __init__(
+        self, f: h5py.File, path: Path, layers: Sequence[LayerView], lock: WriterLock
+    ) -> None:
         self._f = f
+        self._lock = lock
         self.path = path
         self.layers = list(layers)
         self.storage_dtype = str(f.attrs["storage_dtype"])
-        self._datasets = [f["layers"][v.name] for v in self.layers]
+        encode = fmt.encode_name if _names_encoded(f) else str
+        self._datasets = [f["layers"][encode(v.name)] for v in self.layers]
         self._layouts = [(ds.shape[1:], ds.dtype) for ds in self._datasets]  # (m, n), dtype
+        self._snapshot_bytes = sum(
+            ds.dtype.itemsize * int(np.prod(ds.shape[1:])) for ds in self._datasets
+        )
         self._index = f["snapshots"]
         self._names_ds = f["metrics/names"]
         self._values_ds = f["metrics/values"]
         self.metric_names = [n.decode() for n in self._names_ds[:]]
         self.n_snapshots = len(self._index)
         self._t0 = time.perf_counter() - (self._index[-1]["wall_time"] if self.n_snapshots else 0)
+        self._failed: str | None = None  # why the writer stopped, after a write error
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -132,19 +195,35 @@ class RunWriter:
         config: Mapping[str, Any] | None = None,
         force: bool = False,
     ) -> RunWriter:
-        """Create a new run file; refuses to replace an existing one unless ``force``."""
+        """Create a new run file; refuses to replace an existing one unless ``force``.
+
+        Raises:
+            RunExistsError: the file exists and ``force`` is False.
+            RunLockedError: another writer holds the run (also with ``force``).
+        """
         path = Path(path)
         _check_dtype(storage_dtype)
-        if path.exists() and not force:
-            raise RunExistsError(
-                f"{path} already exists. Pass force=True (--force) to replace it,"
-                " resume it (mode='append'), or choose another path."
-            )
         if path.is_dir():
             raise RunFileError(f"Expected the run path to be a file but {path} is a directory.")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not force:
+            raise _exists(path)
+        _make_parent(path)
+        lock = WriterLock.acquire(path, "overwrite" if force else "create")
+        try:
+            return cls._create_locked(path, layers, lock, model_class, storage_dtype, config, force)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _create_locked(cls, path, layers, lock, model_class, storage_dtype, config, force):
+        if path.exists() and not force:  # appeared while we took the lock
+            raise _exists(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        f = h5py.File(tmp, "w", libver="latest")
+        try:
+            f = h5py.File(tmp, "w", libver="latest")
+        except OSError as exc:
+            raise _write_error(path, "create", exc) from None
         try:
             _create_skeleton(f, layers, _root_attrs(model_class, storage_dtype, config or {}))
             f.flush()
@@ -161,11 +240,15 @@ class RunWriter:
                 f"{path} appeared while it was being created; nothing was "
                 "overwritten. Choose another path."
             ) from None
+        except (OSError, RuntimeError) as exc:
+            _abandon(f)
+            tmp.unlink(missing_ok=True)
+            raise _write_error(path, "create", exc) from None
         except BaseException:
-            f.close()
+            _abandon(f)
             tmp.unlink(missing_ok=True)
             raise
-        return cls(f, path, layers)
+        return cls(f, path, layers, lock)
 
     @classmethod
     def resume(
@@ -178,7 +261,8 @@ class RunWriter:
         """Re-open a run to append after its last complete snapshot.
 
         A half-written last snapshot is dropped. A file whose writer was killed is first
-        recovered (its committed snapshots copied into a fresh file that replaces it).
+        recovered (its committed snapshots copied into a fresh file that replaces it); a file
+        whose writer is alive is refused.
 
         Args:
             path: the run file.
@@ -192,63 +276,27 @@ class RunWriter:
                 (default: the last kept snapshot's step).
 
         Raises:
+            RunLockedError: another process is writing the run.
             RunMismatchError: the run holds a different layer set or shapes.
         """
-        from .reader import open_run
-
         path = Path(path)
-        with open_run(path) as run:  # validates format, version and readability
-            recorded = {info.name: info.shape for info in run.layers}
-        wanted = {v.name: v.shape for v in layers}
-        if recorded != wanted:
-            raise RunMismatchError(_mismatch_message(path, recorded, wanted))
-        try:
-            f = h5py.File(path, "r+", libver="latest")
-        except OSError as exc:
-            if _FLAG_ERROR not in str(exc):
-                raise RunFileError(
-                    f"Cannot open {path} for appending: {exc}. Another process may "
-                    "be writing it; wait for it to finish."
-                ) from None
-            recover(path)
-            f = h5py.File(path, "r+", libver="latest")
-        committed = len(f["snapshots"])
-        if keep is not None and keep < 0:
-            f.close()
+        if keep is not None and (isinstance(keep, bool) or keep < 0):
             raise ConfigError(expected("keep", "a snapshot count >= 0", keep, "Use e.g. 1."))
-        if keep is not None and keep <= committed:
-            keep_steps = f["snapshots"][:keep]["step"]
-            # the checkpoint's step, else the last kept snapshot's (-1: unknown, keep all events)
-            last = step if step is not None else int(keep_steps[-1]) if keep else -1
-            later = _events_after(f, last) if last >= 0 else []
-            if keep < committed or later:
-                f.close()
-                backup = _backup(path, committed)
-                f = h5py.File(path, "r+", libver="latest")
-                f["snapshots"].resize(keep, axis=0)
-                # the abandoned training's decisions go too (the resumed one logs its own again)
-                _keep_events(f, later)
-                log.warning(
-                    "%s: resuming at step %d after snapshot %d (training was rolled back to a "
-                    "checkpoint); %d later snapshot(s) and %d later event(s) are dropped from the "
-                    "run and kept in %s",
-                    path,
-                    last,
-                    keep - 1,
-                    committed - keep,
-                    len(later),
-                    backup,
-                )
-                committed = keep
-        for ds in f["layers"].values():
-            if ds.shape[0] != committed:
-                ds.resize(committed, axis=0)
-        values = f["metrics/values"]
-        if values.shape[0] > committed:
-            values.resize(committed, axis=0)
-        f.flush()
-        f.swmr_mode = True
-        return cls(f, path, layers)
+        lock = WriterLock.acquire(path, "append to")
+        try:
+            f = _open_for_append(path, layers, lock)
+            try:
+                f, committed = _roll_back(f, path, keep, step)
+                _truncate_to(f, committed)
+                f.flush()
+                f.swmr_mode = True
+            except BaseException:
+                _abandon(f)
+                raise
+            return cls(f, path, layers, lock)
+        except BaseException:
+            lock.release()
+            raise
 
     # ----------------------------------------------------------------- writing
     def append(
@@ -261,6 +309,10 @@ class RunWriter:
     ) -> int:
         """Write one snapshot and commit it.
 
+        The layer rows and metrics are written and flushed first; only then is the snapshot
+        committed (``/snapshots`` grown) and flushed again, so a committed snapshot's data is
+        always in the file.
+
         Args:
             matrices: one array per layer, in layer order, each of the layer's tall shape and of
                 the on-disk dtype (see :func:`basis_stability.store.format.h5_dtype`). It may be a
@@ -271,9 +323,31 @@ class RunWriter:
 
         Returns:
             The index of the snapshot written.
+
+        Raises:
+            WriteFailedError: the disk is full (checked before writing) or a write failed;
+                nothing of this snapshot is committed and the writer is closed.
         """
+        self._check_usable()
         t = self.n_snapshots
+        self._check_space(t)
         row = self._metric_row(metrics or {})
+        try:
+            self._write_rows(t, matrices, row)
+            self._f.flush()  # the data reaches the file before the commit below
+            entry = np.array(
+                [(step, epoch, time.perf_counter() - self._t0, time.time())],
+                dtype=fmt.SNAPSHOT_DTYPE,
+            )
+            self._index.resize(t + 1, axis=0)
+            self._index[t] = entry[0]  # the commit: readers count rows of /snapshots
+            self._f.flush()
+        except (OSError, RuntimeError) as exc:
+            raise self._fail(f"writing snapshot {t}", exc) from None
+        self.n_snapshots = t + 1
+        return t
+
+    def _write_rows(self, t: int, matrices: Iterable[np.ndarray], row: np.ndarray | None) -> None:
         for ds, (shape, dtype), arr in zip(self._datasets, self._layouts, matrices, strict=True):
             if arr.shape != shape:
                 raise ConfigError(
@@ -291,18 +365,47 @@ class RunWriter:
             if self._values_ds.shape != (t + 1, len(self.metric_names)):
                 self._values_ds.resize((t + 1, len(self.metric_names)))
             self._values_ds[t] = row
-        entry = np.array(
-            [(step, epoch, time.perf_counter() - self._t0, time.time())], dtype=fmt.SNAPSHOT_DTYPE
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise WriteFailedError(
+                f"The writer of {self.path} stopped after an earlier write error "
+                f"({self._failed}); the run keeps its {self.n_snapshots} committed snapshots. "
+                "Fix the cause, then resume it with mode='append'."
+            )
+        if not self._f.id.valid:
+            raise RunFileError(
+                f"The writer of {self.path} is closed; open a new one (mode='append') to add "
+                "snapshots."
+            )
+
+    def _check_space(self, t: int) -> None:
+        """Refuse a snapshot the disk cannot hold, before writing any of it."""
+        free = _free_bytes(self.path.parent)
+        need = self._snapshot_bytes + (1 << 20)  # the rows plus room for metadata
+        if free is not None and free < need:  # the writer stays usable once space is freed
+            raise WriteFailedError(
+                f"No space left for snapshot {t} of {self.path}: it needs about "
+                f"{_mib(need)} and the disk has {_mib(free)} free. The run keeps its {t} "
+                "committed snapshots; free space, then resume it with mode='append'."
+            )
+
+    def _fail(self, what: str, exc: BaseException) -> WriteFailedError:
+        """Stop after a write error: leave the file as it last reached the disk."""
+        self._failed = _cause(exc)
+        _abandon(self._f)
+        self._lock.release()
+        committed = _committed_count(self.path)
+        return WriteFailedError(
+            f"{what.capitalize()} to {self.path} failed: {self._failed}. Nothing of it was "
+            f"committed; the run keeps its {committed} earlier snapshots. Fix the cause (free "
+            "space), then resume it with mode='append'."
         )
-        self._index.resize(t + 1, axis=0)
-        self._index[t] = entry[0]  # the commit: readers count rows of /snapshots
-        self._f.flush()
-        self.n_snapshots = t + 1
-        return t
 
     def log_event(self, event: Mapping[str, Any]) -> bool:
         """Append one decision (a JSON object) to ``/events`` and flush; False when the run
         predates format 1.1 and has no ``/events``."""
+        self._check_usable()
         ds = self._f.get("events")
         if ds is None:
             return False
@@ -316,9 +419,12 @@ class RunWriter:
                     "Log fewer numbers per event.",
                 )
             )
-        ds.resize(ds.shape[0] + 1, axis=0)
-        ds[-1] = text
-        self._f.flush()
+        try:
+            ds.resize(ds.shape[0] + 1, axis=0)
+            ds[-1] = text
+            self._f.flush()
+        except (OSError, RuntimeError) as exc:
+            raise self._fail("logging an event", exc) from None
         return True
 
     def _metric_row(self, metrics: Mapping[str, float]) -> np.ndarray | None:
@@ -353,16 +459,155 @@ class RunWriter:
                 ) from None
         return row
 
+    @property
+    def closed(self) -> bool:
+        return not self._f.id.valid
+
     def close(self) -> None:
-        if self._f.id.valid:
-            self._f.flush()
-            self._f.close()
+        """Flush, close and release the writer lock (idempotent)."""
+        try:
+            if self._f.id.valid:
+                try:
+                    self._f.flush()
+                except (OSError, RuntimeError) as exc:
+                    raise self._fail("closing the run", exc) from None
+                self._f.close()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> RunWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _names_encoded(f: h5py.File) -> bool:
+    return fmt.at_least(str(f.attrs.get("format_version", "")), fmt.NAMES_ENCODED_SINCE)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _exists(path: Path) -> RunExistsError:
+    return RunExistsError(
+        f"{path} already exists. Pass mode='overwrite' (on the command line: --force) to "
+        "replace it, mode='append' to resume it, or choose another path; nothing was written."
+    )
+
+
+def _write_error(path: Path, action: str, exc: BaseException) -> RunFileError:
+    return WriteFailedError(
+        f"Cannot {action} {path}: {_cause(exc)}. Free space or choose a writable path "
+        "(--output); nothing was written."
+    )
+
+
+def _make_parent(path: Path) -> None:
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise RunFileError(
+            f"Cannot write {path}: {parent} is a file, not a folder. Choose another path."
+        )
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunFileError(
+            f"Cannot create the folder {parent} for {path} ({exc.strerror}). Choose a "
+            "writable path."
+        ) from None
+
+
+def _abandon(f: h5py.File) -> None:
+    """Close an HDF5 file after a write error without letting HDF5 write again.
+
+    After a failed flush HDF5 still holds dirty metadata; closing normally retries those writes
+    (which fail again, then crash the interpreter at exit). The file's descriptor is pointed at
+    /dev/null first, so the file on disk stays exactly as it last reached the disk: consistent
+    (SWMR orders its writes as for a crash) and holding every earlier committed snapshot.
+    """
+    if not f.id.valid:
+        return
+    try:
+        fd = f.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd)
+        os.close(null)
+    except (OSError, RuntimeError, ValueError, TypeError):
+        pass
+    with contextlib.suppress(Exception):  # what HDF5 says closing onto /dev/null is moot
+        f.close()
+
+
+def _committed_count(path: Path) -> int | str:
+    from .reader import open_run
+
+    try:
+        with open_run(path) as run:
+            return run.n_snapshots
+    except Exception:
+        return "all"
+
+
+def _open_for_append(path: Path, layers: Sequence[LayerView], lock: WriterLock) -> h5py.File:
+    """Open a run for writing under its lock: layers checked, a dead writer's file recovered."""
+    from .reader import open_run
+
+    with open_run(path) as run:  # validates format, version and readability
+        recorded = {info.name: info.shape for info in run.layers}
+    wanted = {v.name: v.shape for v in layers}
+    if recorded != wanted:
+        raise RunMismatchError(_mismatch_message(path, recorded, wanted))
+    try:
+        return h5py.File(path, "r+", libver="latest")
+    except OSError as exc:
+        if _FLAG_ERROR not in str(exc):
+            raise RunFileError(f"Cannot open {path} for appending: {exc}.") from None
+    # we hold the lock, so the writer that left the flag set is dead
+    recover(path, _lock=lock)
+    return h5py.File(path, "r+", libver="latest")
+
+
+def _roll_back(
+    f: h5py.File, path: Path, keep: int | None, step: int | None
+) -> tuple[h5py.File, int]:
+    """Drop the snapshots after ``keep`` (and later events), after backing the closed file up
+    (byte for byte); returns the re-opened file and its committed count."""
+    committed = len(f["snapshots"])
+    if keep is None or keep > committed:
+        return f, committed
+    keep_steps = f["snapshots"][:keep]["step"]
+    # the checkpoint's step, else the last kept snapshot's (-1: unknown, keep all events)
+    last = step if step is not None else int(keep_steps[-1]) if keep else -1
+    later = _events_after(f, last) if last >= 0 else []
+    if keep == committed and not later:
+        return f, committed
+    f.close()
+    backup = _backup(path, committed)
+    f = h5py.File(path, "r+", libver="latest")
+    f["snapshots"].resize(keep, axis=0)
+    _keep_events(f, later)  # the abandoned training's decisions go (the resumed one logs anew)
+    log.warning(
+        "%s: resuming at step %d after snapshot %d (training was rolled back to a checkpoint); "
+        "%d later snapshot(s) and %d later event(s) are dropped from the run and kept in %s",
+        path,
+        last,
+        keep - 1,
+        committed - keep,
+        len(later),
+        backup,
+    )
+    return f, keep
+
+
+def _truncate_to(f: h5py.File, committed: int) -> None:
+    for ds in f["layers"].values():
+        if ds.shape[0] != committed:
+            ds.resize(committed, axis=0)
+    values = f["metrics/values"]
+    if values.shape[0] > committed:
+        values.resize(committed, axis=0)
 
 
 def _mismatch_message(path: Path, recorded: dict, wanted: dict) -> str:
@@ -428,67 +673,85 @@ def _backup(path: Path, committed: int) -> Path:
     raise RunFileError(f"Cannot find a free backup name beside {path}; remove old backups.")
 
 
-def recover(path: str | os.PathLike) -> int:
+def recover(path: str | os.PathLike, *, _lock: WriterLock | None = None) -> int:
     """Rebuild a run whose writer was killed, keeping every committed snapshot.
 
     HDF5 refuses to re-open for writing a file whose SWMR writer died (its consistency flag stays
     set), but SWMR readers can still read it. This copies the committed snapshots into a fresh
     file beside it and atomically replaces the original; the half-written snapshot, if any, is
-    dropped, as every reader drops it.
+    dropped, as every reader drops it. It refuses a run whose writer is alive (it holds the
+    writer lock) and one that another process has open (it would keep reading the old file).
 
     Returns:
         The number of snapshots kept.
-    """
-    from .reader import open_run
 
+    Raises:
+        RunLockedError: a writer is alive, or another process has the file open.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.recover")
-    with open_run(path) as run, h5py.File(tmp, "w", libver="latest") as out:
-        src = run._file
-        for key, value in src.attrs.items():
-            out.attrs[key] = value
-        group = out.create_group("layers", track_order=True)
-        for info in run.layers:
-            ds = src["layers"][info.name]
-            new = group.create_dataset(
-                info.name,
-                shape=(run.n_snapshots, *info.shape),
-                maxshape=(None, *info.shape),
-                chunks=(1, *info.shape),
-                dtype=ds.dtype,
+    lock = _lock or WriterLock.acquire(path, "recover")
+    try:
+        openers = other_openers(path)
+        if openers:
+            raise RunLockedError(
+                f"Cannot recover {path}: process(es) {', '.join(map(str, openers[:5]))} have it "
+                "open, and recovery replaces the file. Close them (e.g. a `bstab analyze "
+                "--follow`), then retry; nothing was changed."
             )
-            for t in range(run.n_snapshots):
-                new[t] = ds[t]
-            for key, value in ds.attrs.items():
-                new.attrs[key] = value
-        out.create_dataset(
-            "snapshots", data=src["snapshots"][: run.n_snapshots], maxshape=(None,), chunks=(256,)
-        )
-        if "events" in src:  # format >= 1.1
-            out.create_dataset(
-                "events",
-                data=src["events"][:],
-                maxshape=(None,),
-                chunks=(16,),
-                dtype=fmt.EVENT_DTYPE,
-            )
-        metrics = out.create_group("metrics")
-        names = src["metrics/names"][:]
-        metrics.create_dataset(
-            "names", data=names, maxshape=(None,), chunks=(64,), dtype=fmt.NAME_DTYPE
-        )
-        values = src["metrics/values"][: run.n_snapshots, : len(names)]
-        metrics.create_dataset(
-            "values",
-            data=values,
-            maxshape=(None, None),
-            chunks=(256, 16),
-            dtype="<f8",
-            fillvalue=np.nan,
-        )
-        kept = run.n_snapshots
-    os.replace(tmp, path)
+        kept = _copy_committed(path)
+    finally:
+        if _lock is None:
+            lock.release()
     log.warning(
         "Recovered %s after an interrupted writer: kept %d committed snapshots.", path, kept
     )
     return kept
+
+
+def _copy_committed(path: Path) -> int:
+    from .reader import open_run
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.recover")
+    free = _free_bytes(path.parent)
+    if free is not None and free < os.path.getsize(path) + (1 << 20):
+        raise WriteFailedError(
+            f"Cannot recover {path}: the copy needs about {_mib(os.path.getsize(path))} and the "
+            f"disk has {_mib(free)} free. Free space, then retry; nothing was changed."
+        )
+    try:
+        with open_run(path) as run, h5py.File(tmp, "w", libver="latest") as out:
+            _copy_run(run, out)
+            kept = run.n_snapshots
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, RunFileError):
+            raise
+        raise WriteFailedError(
+            f"Cannot recover {path}: writing the copy failed ({_cause(exc)}); the run is "
+            "unchanged. Fix the cause, then retry."
+        ) from None
+    os.replace(tmp, path)
+    return kept
+
+
+def _copy_run(run: Any, out: h5py.File) -> None:
+    """The committed part of an open run, copied into an empty file (stored names kept)."""
+    src = run.h5
+    n = run.n_snapshots
+    for key, value in src.attrs.items():
+        out.attrs[key] = value
+    group = out.create_group("layers", track_order=True)
+    for stored, ds in src["layers"].items():
+        new = _layer_dataset(group, stored, ds.shape[1:], ds.dtype, rows=n)
+        for t in range(n):
+            new[t] = ds[t]
+        for key, value in ds.attrs.items():
+            new.attrs[key] = value
+    names = src["metrics/names"][:]
+    _table_datasets(
+        out,
+        snapshots=src["snapshots"][:n],
+        events=src["events"][:] if "events" in src else None,  # format >= 1.1
+        names=names,
+        values=src["metrics/values"][:n, : len(names)],
+    )
