@@ -423,6 +423,8 @@ def rank_trajectories(
     """Draw one rank measure of every layer against epoch, one line per layer.
 
     Up to 12 layers get a legend; more are coloured by depth with a "layer depth" colour bar.
+    Layers without a finite value (NaN/Inf weights throughout) get no line; a note on the axes
+    names them.
 
     Args:
         ranks: the ranks frame (columns layer, epoch and ``column``).
@@ -430,7 +432,7 @@ def rank_trajectories(
         ax: axes to draw on; a new figure is made when None.
 
     Returns:
-        The axes; ``ax.lines`` holds one line per layer in model order.
+        The axes; ``ax.lines`` holds one line per drawn layer in model order.
 
     Example:
         >>> ax = rank_trajectories(ranks, column="effective_rank")
@@ -440,20 +442,35 @@ def rank_trajectories(
     _check_frame(ranks, "ranks", ["layer", "epoch"])
     _check_column(ranks, "ranks", "column", column)
     layers = _layer_order(ranks)
+    drawable = np.isfinite(ranks[column].to_numpy(float))
+    undefined = [name for name in layers if not drawable[(ranks["layer"] == name).to_numpy()].any()]
     ax = _axes(ax)
     depth = ScalarMappable(Normalize(0, max(len(layers) - 1, 1)), plt.get_cmap("viridis"))
     few = len(layers) <= 12
     for j, (layer, one) in enumerate(ranks.groupby("layer", sort=False)):
+        if layer in undefined:
+            continue
         one = one.sort_values("epoch")
         if few:  # ten distinct colours, then dashed
             style = {"color": f"C{j % 10}", "ls": "-" if j < 10 else "--"}
         else:
             style = {"color": depth.to_rgba(j), "lw": 1.0}
         ax.plot(one["epoch"], one[column], label=str(layer), **style)
-    if few:
+    if few and len(undefined) < len(layers):
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", title="layer")
-    else:
+    elif not few:
         ax.figure.colorbar(depth, ax=ax, label="layer depth (0 = first layer)")
+    if undefined:
+        shown = ", ".join(map(str, undefined[:5])) + (" ..." if len(undefined) > 5 else "")
+        ax.text(
+            0.02,
+            0.98,
+            f"not drawn (no finite value): {shown}",
+            transform=ax.transAxes,
+            va="top",
+            fontsize="small",
+            gid="undefined",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel(RANK_LABELS.get(column, column))
     ax.set_title(f"{column.replace('_', ' ').capitalize()} of each layer over training")

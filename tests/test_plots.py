@@ -277,6 +277,20 @@ def test_rank_trajectories_colour_bar_for_many_layers():
     assert ax.lines[0].get_color() != ax.lines[-1].get_color()
 
 
+def test_rank_trajectories_skip_and_name_a_layer_without_finite_values():
+    frame = ranks_frame(LAYERS)
+    frame.loc[frame.layer == "conv", "stable_rank"] = np.nan  # NaN weights in every snapshot
+    ax = plots.rank_trajectories(frame)
+    assert [line.get_label() for line in ax.lines] == ["fc2", "attn"]
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), frame[frame.layer == "attn"].stable_rank)
+    notes = [t.get_text() for t in ax.texts if t.get_gid() == "undefined"]
+    assert notes == ["not drawn (no finite value): conv"]
+    frame["stable_rank"] = np.nan  # nothing finite at all: an empty, annotated figure
+    ax = plots.rank_trajectories(frame)
+    assert not ax.lines and ax.get_legend() is None
+    assert "fc2, conv, attn" in ax.texts[-1].get_text()
+
+
 def test_beta_curve_marks_the_chosen_beta_and_its_share():
     frame = beta_frame()
     ax = plots.beta_curve(frame, beta=0.2)
