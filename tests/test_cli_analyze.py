@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shutil
 import threading
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 
 from basis_stability import open_run
 from basis_stability.analyze import analyze
-from basis_stability.analyze.output import TABLES
+from basis_stability.analyze.output import MANIFEST, TABLES
 from basis_stability.cli import main
 from basis_stability.recommend import Plan
 from basis_stability.store import RunWriter
@@ -109,7 +110,10 @@ def test_analyze_prints_the_table_and_writes_tables_plan_and_plots(run_path: Pat
     assert plan == api.plan
     assert set(plan.ranks) == set(names)
     written = int(result.output.split("wrote ")[1].split()[0])
-    assert written == len(list(out.iterdir()))
+    assert written == len([p for p in out.iterdir() if p.name != MANIFEST])
+    assert set(json.loads((out / MANIFEST).read_text())["files"]) == {
+        p.name for p in out.iterdir() if p.name != MANIFEST
+    }  # every file written is listed as ours
     if _plots_module() is None:
         return
     for stem in PLOTS:

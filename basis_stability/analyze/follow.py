@@ -36,21 +36,25 @@ def follow_analysis(
     poll: float = 5.0,
     idle_timeout: float = 600.0,
     progress: bool = True,
+    force: bool = False,
 ) -> Iterator[str]:
     """Yield the report text after each analysis; with ``follow``, again for new snapshots.
 
     Following stops when the writer has closed the run, when no snapshot arrived for
     ``idle_timeout`` seconds (a writer that was killed looks open forever), or on Ctrl-C. With
-    ``follow``, a run that has no snapshot yet is waited for under the same rules.
+    ``follow``, a run that has no snapshot yet is waited for under the same rules. Files in
+    ``out`` named like an output that an earlier analysis did not write are never overwritten
+    unless ``force`` (see :mod:`.output`); each write of a follow replaces the one before it.
     """
-    out = check_dir(out)  # fail on a bad --output before any SVD is paid for; create it later
+    # fail on a bad --output before any SVD is paid for; create it later
+    out = check_dir(out, plots=plots, force=force)
     if follow:
         _wait_for_first(path, poll, idle_timeout)
     while True:
         report = analyze(path, config, engine, plan, progress=progress)
         if report is None:  # a rank other than 0 of a distributed analysis: rank 0 writes
             return
-        written = write_report(report, out, plots=plots)
+        written = write_report(report, out, plots=plots, force=force)
         yield report.text() + f"\nwrote {len(written)} files to {out}"
         if not follow:
             return

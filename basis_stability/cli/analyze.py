@@ -90,6 +90,11 @@ from ._errors import _clean_errors
 @click.option("--no-cache", is_flag=True, help="Do not read or write the SVD sidecar cache.")
 @click.option("--no-plots", is_flag=True, help="Tables and plan.json only.")
 @click.option(
+    "--force",
+    is_flag=True,
+    help="Overwrite files in -o named like the outputs that bstab analyze did not write.",
+)
+@click.option(
     "--follow",
     is_flag=True,
     help="Keep re-analysing as new snapshots arrive until the writer stops.",
@@ -126,6 +131,7 @@ def analyze(
     jobs: int,
     no_cache: bool,
     no_plots: bool,
+    force: bool,
     follow: bool,
     poll: float,
     idle_timeout: float,
@@ -137,7 +143,9 @@ def analyze(
     Prints a per-layer table and a network summary; writes CSV tables (and Parquet when pyarrow
     is installed), PNG and SVG plots, and plan.json (read by `bstab train --plan`). SVDs are
     cached beside the run (RUN.bstab-cache-*.h5), so re-running only pays for new snapshots; the
-    run itself is never modified. Works on a run that is still being recorded.
+    run itself is never modified. Works on a run that is still being recorded. Files in -o
+    that bstab analyze did not write (listed in -o/.bstab-analysis.json) are never overwritten
+    without --force.
 
     \b
     Examples:
@@ -184,5 +192,6 @@ def analyze(
         poll=poll,
         idle_timeout=idle_timeout,
         progress=not no_progress,
+        force=force,
     ):
         click.echo(text)
