@@ -9,7 +9,9 @@ A cache is trusted only when it names the same run (creation time, model, layers
 the first snapshot's commit time), the same cache version and the same SVD settings; each cached
 snapshot must also carry the run's own commit time for that snapshot. Anything else is rebuilt,
 never reused; a file at a chosen ``cache_path`` that is not a cache (or the run itself) is never
-deleted.
+deleted. Every cache dataset carries a Fletcher-32 checksum and an entry's data is flushed before
+its commit marker, so damaged or half-written data is rebuilt, never used; a cache that cannot be
+written (a full disk) is removed and the analysis goes on without one, with a note.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import ConfigError, expected
+from ..errors import ConfigError, RunFileError, expected
 from ..store.reader import LayerInfo, LayerSnapshots, Run
 from .spectra import SVD, compact_svd
 from .stability import Decomposed, basis_reason
@@ -36,10 +38,13 @@ from .stability import Decomposed, basis_reason
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "basis_stability.svd-cache"
-CACHE_VERSION = 1
+# 2: a Fletcher-32 checksum on every dataset; an entry's data is flushed before its commit marker
+CACHE_VERSION = 2
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _NOT_A_CACHE = "not a basis_stability SVD cache"
 _KEYS = ("t_id", "fro2", "s", "U", "V", "B")
+_WRITE_ERRORS = (OSError, RuntimeError)  # h5py raises either for a failed write or flush
+_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError)  # and these for damaged files
 _CHUNK = 8  # snapshots per task: bounds the memory a worker sends back at once
 
 
@@ -195,8 +200,42 @@ def default_cache_path(run_path: Path, cfg: EngineConfig) -> Path:
     return run_path.with_name(f"{run_path.stem}.bstab-cache-{cfg.svd}-{cfg.svd_dtype}.h5")
 
 
+class CacheDamagedError(RunFileError):
+    """A cache entry failed its checksum or could not be read; the analysis rebuilds the cache."""
+
+    def __init__(self, path: Path, cause: str) -> None:
+        super().__init__(
+            f"the SVD cache {path} failed its checksum or could not be read ({cause}). "
+            "Delete it (it is rebuilt) or pass --no-cache."
+        )
+        self.cause = cause
+
+
+def _cause(exc: BaseException) -> str:
+    """The operating system's words for a failed HDF5 call, e.g. 'No space left on device'."""
+    if getattr(exc, "errno", None):
+        return os.strerror(exc.errno)
+    found = re.search(r"error message = '([^']*)'", str(exc))
+    return found.group(1) if found else str(exc).splitlines()[0]
+
+
+def _close_quietly(f: h5py.File | None) -> None:
+    """Close ``f`` if it is open; a file whose last flush failed may refuse, which is ignored."""
+    try:
+        if f is not None and f.id.valid:
+            f.close()
+    except _WRITE_ERRORS as exc:
+        log.debug("closing a failed cache file: %s", exc)
+
+
 class SVDCache:
-    """The sidecar cache of one run (or an in-memory stand-in when caching is off)."""
+    """The sidecar cache of one run (or an in-memory stand-in when caching is off or failed).
+
+    An entry counts only once complete: its data is written and flushed before its commit marker
+    (the run's ``t_id`` of that snapshot) is. Every dataset carries a Fletcher-32 checksum; an
+    entry that fails it makes the analysis rebuild the cache. A write that fails (a full disk)
+    removes the cache and the analysis goes on without one. ``notes`` says what happened.
+    """
 
     def __init__(self, run: Run, cfg: EngineConfig) -> None:
         self.run, self.cfg = run, cfg
@@ -206,42 +245,56 @@ class SVDCache:
         self._handles: dict[str, dict[str, h5py.Dataset]] = {}
         self.file: h5py.File | None = None
         self.path: Path | None = None
-        self.note: str | None = None
+        self.notes: list[str] = []
+        self.dropped = False  # the file failed mid-analysis: what it held must be recomputed
         if cfg.cache:
             self.path = (
                 Path(cfg.cache_path) if cfg.cache_path else default_cache_path(run.path, cfg)
             )
             self.file = self._open()
 
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        log.warning(text)
+
     def _open(self) -> h5py.File | None:
         path = self.path
         if path.exists():
             self._refuse_foreign(path)
             if _locked(path):  # another analysis is using it: leave it alone
-                self.note = f"the SVD cache {path.name} is in use by another process; not caching"
-                log.warning(self.note)
+                self._note(f"the SVD cache {path.name} is in use by another process; not caching")
                 return None
             reason = self._mismatch(path)
             if reason is None:
                 try:
-                    return h5py.File(path, "r+")
+                    f = h5py.File(path, "r+", rdcc_nbytes=0)
                 except OSError as exc:
-                    self.note = f"cache {path} is in use or unwritable ({exc}); not caching"
-                    log.warning(self.note)
+                    self._note(f"cache {path} is in use or unwritable ({exc}); not caching")
                     return None
-            self.note = f"rebuilt the SVD cache {path.name}: {reason}"
-            log.warning(self.note)
+                reason = self._damage(f)
+                if reason is None:
+                    return f
+                _close_quietly(f)
+            self._note(f"rebuilt the SVD cache {path.name}: {reason}")
             path.unlink()
+        return self._create(path)
+
+    def _create(self, path: Path) -> h5py.File | None:
+        # no raw-data chunk cache: a failed write (a full disk) fails at once, in `put`, and the
+        # file can still be closed; with a chunk cache it would fail at close, leaving it open
+        f = None
         try:
-            f = h5py.File(path, "w", libver="latest")
-        except OSError as exc:
-            self.note = f"cannot create the SVD cache {path} ({exc}); analysing without one"
-            log.warning(self.note)
+            f = h5py.File(path, "w", libver="latest", rdcc_nbytes=0)
+            f.attrs.update(
+                {"format": CACHE_FORMAT, "run_identity": self.identity, "settings": self.settings}
+            )
+            f.flush()
+            return f
+        except _WRITE_ERRORS as exc:
+            _close_quietly(f)
+            path.unlink(missing_ok=True)  # ours: no file was there, or the old one was removed
+            self._note(f"cannot create the SVD cache {path} ({_cause(exc)}); analysing without one")
             return None
-        f.attrs.update(
-            {"format": CACHE_FORMAT, "run_identity": self.identity, "settings": self.settings}
-        )
-        return f
 
     def _refuse_foreign(self, path: Path) -> None:
         """Never delete what is not ours: the run itself, or a file at a chosen ``cache_path``
@@ -266,11 +319,49 @@ class SVDCache:
                     return _NOT_A_CACHE
                 if f.attrs.get("run_identity") != self.identity:
                     return "it belongs to another run"
-                if f.attrs.get("settings") != self.settings:
-                    return "it was made with other SVD settings or another cache version"
-        except OSError as exc:
-            return f"unreadable ({exc})"
+                settings = f.attrs.get("settings")
+        except _READ_ERRORS as exc:
+            return f"HDF5 cannot read it ({_cause(exc)})"
+        if settings == self.settings:
+            return None
+        try:
+            version = json.loads(settings).get("cache_version")
+        except (TypeError, ValueError, AttributeError):
+            version = None
+        if version != CACHE_VERSION:
+            return f"it is cache version {version}; this version writes {CACHE_VERSION}"
+        return "it was made with other SVD settings"
+
+    def _damage(self, f: h5py.File) -> str | None:
+        """Why an open cache cannot be trusted (None: it can): a dataset missing or without its
+        checksum, or commit markers that fail it. Entry data is checked when read."""
+        wanted = _KEYS if self.cfg.svd == "exact" else _KEYS[:-1]
+        try:
+            for name, grp in f.get("layers", {}).items():
+                for key in wanted:
+                    if key not in grp or not grp[key].fletcher32:
+                        return f"dataset {key} of layer {name} is missing or has no checksum"
+                grp["t_id"][:]
+                grp["fro2"][:]
+        except _READ_ERRORS as exc:
+            return f"it failed its checksum or could not be read ({_cause(exc)})"
         return None
+
+    def rebuild(self, reason: str) -> None:
+        """Throw the cache file away and start an empty one (after ``reason``)."""
+        self._drop_file()
+        self._note(f"rebuilt the SVD cache {self.path.name}: {reason}")
+        self.memory.clear()
+        self.file = self._create(self.path)
+
+    def _drop_file(self) -> None:
+        self._handles.clear()
+        _close_quietly(self.file)
+        self.file = None
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove the SVD cache %s: %s", self.path, exc)
 
     # -------------------------------------------------------------- reading and writing
     def _group(self, info: LayerInfo) -> h5py.Group:
@@ -278,21 +369,20 @@ class SVDCache:
         if "t_id" not in grp:
             m, n = info.shape
             kk = min(self.cfg.kmax, n)
-            vec_dtype = "f4" if self.cfg.svd_dtype == "float32" else "f8"
-            grp.create_dataset(
-                "t_id", (0,), maxshape=(None,), dtype="f8", chunks=(256,), fillvalue=np.nan
-            )  # rows not yet computed stay invalid
-            grp.create_dataset("fro2", (0,), maxshape=(None,), dtype="f8", chunks=(256,))
-            grp.create_dataset("s", (0, n), maxshape=(None, n), dtype="f8", chunks=(1, n))
-            grp.create_dataset(
-                "U", (0, m, kk), maxshape=(None, m, kk), dtype=vec_dtype, chunks=(1, m, kk)
-            )
-            grp.create_dataset(
-                "V", (0, n, kk), maxshape=(None, n, kk), dtype=vec_dtype, chunks=(1, n, kk)
-            )
+            vec = "f4" if self.cfg.svd_dtype == "float32" else "f8"
+            shapes = {"t_id": ((), "f8", 256), "fro2": ((), "f8", 256), "s": ((n,), "f8", 1)}
+            shapes |= {"U": ((m, kk), vec, 1), "V": ((n, kk), vec, 1)}
             if self.cfg.svd == "exact":
+                shapes["B"] = ((m, n), vec, 1)
+            for key, (shape, dtype, rows) in shapes.items():
                 grp.create_dataset(
-                    "B", (0, m, n), maxshape=(None, m, n), dtype=vec_dtype, chunks=(1, m, n)
+                    key,
+                    (0, *shape),
+                    maxshape=(None, *shape),
+                    dtype=dtype,
+                    chunks=(rows, *shape),
+                    fletcher32=True,  # damaged data fails its checksum instead of being used
+                    fillvalue=np.nan,  # rows not (or not yet) written read as unknown, not 0
                 )
         return grp
 
@@ -302,15 +392,31 @@ class SVDCache:
             have = self.memory.get(info.name, {})
             return [t for t in range(len(t_ids)) if t not in have]
         grp = self.file.get(f"layers/{info.name}")
-        cached = grp["t_id"][:] if grp is not None else np.empty(0)
+        try:
+            cached = grp["t_id"][:] if grp is not None else np.empty(0)
+        except _READ_ERRORS as exc:
+            raise CacheDamagedError(self.path, _cause(exc)) from exc
         return [t for t in range(len(t_ids)) if t >= len(cached) or cached[t] != t_ids[t]]
 
     def put(self, info: LayerInfo, entries: list[Entry]) -> None:
-        if self.file is None:
-            self.memory.setdefault(info.name, {}).update({e.t: e for e in entries})
-            return
+        """Cache ``entries``; if the file cannot take them, drop it and keep them in memory."""
+        if self.file is not None:
+            try:
+                self._write(info, sorted(entries, key=lambda e: e.t))
+                return
+            except _WRITE_ERRORS as exc:
+                path = self.path
+                self._drop_file()
+                self.dropped = True
+                self._note(
+                    f"could not write the SVD cache {path} ({_cause(exc)}); removed it and went "
+                    "on without a cache (the next analysis rebuilds it)"
+                )
+        self.memory.setdefault(info.name, {}).update({e.t: e for e in entries})
+
+    def _write(self, info: LayerInfo, entries: list[Entry]) -> None:
+        """Data first, flushed; then the commit markers, flushed: a failure leaves no row valid."""
         ds = self._datasets(info)
-        entries = sorted(entries, key=lambda e: e.t)
         size = entries[-1].t + 1
         for d in ds.values():
             if d.shape[0] < size:
@@ -324,7 +430,8 @@ class SVDCache:
             ds["V"][rows] = np.stack([e.V for e in run])
             if "B" in ds:
                 ds["B"][rows] = np.stack([e.B for e in run])
-        for run in runs:  # identities last: an interrupted write leaves the rows invalid
+        self.file.flush()
+        for run in runs:
             ds["t_id"][run[0].t : run[-1].t + 1] = [e.t_id for e in run]
         self.file.flush()
 
@@ -339,32 +446,26 @@ class SVDCache:
         """The cached decompositions of snapshots ``0..count-1`` of one layer (None: missing).
 
         Each dataset is read once for the whole layer: far cheaper than per-snapshot reads.
+
+        Raises:
+            CacheDamagedError: an entry failed its checksum or the file could not be read.
         """
         if self.file is None:
             have = self.memory.get(info.name, {})
             return [have.get(t) for t in range(count)]
         grp = self.file.get(f"layers/{info.name}")
-        rows = 0 if grp is None else min(count, grp["t_id"].shape[0])
-        if not rows:
-            return [None] * count
-        arr = {k: grp[k][:rows] for k in _KEYS if k in grp}
-        out: list[Entry | None] = []
-        for t in range(count):
-            if t >= rows or np.isnan(arr["t_id"][t]):
-                out.append(None)
+        try:
+            rows = 0 if grp is None else min(count, *(grp[k].shape[0] for k in grp))
+            arr = {k: grp[k][:rows] for k in _KEYS if k in grp} if rows else {}
+        except _READ_ERRORS as exc:
+            raise CacheDamagedError(self.path, _cause(exc)) from exc
+        out: list[Entry | None] = [None] * count
+        for t in range(rows):
+            if np.isnan(arr["t_id"][t]):
                 continue
             b = arr["B"][t] if "B" in arr else None
-            out.append(
-                Entry(
-                    t,
-                    float(arr["t_id"][t]),
-                    arr["s"][t],
-                    float(arr["fro2"][t]),
-                    b,
-                    arr["U"][t],
-                    arr["V"][t],
-                )
-            )
+            s, fro2 = arr["s"][t], float(arr["fro2"][t])
+            out[t] = Entry(t, float(arr["t_id"][t]), s, fro2, b, arr["U"][t], arr["V"][t])
         return out
 
     def decomposed(self, info: LayerInfo, entry: Entry) -> Decomposed:
@@ -379,8 +480,15 @@ class SVDCache:
         return Decomposed(svd, basis, reason)
 
     def close(self) -> None:
-        if self.file is not None and self.file.id.valid:
+        """Close the file; one whose last write cannot be completed is removed (with a note)."""
+        if self.file is None or not self.file.id.valid:
+            return
+        try:
             self.file.close()
+        except _WRITE_ERRORS as exc:
+            path = self.path
+            self._drop_file()
+            self._note(f"could not finish the SVD cache {path} ({_cause(exc)}); removed it")
 
 
 def _consecutive(entries: list[Entry]) -> list[list[Entry]]:

@@ -20,7 +20,7 @@ from .. import _dist
 from ..errors import ConfigError, RunFileError, expected
 from ..recommend import Plan, PlanConfig, first_lasting, make_plan
 from ..store.reader import LayerInfo, Run, open_run
-from .engine import EngineConfig, SVDCache, fill_cache
+from .engine import CacheDamagedError, EngineConfig, SVDCache, fill_cache
 from .spectra import batch_ranks, rank_at_beta
 from .stability import Decomposed, pairwise_overlap, pairwise_stability, topk_reason
 
@@ -266,8 +266,6 @@ def analyze(
         engine or EngineConfig(),
         plan or PlanConfig(),
     )
-    from . import distributed
-
     world = _dist.world_size()
     lead = _dist.is_writer()
     with open_run(path) as run:
@@ -275,27 +273,61 @@ def analyze(
             seen = _dist.broadcast_object(run.n_snapshots)
             if run.n_snapshots < seen:
                 run.refresh()
-        if run.n_snapshots == 0:
-            raise RunFileError(
-                f"{run.path} has no committed snapshot yet; wait for the recorder "
-                "to write one (or re-run with --follow)."
-            )
+        _check_analysable(run)
         available, notes = _available(run)
         # under torch.distributed only rank 0 keeps the cache; the others send it their SVDs
         cache = SVDCache(run, engine if lead else dataclasses.replace(engine, cache=False))
         try:
-            if world > 1:
-                computed = distributed.fill_cache_sharded(run, cache, engine, available, progress)
-            else:
-                computed = fill_cache(run, cache, engine, available, progress)
+            computed = _decompose_all(run, cache, engine, available, progress)
             if not lead:
                 return None
-            report = _build(run, cache, available, config, plan)
+            try:
+                report = _build(run, cache, available, config, plan)
+            except CacheDamagedError as exc:  # only rank 0 reads entries: it recomputes alone
+                cache.rebuild(f"an entry failed its checksum or could not be read ({exc.cause})")
+                computed = fill_cache(run, cache, engine, available, progress)
+                if cache.dropped:  # and the new file failed too: recompute what it held
+                    computed += fill_cache(run, cache, engine, available, progress)
+                report = _build(run, cache, available, config, plan)
         finally:
             cache.close()
     report.computed = computed
-    report.notes = notes + ([cache.note] if cache.note else []) + report.notes
+    report.notes = notes + cache.notes + report.notes
     return report
+
+
+def _check_analysable(run: Run) -> None:
+    if run.n_snapshots == 0:
+        raise RunFileError(
+            f"{run.path} has no committed snapshot yet; wait for the recorder "
+            "to write one (or re-run with --follow)."
+        )
+    if not run.layers or not sum(info.n_params for info in run.layers):
+        raise RunFileError(
+            f"{run.path} records no layer weights, so there is nothing to analyse. Record a "
+            "model with at least one eligible layer (bstab record --help lists the options)."
+        )
+
+
+def _decompose_all(
+    run: Run, cache: SVDCache, engine: EngineConfig, available: dict[str, int], progress: bool
+) -> int:
+    """Decompose what the cache lacks, over the ranks under torch.distributed; a second pass if
+    the cache file failed on the way (what it held went with it); a damaged one is rebuilt."""
+    from . import distributed
+
+    world = _dist.world_size()
+    fill = distributed.fill_cache_sharded if world > 1 else fill_cache
+    try:
+        computed = fill(run, cache, engine, available, progress)
+    except CacheDamagedError as exc:
+        if world > 1:  # the other ranks are waiting for rank 0's task list: fail them all
+            raise
+        cache.rebuild(f"its commit markers could not be read ({exc.cause})")
+        computed = fill(run, cache, engine, available, progress)
+    if _dist.broadcast_object(cache.dropped):
+        computed += fill(run, cache, engine, available, progress)
+    return computed
 
 
 def _build(
@@ -328,8 +360,7 @@ def _build(
         for e in known:
             if np.isfinite(e.s).all():
                 spectra_by_t[e.t][info.name] = np.asarray(e.s)
-            elif not np.isfinite(e.fro2):
-                notes.append(f"layer {info.name}, snapshot {e.t}: NaN/Inf weights (flagged)")
+        notes += _nonfinite_notes(info, known)
     shapes = {info.name: info.shape for info in run.layers}
     stab = _concat(stab_frames, STABILITY_COLUMNS)
     ranks = _concat(rank_frames, RANK_COLUMNS)
@@ -338,7 +369,9 @@ def _build(
         if len(stab)
         else _network(pd.DataFrame(columns=["pair"]), shapes, plan_cfg.tau)
     )
-    plan, curve = _plan(network, spectra_by_t, shapes, index, lag, run, plan_cfg, notes)
+    plan, curve = _plan(network, spectra_by_t, shapes, index, lag, run, plan_cfg)
+    if plan is None:
+        notes.append(_no_plan_note(spectra_by_t, shapes, cache.cfg.svd == "approx"))
     if plan is not None and len(ranks):
         ranks["rank_beta"] = [
             _rank_beta(spectra_by_t[t].get(n), plan.beta)
@@ -369,13 +402,31 @@ def _rank_beta(s: np.ndarray | None, beta: float) -> int:
     return -1 if s is None else rank_at_beta(s, beta)
 
 
-def _plan(network, spectra_by_t, shapes, index, lag, run, cfg, notes):
+def _nonfinite_notes(info: LayerInfo, known: list) -> list[str]:
+    """One note per snapshot with NaN/Inf weights, or one for a layer that has nothing else."""
+    bad = [e.t for e in known if not np.isfinite(e.fro2)]
+    if len(bad) > 1 and len(bad) == len(known):
+        return [
+            f"layer {info.name}: NaN/Inf weights in every snapshot (flagged); its stability, "
+            "spectra and ranks are undefined"
+        ]
+    return [f"layer {info.name}, snapshot {t}: NaN/Inf weights (flagged)" for t in bad]
+
+
+def _no_plan_note(spectra_by_t: dict, shapes: dict, approx: bool) -> str:
+    """Why no snapshot has the full spectrum of every layer, naming the real cause."""
+    head = "no plan: it needs a snapshot whose full spectra are known for every layer"
+    if approx:
+        return f"{head} (the approximate SVD mode computes only the top singular values)"
+    never = [name for name in shapes if not any(name in d for d in spectra_by_t.values())]
+    if never:
+        return f"{head}, but layer(s) {', '.join(never)} have NaN/Inf weights in every snapshot"
+    return f"{head}, but every snapshot has NaN/Inf weights (or lacks a layer) somewhere"
+
+
+def _plan(network, spectra_by_t, shapes, index, lag, run, cfg):
     complete = [t for t, d in spectra_by_t.items() if len(d) == len(shapes)]
-    if not complete:
-        notes.append(
-            "no plan: it needs a snapshot whose full spectra are known for every layer"
-            " (the approximate SVD mode computes only the top singular values)"
-        )
+    if not complete or not sum(m * n for m, n in shapes.values()):
         return None, pd.DataFrame(columns=["beta", "trainable_share", "min_energy", "mean_energy"])
     usable = network[network["snapshot"].isin(complete)]
     by_t = {t: spectra_by_t[t] for t in complete}
