@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, RunFileError, expected
+from ..store.format import encode_name
 from ..store.reader import LayerInfo, LayerSnapshots, Run
 from .spectra import SVD, compact_svd
 from .stability import Decomposed, basis_reason
@@ -365,7 +366,7 @@ class SVDCache:
 
     # -------------------------------------------------------------- reading and writing
     def _group(self, info: LayerInfo) -> h5py.Group:
-        grp = self.file.require_group(f"layers/{info.name}")
+        grp = self.file.require_group(f"layers/{encode_name(info.name)}")
         if "t_id" not in grp:
             m, n = info.shape
             kk = min(self.cfg.kmax, n)
@@ -391,7 +392,7 @@ class SVDCache:
         if self.file is None:
             have = self.memory.get(info.name, {})
             return [t for t in range(len(t_ids)) if t not in have]
-        grp = self.file.get(f"layers/{info.name}")
+        grp = self.file.get(f"layers/{encode_name(info.name)}")
         try:
             cached = grp["t_id"][:] if grp is not None else np.empty(0)
         except _READ_ERRORS as exc:
@@ -453,7 +454,7 @@ class SVDCache:
         if self.file is None:
             have = self.memory.get(info.name, {})
             return [have.get(t) for t in range(count)]
-        grp = self.file.get(f"layers/{info.name}")
+        grp = self.file.get(f"layers/{encode_name(info.name)}")
         try:
             rows = 0 if grp is None else min(count, *(grp[k].shape[0] for k in grp))
             arr = {k: grp[k][:rows] for k in _KEYS if k in grp} if rows else {}

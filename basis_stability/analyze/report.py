@@ -228,7 +228,9 @@ def _network(stab: pd.DataFrame, shapes: dict[str, tuple[int, int]], tau: float)
 def _available(run: Run) -> tuple[dict[str, int], list[str]]:
     available, notes = {}, []
     for info in run.layers:
-        rows = min(run._file["layers"][info.name].shape[0], run.n_snapshots)
+        # the reader refuses a layer short of the committed count (format 1.2), so this only
+        # trims a live writer's half-written row
+        rows = min(run.dataset(info.name).shape[0], run.n_snapshots)
         available[info.name] = rows
         if rows < run.n_snapshots:
             notes.append(

@@ -52,14 +52,18 @@ def superblock(path: Path) -> tuple[int, int, int] | None:
     if head[:8] != HDF5_SIGNATURE:
         return None  # a superblock after a user block, or none: HDF5 itself decides
     if len(head) < 12:
-        raise _damaged(path, f"is truncated or corrupt: {len(head)} bytes, shorter than an HDF5 header")
+        raise _damaged(
+            path, f"is truncated or corrupt: {len(head)} bytes, shorter than an HDF5 header"
+        )
     version = head[8]
     if version < 2:
         return None
     size = head[9]  # bytes per offset: base address, extension address, end-of-file address
     need = 12 + 4 * size + 4
     if size not in (2, 4, 8) or len(head) < min(need, 48):
-        raise _damaged(path, f"is truncated or corrupt: {len(head)} bytes, shorter than its HDF5 superblock")
+        raise _damaged(
+            path, f"is truncated or corrupt: {len(head)} bytes, shorter than its HDF5 superblock"
+        )
     base = int.from_bytes(head[12 : 12 + size], "little")
     eof = int.from_bytes(head[12 + 2 * size : 12 + 3 * size], "little")
     if os.path.getsize(path) < base + eof:

@@ -53,7 +53,7 @@ class LayerSnapshots:
     def __init__(self, run: Run, info: LayerInfo) -> None:
         self._run = run
         self.info = info
-        self._ds = run._file["layers"][info.name]
+        self._ds = run.dataset(info.name)
 
     def __len__(self) -> int:
         return self._run.n_snapshots
@@ -81,7 +81,13 @@ class LayerSnapshots:
         Raises:
             DamagedRunError: the stored row fails its checksum or cannot be read.
         """
-        return read_checked(self._ds, t, self._run.path, f"layer {self.info.name} snapshot {t}")
+        what = f"layer {self.info.name} snapshot {t}"
+        if not chunk_written(self._ds, t):
+            raise DamagedRunError(
+                f"{self._run.path}: {what} has no data in the file (its chunk was never written, "
+                "e.g. a disk filled up); the file is damaged. Re-record it or restore a copy."
+            )
+        return read_checked(self._ds, t, self._run.path, what)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for t in range(len(self)):
@@ -138,6 +144,12 @@ class Run:
             raise KeyError(
                 f"No layer {name!r} in {self.path}; it has: {', '.join(self.layer_names[:20])}"
             ) from None
+
+    def dataset(self, name: str) -> h5py.Dataset:
+        """The HDF5 dataset of one layer, as stored (``(rows, m, n)``, rows >= n_snapshots)."""
+        self.info(name)
+        encode = fmt.encode_name if _names_encoded(self._file) else str
+        return self._file["layers"][encode(name)]
 
     def layer(self, name: str) -> LayerSnapshots:
         """The lazily-read snapshots of one layer."""
@@ -244,7 +256,7 @@ class Run:
                 continue
             self._file[name].refresh()
         for info in self.layers:
-            self._file["layers"][info.name].refresh()
+            self.dataset(info.name).refresh()
         before, self.n_snapshots = self.n_snapshots, len(self._file["snapshots"])
         return self.n_snapshots - before
 
@@ -287,6 +299,17 @@ def read_checked(ds: h5py.Dataset, sel: Any, path: Path, what: str) -> np.ndarra
             f"{path}: {what} cannot be read ({_first_line(exc)}); the file is damaged there. "
             "Re-record it or restore a copy."
         ) from None
+
+
+def chunk_written(ds: h5py.Dataset, t: int) -> bool:
+    """Whether row ``t`` of a one-row-per-chunk layer dataset has data in the file (an unwritten
+    chunk reads as zeros without any error)."""
+    if ds.chunks is None or ds.chunks[0] != 1:
+        return True  # not the writer's layout: nothing to tell
+    try:
+        return ds.id.get_chunk_info_by_coord((t, 0, 0)).byte_offset is not None
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 def _first_line(exc: BaseException) -> str:

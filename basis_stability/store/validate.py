@@ -20,7 +20,7 @@ from ..errors import RunFileError
 from ..views import tall_shape
 from . import format as fmt
 from .h5io import has_signature, open_readonly
-from .reader import _plain
+from .reader import _plain, chunk_written
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ def _check_attr(
         return
     if kind == "json":
         try:
-            json.loads(value)
+            if not isinstance(json.loads(value), dict):
+                report.add("error", where, f"attribute `{key}` is not a JSON object")
         except ValueError:
             report.add("error", where, f"attribute `{key}` is not valid JSON")
     if kind == "bool" and not isinstance(value, (bool, np.bool_)):
@@ -153,8 +154,9 @@ def _check_metrics(report: ValidationReport, f: h5py.File, spec: dict, n: int) -
             "/metrics/values",
             f"has {values.shape[1]} columns for {len(names)} metric names",
         )
-    if values.shape[0] > n + 1:
-        report.add("error", "/metrics/values", f"has {values.shape[0]} rows for {n} snapshots")
+    n_now = _live_count(f, n)
+    if values.shape[0] > n_now + 1:
+        report.add("error", "/metrics/values", f"has {values.shape[0]} rows for {n_now} snapshots")
     bad = [
         names[j].decode()
         for j in range(min(values.shape[1], len(names)))
@@ -241,6 +243,9 @@ def _check_finite(
 ) -> None:
     bad = []
     for t in range(n):
+        if not chunk_written(ds, t):
+            report.add("error", where, f"snapshot {t} has no data in the file (never written)")
+            continue
         try:
             raw = ds[t]  # reading a row verifies its checksum
         except (OSError, RuntimeError) as exc:
@@ -282,29 +287,51 @@ def _check_checksums(report: ValidationReport, f: h5py.File) -> None:
         report.add("error", "/", f"dataset(s) without their fletcher32 checksum: {shown}")
 
 
+def _live_count(f: h5py.File, n: int) -> int:
+    """The committed count now: a live writer may have committed more since ``n`` was read, so a
+    dataset opened after that may hold up to this count + 1 rows."""
+    if not f.swmr_mode:
+        return n
+    f["snapshots"].refresh()
+    return len(f["snapshots"])
+
+
 def _check_layers(report: ValidationReport, f: h5py.File, spec: dict, n: int) -> None:
     layers = f.get("layers")
     if not isinstance(layers, h5py.Group):
         return  # reported by _check_root
     if not len(layers):
         report.add("error", "/layers", "holds no layer")
+    found: list[tuple[str, object]] = []
     seen: dict[int, str] = {}
     for name in layers:
         link = layers.get(name, getlink=True)
         if not isinstance(link, h5py.HardLink):
             report.add("error", f"/layers/{name}", f"is a {type(link).__name__}, not a dataset")
             continue
-        ds = layers.get(name)
-        key = hash(ds.id)
-        if key in seen:
-            report.add("error", f"/layers/{name}", f"is a second name for /layers/{seen[key]}")
+        obj = layers.get(name)
+        if hash(obj.id) in seen:
+            report.add(
+                "error", f"/layers/{name}", f"is a second name for /layers/{seen[hash(obj.id)]}"
+            )
             continue
-        seen[key] = name
-        n_now = n
-        if f.swmr_mode:  # a live writer: it may have committed more since /snapshots was read
-            f["snapshots"].refresh()
-            n_now = len(f["snapshots"])
-        _check_layer(report, name, ds, spec, n, n_now)
+        seen[hash(obj.id)] = name
+        found.append((name, obj))
+    declared = sum(
+        obj.dtype.itemsize * int(np.prod(obj.shape[1:])) * n
+        for _, obj in found
+        if isinstance(obj, h5py.Dataset) and obj.ndim == 3
+    )
+    size = os.path.getsize(f.filename)
+    if declared > size:
+        report.add(
+            "error",
+            "/layers",
+            f"declares {declared:,} bytes of committed snapshots in a {size:,}-byte file",
+        )
+        return
+    for name, obj in found:
+        _check_layer(report, name, obj, spec, n, _live_count(f, n))
 
 
 def validate_run(path: str | os.PathLike) -> ValidationReport:
