@@ -1,13 +1,104 @@
-"""Option decorators shared by several ``bstab`` commands."""
+"""Option decorators and option checks shared by several ``bstab`` commands."""
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
+from ..errors import ConfigError, expected
+
 _MODELS = ["mlp", "cnn", "vit-tiny"]
+SEED_LIMIT = 2**32  # numpy's legacy seeding and torch.manual_seed both take 0 <= seed < 2**32
+
+
+class _Seed(click.ParamType):
+    """An integer seed in [0, 2**32): what numpy and torch accept."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            seed = value
+        else:
+            try:
+                seed = int(str(value).strip(), 10)
+            except ValueError:
+                seed = None
+        if seed is None or not 0 <= seed < SEED_LIMIT:
+            self.fail(
+                expected(
+                    "--seed",
+                    f"an integer from 0 to {SEED_LIMIT - 1}",
+                    value,
+                    "numpy and torch take seeds in [0, 2**32); use e.g. --seed 0.",
+                ),
+                param,
+                ctx,
+            )
+        return seed
+
+
+class _PositiveFloat(click.ParamType):
+    """A finite number > 0 (refuses inf, nan and overflowing literals such as 1e400)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and number > 0):
+            name = f"--{param.name.replace('_', '-')}" if param is not None else "value"
+            self.fail(expected(name, "a finite number > 0", value, "Use e.g. 1e-3."), param, ctx)
+        return number
+
+
+def check_output(path: Path, option: str = "--output") -> None:
+    """Refuse, before any work, an output path that cannot be created.
+
+    Checks that no existing ancestor of ``path`` is a file and that the nearest existing one
+    (the folder the file, or its missing parent folders, would be created in) is writable.
+
+    Raises:
+        ConfigError: naming ``option``, the path and the fix.
+    """
+    if path.is_dir():
+        raise ConfigError(
+            expected(
+                option,
+                "a file path",
+                str(path),
+                f"It is a directory; name a file in it, e.g. {path / 'run.h5'}.",
+            )
+        )
+    for folder in path.parents:  # nearest first; pathlib reports 'FILE/x' as missing
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            raise ConfigError(
+                expected(
+                    option,
+                    "a path inside a folder",
+                    str(path),
+                    f"Its parent {folder} is a file, not a folder; choose another {option}.",
+                )
+            )
+        if not os.access(folder, os.W_OK | os.X_OK):  # also False on a read-only mount for root
+            raise ConfigError(
+                expected(
+                    option,
+                    "a path in a writable folder",
+                    str(path),
+                    f"{folder.resolve()} is read-only here; choose a writable {option}.",
+                )
+            )
+        return
 
 
 def _training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,11 +124,9 @@ _TRAINING_OPTIONS = [
         help="Offline dataset (digits ships with scikit-learn).",
     ),
     click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True),
-    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--seed", type=_Seed(), default=0, show_default=True, help="0 <= seed < 2**32."),
     click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
-    click.option(
-        "--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True
-    ),
+    click.option("--lr", type=_PositiveFloat(), default=1e-3, show_default=True),
     click.option(
         "--optimizer",
         type=click.Choice(["adamw", "adam", "sgd"]),

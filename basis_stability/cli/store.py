@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ._errors import _clean_errors
+from ._options import check_output
 
 
 @click.command()
@@ -111,6 +112,10 @@ def export(
     from ..store.export import _export
     from ..store.summary import _size
 
+    if output is not None:
+        check_output(output)
+    elif run_path.is_file():  # the default file goes beside the run
+        check_output(run_path.with_name(f"{run_path.stem}-snapshot.{fmt or 'safetensors'}"))
     result = _export(
         run_path,
         output,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ._errors import _clean_errors
-from ._options import _training_options
+from ._options import _training_options, check_output
 
 
 @click.command()
@@ -94,11 +94,14 @@ def train(
             f"Expected --beta in (0, 1) but got {beta}. The reference uses 0.15.",
             param_hint="--beta",
         )
-    if output is not None and output.exists() and not force:
-        raise click.ClickException(
-            f"{output} already exists. Pass --force to overwrite it or "
-            "choose another --output; nothing was written."
-        )
+    for text, name in ((delay, "--delay"), (interval, "--interval")):
+        jobs.parse_steps(text, name, 1)  # its form, before any work; in steps once data is known
+    if plan_path is not None:
+        from ..recommend import Plan
+
+        Plan.from_json(plan_path)  # a bad plan fails before any work
+    stem = f"train-{mode}-{model}-{dataset}-seed{seed}"
+    check_output(output or jobs.default_run_path(stem))  # an existing file: the writer refuses it
     job = jobs.TrainJob(
         model,
         dataset,
@@ -111,11 +114,18 @@ def train(
         moments,
         device,
     )
-    path = output or jobs.default_run_path(f"train-{mode}-{model}-{dataset}-seed{seed}")
-    export = path.with_name(path.stem + "-factorized.pt") if mode == "oialr" else None
-    result = jobs.run_train_job(
-        job, path, export, mode="overwrite" if force else "create", progress=not no_progress
-    )
+
+    def run(path: Path) -> jobs.TrainResult:
+        export = path.with_name(path.stem + "-factorized.pt") if mode == "oialr" else None
+        return jobs.run_train_job(
+            job,
+            path,
+            export,
+            mode="overwrite" if force and output else "create",
+            progress=not no_progress,
+        )
+
+    result = run(output) if output else jobs.at_free_path(stem, run)
     last = result.history[-1]
     tail = f", model {result.export_path}" if result.export_path else ""
     click.echo(
