@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import basis_stability.record.recorder as recorder_mod
-from basis_stability.errors import ConfigError, RunExistsError
+from basis_stability.errors import ConfigError, RunExistsError, RunFileError
 from basis_stability.record import Recorder, at, every
 from basis_stability.store import open_run
 
@@ -254,3 +254,53 @@ def test_layers_are_copied_one_at_a_time_without_state_dict(tmp_path: Path, monk
     assert events == one * 2  # each copy is written before the next layer is copied
     monkeypatch.undo()
     _assert_stored(tmp_path / "run.h5", [_weights(model)] * 2)
+
+
+@pytest.mark.parametrize("step", [1.7, 2.0, True, np.float64(3.0), torch.tensor(1.5), -2, 2**63])
+def test_snapshot_refuses_a_step_that_is_not_an_integer_step(tmp_path: Path, step):
+    # 1.7 used to be stored as 1, True as 1, -2 as -2
+    path = tmp_path / "run.h5"
+    with Recorder(_model(), path) as rec:
+        with pytest.raises(ConfigError, match="`step`"):
+            rec.snapshot(step=step)
+        assert rec.n_snapshots == 1  # the initial one only
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.steps, [0])
+
+
+def test_snapshot_takes_python_numpy_and_torch_integer_steps(tmp_path: Path):
+    path = tmp_path / "run.h5"
+    with Recorder(_model(), path) as rec:
+        for step in (3, np.int64(5), torch.tensor(7), -1):
+            rec.snapshot(step=step)
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.steps, [0, 3, 5, 7, -1])
+
+
+def test_snapshot_after_close_says_the_recorder_is_closed(tmp_path: Path):
+    # was: RuntimeError: identifier is not of specified type
+    path = tmp_path / "run.h5"
+    rec = Recorder(_model(), path)
+    rec.close()
+    for call in (lambda: rec.snapshot(epoch=1), lambda: rec.log(loss=1.0)):
+        with pytest.raises(RunFileError, match=f"recorder for {path} is closed"):
+            call()
+    rec.close()  # twice is fine
+    with open_run(path) as run:
+        assert run.n_snapshots == 1
+
+
+def test_metrics_logged_after_the_last_snapshot_warn_at_close(tmp_path: Path):
+    rec = Recorder(_model(), tmp_path / "run.h5")
+    rec.log(loss=0.5)
+    rec.snapshot(epoch=1)  # takes loss
+    rec.log(val_loss=0.4, acc=0.9)  # no snapshot follows
+    with pytest.warns(RuntimeWarning, match="drops the metrics acc, val_loss"):
+        rec.close()
+
+
+def test_close_does_not_warn_when_every_logged_metric_was_stored(tmp_path: Path, recwarn):
+    with Recorder(_model(), tmp_path / "run.h5") as rec:
+        rec.log(loss=0.5)
+        rec.snapshot(epoch=1)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

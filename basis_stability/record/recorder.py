@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,26 @@ class RecordConfig:
                     "float32 is exact; the others halve the file.",
                 )
             )
+
+
+def _check_step(step: Any) -> int:
+    """An optimizer step: an integer >= 0 (a Python, numpy or one-element torch integer), or -1
+    for unknown. Floats (even 2.0) and bools are refused: a step rounded silently is a wrong step.
+    """
+    wanted = "an integer optimizer step >= 0 (or -1 for unknown)"
+    if isinstance(step, (bool, np.bool_)) or (
+        isinstance(step, torch.Tensor) and step.dtype == torch.bool
+    ):
+        raise ConfigError(expected("step", wanted, step, "Pass the step count, e.g. step=10."))
+    try:
+        value = operator.index(step)  # int, numpy integers, integer tensors of one element
+    except TypeError:
+        raise ConfigError(
+            expected("step", wanted, step, "Pass an int, e.g. step=int(global_step).")
+        ) from None
+    if value < -1 or value >= 2**63:  # the run file stores steps as int64
+        raise ConfigError(expected("step", wanted, value, "Use -1 when the step is unknown."))
+    return value
 
 
 def _resolve(model: nn.Module, dotted: str) -> torch.Tensor:
@@ -201,6 +222,7 @@ class Recorder:
         for name, reason in self.selection.skipped:
             log.info("not recording %s: %s", name, reason)
         self.path = Path(path)
+        self.closed = False
         self.step = 0
         self._pending: dict[str, float] = {}
         self._hook = None
@@ -312,8 +334,10 @@ class Recorder:
         Returns:
             The index of the new snapshot, or None on a rank that does not write.
         """
+        self._check_open("snapshot()")
         if step is None:
             step = self.step if self._hook is not None else -1
+        step = _check_step(step)
         if epoch is None:
             epoch = self._epoch_of(step)
         merged = {**self._pending, **(metrics or {})}
@@ -323,7 +347,15 @@ class Recorder:
                 for _ in self._matrices():  # join rank 0's gathers, one layer at a time
                     pass
             return None
-        return self._write(self._writer, step=int(step), epoch=float(epoch), metrics=merged)
+        return self._write(self._writer, step=step, epoch=float(epoch), metrics=merged)
+
+    def _check_open(self, method: str) -> None:
+        if self.closed:
+            raise RunFileError(
+                f"The recorder for {self.path} is closed; call {method} before close() (or the "
+                "end of its `with` block), or open a new Recorder(..., mode='append') to add "
+                "more to the run."
+            )
 
     def _epoch_of(self, step: int) -> float:
         if self._steps_per_epoch and step >= 0:
@@ -333,13 +365,18 @@ class Recorder:
     def log_event(self, event: Mapping[str, Any]) -> None:
         """Store one decision (a JSON-able dict, e.g. from the OIALR controller) in the run's
         ``/events``; flushed at once. A no-op on ranks that do not write."""
+        self._check_open("log_event()")
         if self._writer is not None and not self._writer.log_event(event):
             log.warning(
                 "%s predates format 1.1 and has no /events; event not stored: %s", self.path, event
             )
 
     def log(self, **metrics: float) -> None:
-        """Remember metrics for the next snapshot (useful with :meth:`attach`)."""
+        """Remember metrics for the next snapshot (useful with :meth:`attach`).
+
+        Metrics still pending at :meth:`close` are dropped with a ``RuntimeWarning``.
+        """
+        self._check_open("log()")
         self._pending.update({k: float(v) for k, v in metrics.items()})
 
     # ------------------------------------------------------------------ schedules
@@ -387,7 +424,24 @@ class Recorder:
             self.snapshot(step=self.step, metrics=extra)
 
     def close(self) -> None:
-        """Flush and close the file; warn loudly if an attached schedule never fired."""
+        """Flush and close the file (idempotent).
+
+        Warns (``RuntimeWarning``) if an attached schedule never fired, or if metrics given to
+        :meth:`log` after the last snapshot are left over: they belong to no snapshot.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        if self._pending:
+            warnings.warn(
+                f"The recorder for {self.path} drops the metrics "
+                f"{', '.join(sorted(self._pending))}, logged after the last snapshot: "
+                "rec.log() keeps metrics for the next snapshot, and none came. Take a final "
+                "rec.snapshot() before closing to store them.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._pending.clear()
         if self._hook is not None:
             self._hook.remove()
             if self._fired == 0:
