@@ -171,12 +171,14 @@ def test_existing_output_is_refused_without_force(tmp_path: Path, states):
         assert run.n_snapshots == 1
 
 
-def test_epoch_and_step_scalars_win_over_the_file_name(tmp_path: Path, states):
+def test_epoch_and_step_entries_count_when_the_name_has_none(tmp_path: Path, states):
+    # ckpt_9: no epoch/step in the name or the file, so unknown (it was epoch 9: a guess from
+    # the last number in the name)
     torch.save({"epoch": 2.5, "step": 40, "model": states[1]}, tmp_path / "ckpt_7.pt")
     torch.save({"model_state_dict": states[2]}, tmp_path / "ckpt_9.pt")
     out = tmp_path / "run.h5"
     record_checkpoints(str(tmp_path / "ckpt_*.pt"), out)
     with open_run(out) as run:
-        np.testing.assert_array_equal(run.epochs, [2.5, 9.0])
+        np.testing.assert_array_equal(run.epochs, [2.5, np.nan])
         np.testing.assert_array_equal(run.steps, [40, -1])
         np.testing.assert_array_equal(run.layer("0").original(1), states[2]["0.weight"].numpy())
