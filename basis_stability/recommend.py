@@ -97,21 +97,92 @@ class Plan:
                 f"Cannot read the plan {path}: it holds a JSON {type(data).__name__}, not an "
                 "object. Pass a plan.json written by `bstab analyze`."
             )
-        if data.get("version") != PLAN_VERSION:
+        version = data.get("version")
+        if isinstance(version, bool) or version != PLAN_VERSION:
             raise ConfigError(
                 expected(
                     "plan version",
                     str(PLAN_VERSION),
-                    data.get("version"),
+                    version,
                     "Re-run `bstab analyze` to write a current plan.",
                 )
             )
         try:
-            return cls(**data)
+            plan = cls(**data)
         except TypeError as exc:  # missing or unknown fields
             raise ConfigError(
                 f"Cannot read the plan {path}: {exc}. Re-run `bstab analyze` to write it again."
             ) from None
+        _check_plan(plan, path)
+        return plan
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# field -> (what it must be, the check); None is allowed where the check says so
+_PLAN_FIELDS: dict[str, tuple[str, Any]] = {
+    "model_class": ("a string", lambda v: isinstance(v, str)),
+    "delay_snapshot": ("null or an integer >= 0", lambda v: v is None or _is_int(v) and v >= 0),
+    "delay_epoch": (
+        "null or a finite number >= 0",
+        lambda v: v is None or _is_number(v) and v >= 0,
+    ),
+    "delay_step": ("null or an integer >= 0", lambda v: v is None or _is_int(v) and v >= 0),
+    "interval_snapshots": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "interval_epochs": (
+        "null or a finite number > 0",
+        lambda v: v is None or _is_number(v) and v > 0,
+    ),
+    "interval_steps": ("null or an integer >= 1", lambda v: v is None or _is_int(v) and v >= 1),
+    "beta": ("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1),
+    "expected_trainable_share": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+    "rules": ("an object", lambda v: isinstance(v, dict)),
+    "evidence": ("an object", lambda v: isinstance(v, dict)),
+    "notes": (
+        "a list of strings",
+        lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+    ),
+}
+
+
+def _check_plan(plan: Plan, path: str | Path) -> None:
+    """Every field of a loaded plan has the type and range `bstab analyze` writes.
+
+    Raises:
+        ConfigError: naming the first bad field, its value and the fix.
+    """
+    fix = f"Fix it in {path} or re-run `bstab analyze` to write the plan again."
+    for name, (wanted, ok) in _PLAN_FIELDS.items():
+        value = getattr(plan, name)
+        if not ok(value):
+            raise ConfigError(expected(name, wanted, value, fix))
+    layers, ranks = plan.layers, plan.ranks
+    if not isinstance(layers, dict) or not all(
+        isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)
+        for shape in layers.values()
+    ):
+        raise ConfigError(
+            expected("layers", "an object of layer name -> [m, n] (positive integers)", layers, fix)
+        )
+    # a rank is 0 only for an all-zero matrix (nothing to keep), so 0 is allowed
+    if not isinstance(ranks, dict) or not all(_is_int(r) and r >= 0 for r in ranks.values()):
+        raise ConfigError(
+            expected("ranks", "an object of layer name -> rank (an integer >= 0)", ranks, fix)
+        )
+    unknown = {n: r for n, r in ranks.items() if n not in layers}
+    if unknown:
+        raise ConfigError(expected("ranks", "ranks of the plan's own `layers`", unknown, fix))
+    too_big = {n: r for n, r in ranks.items() if r > min(layers[n])}
+    if too_big:
+        raise ConfigError(
+            expected("ranks", "at most min(m, n) of each layer's shape", too_big, fix)
+        )
 
 
 def _plain(value: Any) -> Any:
