@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from .errors import ConfigError, expected
+from .errors import ConfigError, RunExistsError, RunFileError, RunLockedError, expected
 from .record import RecordConfig, Recorder, every_epoch, parse_schedule
 from .train.loop import TrainConfig, fit, make_optimizer
 from .zoo import build_model, load_dataset
@@ -34,15 +36,63 @@ class RecordResult:
     n_layers: int
 
 
-def default_run_path(stem: str, folder: str | Path = "runs") -> Path:
-    """``runs/{stem}.h5``, or ``{stem}-2.h5``, ``-3``, ... so no existing run is overwritten."""
+T = TypeVar("T")
+SEED_LIMIT = 2**32  # what numpy and torch.manual_seed accept
+
+
+def default_run_path(
+    stem: str, folder: str | Path = "runs", taken: frozenset = frozenset()
+) -> Path:
+    """``runs/{stem}.h5``, or ``{stem}-2.h5``, ``-3``, ... so no existing run is overwritten.
+
+    ``taken`` adds names to skip although no file holds them yet (another process is creating
+    them). Only a guess: use :func:`at_free_path` to create the run under the name.
+    """
     folder = Path(folder)
     path = folder / f"{stem}.h5"
     i = 2
-    while path.exists():
+    while path.exists() or path in taken:
         path = folder / f"{stem}-{i}.h5"
         i += 1
     return path
+
+
+def at_free_path(stem: str, create: Callable[[Path], T], folder: str | Path = "runs") -> T:
+    """``create(path)`` at the first free :func:`default_run_path`, taking the next on a race.
+
+    ``create`` must make the run with ``mode="create"``, which is atomic: when another process
+    takes the name between the check and the creation, it raises :class:`RunExistsError` (the
+    file appeared) or :class:`RunLockedError` (its creator holds the run's lock); both come
+    before any training, and the next free name is tried.
+
+    Example:
+        >>> at_free_path("cnn-digits-seed0", lambda p: run_record_job(job, p))  # doctest: +SKIP
+    """
+    taken: set[Path] = set()
+    for _ in range(1000):
+        path = default_run_path(stem, folder, frozenset(taken))
+        try:
+            return create(path)
+        except (RunExistsError, RunLockedError):
+            taken.add(path)  # another process got there first
+    raise RunFileError(
+        f"Cannot find a free run name {Path(folder) / stem}-N.h5: 1000 names in a row were "
+        "taken while being tried. Pass an explicit --output."
+    )
+
+
+def check_seed(seed: object) -> int:
+    """The seed as an int, if numpy and torch accept it (``0 <= seed < 2**32``)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(
+            expected(
+                "seed",
+                f"an integer from 0 to {SEED_LIMIT - 1}",
+                seed,
+                "numpy and torch take seeds in [0, 2**32); use e.g. 0.",
+            )
+        )
+    return seed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,6 +117,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build(job: RecordJob) -> tuple[torch.nn.Module, object]:
     """The job's dataset and freshly initialised model."""
+    check_seed(job.train.seed)
     data = load_dataset(job.dataset, seed=job.train.seed)
     torch.manual_seed(job.train.seed)
     model = build_model(job.model, data.input_shape, data.num_classes, seed=job.train.seed)
@@ -102,11 +153,16 @@ def run_record_job(
 
             on_loss = None
         else:
-            rec.attach(optimizer, schedule, steps_per_epoch=steps_per_epoch)
+            # the loss of the step that fires the snapshot, taken by the snapshot itself, so
+            # no loss of a later step is left pending (and dropped with a warning) at close
+            last: dict[str, float] = {}
+            rec.attach(
+                optimizer, schedule, metrics_fn=lambda: dict(last), steps_per_epoch=steps_per_epoch
+            )
             on_epoch_end = None
 
             def on_loss(loss: float) -> None:
-                rec.log(batch_loss=loss)
+                last["batch_loss"] = loss
 
         history = fit(
             model,
@@ -154,25 +210,39 @@ class TrainResult:
 
 
 def parse_steps(text: str | None, arg: str, steps_per_epoch: int) -> int | None:
-    """``"10"`` epochs or ``"250steps"`` -> optimizer steps."""
+    """``"10"`` epochs or ``"250steps"`` -> optimizer steps.
+
+    Raises:
+        ConfigError: not a number, or not a finite, non-negative one (``inf``, ``nan``, ``-3``,
+            ``1e400``, which overflows to inf).
+
+    Example:
+        >>> parse_steps("2.5", "--delay", 10), parse_steps("7steps", "--delay", 10)
+        (25, 7)
+    """
     if text is None:
         return None
     raw = str(text).strip().lower()
+    wanted = "epochs (e.g. 10) or steps (e.g. 250steps)"
     try:
         if raw.endswith("step") or raw.endswith("steps"):
-            value = int(raw.removesuffix("s").removesuffix("step"))
+            value = float(int(raw.removesuffix("s").removesuffix("step")))
         else:
-            value = round(float(raw) * steps_per_epoch)
-    except ValueError:
+            value = float(raw) * steps_per_epoch
+    except (ValueError, OverflowError):
+        raise ConfigError(
+            expected(arg, wanted, text, "Use a number of epochs or append 'steps'.")
+        ) from None
+    if not math.isfinite(value) or value < 0:
         raise ConfigError(
             expected(
                 arg,
-                "epochs (e.g. 10) or steps (e.g. 250steps)",
+                f"a finite, non-negative number of {wanted}",
                 text,
-                "Use a number of epochs or append 'steps'.",
+                "Use e.g. 10 (epochs) or 250steps.",
             )
-        ) from None
-    return value
+        )
+    return round(value)
 
 
 def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
@@ -196,6 +266,15 @@ def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
             else round(plan.delay_epoch * steps_per_epoch)
         )
         interval = plan.interval_steps or round((plan.interval_epochs or 5) * steps_per_epoch)
+        if interval < 1:  # a validated plan has interval_epochs > 0, but it may round to 0 steps
+            raise ConfigError(
+                expected(
+                    "interval_epochs",
+                    f"at least one step ({1 / steps_per_epoch:.3g} epochs) here",
+                    plan.interval_epochs,
+                    f"Edit {job.plan} or re-run `bstab analyze` with a larger --lag.",
+                )
+            )
         return OIALRConfig(delay=delay, interval=interval, beta=plan.beta, **common)
     interval = parse_steps(job.interval, "--interval", steps_per_epoch)
     interval = 5 * steps_per_epoch if interval is None else interval  # 0 is an error, not unset
@@ -295,7 +374,13 @@ def run_train_job(
         oialr.close()
         if export_path is not None:
             exported = export_factorized(model)
-            torch.save(exported, export_path)
+            try:
+                torch.save(exported, export_path)
+            except OSError as exc:
+                raise RunFileError(
+                    f"Cannot write the factorised model {export_path} ({exc.strerror or exc}); "
+                    f"the run {run_path} is complete. Choose a writable --output."
+                ) from None
             dense = export_dense_copy(model)
             result.export_path = Path(export_path)
             result.export = compare_export(dense, exported, data.x_test[:256].to(job.device))

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ._errors import _clean_errors
-from ._options import _training_options
+from ._options import _training_options, check_output
 
 
 @click.command()
@@ -77,7 +77,9 @@ def record(
 
     With no options: the cnn on scikit-learn's digits for 40 epochs, a snapshot of the initial
     weights and one after every epoch. With --from-checkpoints 'ckpts/epoch_*.pt' (quote it), the
-    snapshots come from existing state dicts (.pt or .safetensors), in natural order.
+    snapshots come from existing state dicts (.pt or .safetensors), ordered by the epoch/step in
+    their names (epoch=3-step=120) or their own epoch/global_step entries, else by name; the
+    file -> epoch/step table is printed first.
 
     \b
     Examples:
@@ -85,20 +87,18 @@ def record(
       bstab record --model vit-tiny --epochs 60 --schedule every:10 -o runs/vit.h5
       bstab record --from-checkpoints 'ckpts/epoch_*.pt' -o runs/mine.h5
     """
+    from .. import jobs
     from ..record import RecordConfig
 
     rec_cfg = RecordConfig(
         include=include or None, exclude=exclude or None, types=types or None, dtype=dtype
     )
-    if output is not None and output.exists() and not force and not list_only:
-        raise click.ClickException(
-            f"{output} already exists. Pass --force to overwrite it or "
-            "choose another --output; nothing was written."
-        )
+    stem = f"{model}-{dataset}-seed{seed}" if checkpoints is None else "checkpoints"
+    if not list_only:  # an existing --output is the writer's to refuse (or --force to replace)
+        check_output(output or jobs.default_run_path(stem))
     if checkpoints is not None:
         _record_checkpoints(checkpoints, rec_cfg, output, force, list_only, not no_progress)
         return
-    from .. import jobs
     from ..train import TrainConfig
 
     job = jobs.RecordJob(
@@ -115,10 +115,13 @@ def record(
         net, _ = jobs.build(job)
         _print_selection(select_layers(net, rec_cfg.include, rec_cfg.exclude, rec_cfg.types))
         return
-    path = output or jobs.default_run_path(f"{model}-{dataset}-seed{seed}")
-    result = jobs.run_record_job(
-        job, path, mode="overwrite" if force else "create", progress=not no_progress
-    )
+
+    def run(path: Path) -> jobs.RecordResult:
+        return jobs.run_record_job(
+            job, path, mode="overwrite" if force and output else "create", progress=not no_progress
+        )
+
+    result = run(output) if output else jobs.at_free_path(stem, run)
     last = result.history[-1]
     click.echo(
         f"Recorded {result.n_snapshots} snapshots of {result.n_layers} layers "
@@ -130,18 +133,21 @@ def record(
 def _record_checkpoints(
     pattern: str, cfg: Any, output: Path | None, force: bool, list_only: bool, progress: bool
 ) -> None:
-    from ..jobs import default_run_path
-    from ..record import find_checkpoints, record_checkpoints
-    from ..record.checkpoints import open_checkpoint
+    from ..jobs import at_free_path
+    from ..record.checkpoints import scan_checkpoints, write_checkpoints
     from ..store import open_run
-    from ..views import select_state_dict
 
+    found = scan_checkpoints(pattern, cfg)  # every file opened and checked; nothing written
+    click.echo(found.describe())
     if list_only:
-        with open_checkpoint(find_checkpoints(pattern)[0]) as ckpt:
-            _print_selection(select_state_dict(ckpt.shapes, cfg.include, cfg.exclude, cfg.types))
+        _print_selection(found.selection)
         return
-    path = output or default_run_path("checkpoints")
-    record_checkpoints(pattern, path, cfg, force=force, progress=progress)
+
+    def write(path: Path) -> Path:
+        replace = force and output is not None  # a default name is new: created, never replaced
+        return write_checkpoints(found, path, force=replace, progress=progress)
+
+    path = write(output) if output else at_free_path("checkpoints", write)
     with open_run(path) as run:
         click.echo(f"Recorded {run.n_snapshots} checkpoints of {len(run.layers)} layers to {path}")
 
