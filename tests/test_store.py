@@ -15,6 +15,7 @@ import torch
 
 from basis_stability.errors import ConfigError, RunExistsError, RunFileError, RunMismatchError
 from basis_stability.store import FORMAT_VERSION, RunWriter, open_run, recover
+from basis_stability.store.h5io import DIGEST_ATTR, metadata_digest
 from basis_stability.views import LayerView
 
 # "fc" is a Linear (8, 4), "conv" a Conv2d (4, 3, 2, 2) seen as its (12, 4) transpose
@@ -283,8 +284,9 @@ def test_truncated_run_is_refused_not_read_as_zeros(tmp_path: Path, keep: float)
 def test_minor_version_bump_still_opens(tmp_path: Path):
     path = tmp_path / "run.h5"
     _write(path, _snapshots(1))
-    with h5py.File(path, "r+") as f:
+    with h5py.File(path, "r+") as f:  # as a newer writer would make it, digest included
         f.attrs["format_version"] = "1.7"
+        f.attrs[DIGEST_ATTR] = metadata_digest(f)
     with open_run(path) as run:
         assert run.n_snapshots == 1
 

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..recommend import PlanConfig
-from ..store.reader import open_run, writer_flagged
+from ..store.h5io import writer_flagged
+from ..store.reader import open_run
 from .engine import EngineConfig
 from .output import check_dir, write_report
 from .report import AnalysisConfig, analyze

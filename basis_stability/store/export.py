@@ -50,7 +50,7 @@ class _StoredSnapshots(LayerSnapshots):
 
     def __getitem__(self, key):  # type: ignore[override]
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-            return self._ds[self._check(int(key))]
+            return self.raw(self._check(int(key)))
         raise TypeError(f"stored snapshots are read one at a time, not by {type(key).__name__}")
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -141,3 +143,32 @@ def open_readonly(path: str | os.PathLike) -> h5py.File:
         raise _damaged(
             path, f"is an HDF5 file that cannot be opened ({error or exc}); it is corrupt"
         ) from None
+
+
+DIGEST_ATTR = "metadata_sha256"
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    return value
+
+
+def metadata_digest(f: h5py.File) -> str:
+    """SHA-256 of a run's names and attributes: the root attributes, and each layer's stored
+    name and attributes, in order (format 1.2).
+
+    HDF5 checksums object headers, but attributes and link names that spill into a fractal heap
+    are not checksummed: a flipped byte there renamed a parameter silently. This digest, written
+    once at creation (those never change after it), makes such damage an error.
+    """
+    root = {k: _canonical(v) for k, v in sorted(f.attrs.items()) if k != DIGEST_ATTR}
+    group = f.get("layers")
+    layers = [
+        [name, {k: _canonical(v) for k, v in sorted(group[name].attrs.items())}]
+        for name in (group if isinstance(group, h5py.Group) else ())
+    ]
+    text = json.dumps({"root": root, "layers": layers}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

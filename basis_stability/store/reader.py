@@ -20,7 +20,12 @@ import numpy as np
 
 from ..errors import DamagedRunError, RunFileError
 from . import format as fmt
-from .h5io import has_signature, open_readonly, writer_flagged  # noqa: F401 (re-exported)
+from .h5io import (
+    DIGEST_ATTR,
+    has_signature,
+    metadata_digest,
+    open_readonly,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -109,11 +114,27 @@ class Run:
         self._file = file
         # one committed count, read before any layer is opened: a live writer grows layers
         # before /snapshots, so every layer opened afterwards holds at least this many rows
-        self.n_snapshots = len(file["snapshots"])
+        self._tables = {  # opened once here, so damaged headers fail at open, not mid-command
+            name: file[name]
+            for name in ("snapshots", "metrics/names", "metrics/values", "events")
+            if name != "events" or "events" in file
+        }
+        self.n_snapshots = len(self._tables["snapshots"])
         self.attrs: dict[str, Any] = {k: _plain(v) for k, v in file.attrs.items()}
         self.layers: list[LayerInfo] = _layer_infos(path, file, self.n_snapshots)
         self._by_name = {info.name: info for info in self.layers}
         self._config = _parse_config(path, self.attrs.get("config", "{}"))
+        version = str(self.attrs.get("format_version", ""))
+        if fmt.at_least(version, (1, 1)) and "events" not in file:
+            raise _damaged(path, "`/events` is missing (format 1.1 and later have it)")
+        if fmt.at_least(version, fmt.CHECKSUMS_SINCE) and self.attrs.get(DIGEST_ATTR) != (
+            metadata_digest(file)
+        ):
+            raise _damaged(
+                path,
+                "its names and attributes fail their checksum (`metadata_sha256`): one was "
+                "changed or damaged",
+            )
 
     @property
     def h5(self) -> h5py.File:
@@ -158,7 +179,7 @@ class Run:
     # ------------------------------------------------------------------ indices
     def _index(self) -> np.ndarray:
         return read_checked(
-            self._file["snapshots"], slice(0, self.n_snapshots), self.path, "the snapshot table"
+            self._tables["snapshots"], slice(0, self.n_snapshots), self.path, "the snapshot table"
         )
 
     def index(self) -> np.ndarray:
@@ -179,7 +200,7 @@ class Run:
 
     @property
     def metric_names(self) -> list[str]:
-        raw = read_checked(self._file["metrics/names"], slice(None), self.path, "metric names")
+        raw = read_checked(self._tables["metrics/names"], slice(None), self.path, "metric names")
         try:
             return [n.decode() for n in raw]
         except UnicodeDecodeError:
@@ -190,7 +211,7 @@ class Run:
 
     def events(self) -> list[dict[str, Any]]:
         """The decisions logged into the run (format 1.1: ``/events``), oldest first."""
-        ds = self._file.get("events")
+        ds = self._tables.get("events")  # None: format 1.0 (later formats are checked at open)
         if ds is None:
             return []
         if self._file.swmr_mode:
@@ -212,7 +233,7 @@ class Run:
     def metrics_array(self) -> np.ndarray:
         """``(T, K)`` float64 metrics, NaN where a snapshot did not log a metric."""
         names = self.metric_names
-        values = self._file["metrics/values"]
+        values = self._tables["metrics/values"]
         out = np.full((self.n_snapshots, len(names)), np.nan)
         rows = min(values.shape[0], self.n_snapshots)
         cols = min(values.shape[1], len(names))
@@ -250,14 +271,11 @@ class Run:
         """
         if not self._file.swmr_mode:  # opened after its writer closed: nothing can grow
             return 0
-        self._file["snapshots"].refresh()
-        for name in ("metrics/names", "metrics/values", "events"):
-            if name not in self._file:
-                continue
-            self._file[name].refresh()
+        for ds in self._tables.values():
+            ds.refresh()
         for info in self.layers:
             self.dataset(info.name).refresh()
-        before, self.n_snapshots = self.n_snapshots, len(self._file["snapshots"])
+        before, self.n_snapshots = self.n_snapshots, len(self._tables["snapshots"])
         return self.n_snapshots - before
 
     def file_size(self) -> int:

@@ -38,6 +38,7 @@ from ..errors import (
 )
 from ..views import LayerView
 from . import format as fmt
+from .h5io import DIGEST_ATTR, metadata_digest
 from .lock import WriterLock, other_openers
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def _create_skeleton(f: h5py.File, layers: Sequence[LayerView], attrs: Mapping[s
         ds.attrs["transposed"] = bool(view.transposed)
         ds.attrs["storage_dtype"] = attrs["storage_dtype"]
     _table_datasets(f)
+    f.attrs[DIGEST_ATTR] = metadata_digest(f)  # last: it covers every name and attribute above
 
 
 def _cause(exc: BaseException) -> str:

@@ -87,8 +87,9 @@ STRUCTURAL: list[tuple[str, Callable[[Path], None], str]] = [
     ("bf16-attr-on-f32", _edit(_attr("storage_dtype", "bfloat16")), "storage_dtype"),
     ("unknown-storage", _edit(_attr("storage_dtype", "int8")), "storage_dtype"),
     ("huge-declared-layer", _edit(_layer_like("huge", 6000, 4000)), "declare"),
-    ("unwritten-layer", _edit(_layer_like("ghost", 8, 4)), "no data"),
+    ("unwritten-layer", _edit(_layer_like("ghost", 8, 4)), "metadata_sha256"),
     ("zero-size-layer", _edit(_layer_like("z", 3, 0)), "empty"),
+    ("renamed-param", _edit(_attr("param_name", "0\x0eweight")), "metadata_sha256"),
     ("group-in-layers", _edit(_group_layer), "Group"),
     (
         "soft-link",
