@@ -28,11 +28,14 @@ from crash_trial import Writer, check_snapshots  # noqa: E402
 from basis_stability import Recorder, open_run  # noqa: E402
 from basis_stability.cli import main  # noqa: E402
 from basis_stability.errors import RunLockedError, WriteFailedError  # noqa: E402
+from basis_stability.jobs import RecordJob, build  # noqa: E402
+from basis_stability.record import RecordConfig  # noqa: E402
 from basis_stability.store import recover  # noqa: E402
 from basis_stability.store.export import export_snapshot  # noqa: E402
 from basis_stability.store.lock import WriterLock, holder_of, lock_path  # noqa: E402
 from basis_stability.store.summary import summarize  # noqa: E402
 from basis_stability.store.validate import validate_run  # noqa: E402
+from basis_stability.train import TrainConfig  # noqa: E402
 
 SIZES = "64,64,32"  # two Linear layers, 24 KiB of float32 per snapshot
 
@@ -74,7 +77,7 @@ def test_bstab_record_force_and_append_against_a_running_bstab_record(tmp_path):
     path = tmp_path / "mlp.h5"
     cmd = [sys.executable, "-m", "basis_stability", "record", "--model", "mlp", "--epochs"]
     proc = subprocess.Popen(
-        [*cmd, "25", "-o", str(path), "--no-progress"],
+        [*cmd, "60", "-o", str(path), "--no-progress"],  # the reproduction
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -84,23 +87,27 @@ def test_bstab_record_force_and_append_against_a_running_bstab_record(tmp_path):
         while time.monotonic() < deadline and (not path.exists() or _count(path) < 3):
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.05)
-        second = subprocess.run(
-            [*cmd, "2", "-o", str(path), "--force", "--no-progress"],
-            capture_output=True,
-            text=True,
-            timeout=300,
+        # in this process (torch already imported), so it tries while the first still writes
+        second = CliRunner().invoke(
+            main, ["record", "--model", "mlp", "--epochs", "2", "-o", str(path), "--force"]
         )
+        with pytest.raises(RunLockedError, match=f"process {proc.pid}"):
+            Recorder(
+                build(RecordJob("mlp", "digits", TrainConfig(), RecordConfig()))[0],
+                path,
+                mode="append",
+            )
         still_running = proc.poll() is None
         out, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert still_running, "the first recorder ended before the second tried; the test saw nothing"
-    assert second.returncode != 0
-    assert f"process {proc.pid}" in second.stderr and "is writing it" in second.stderr
-    assert "Traceback" not in second.stderr and "Unexpected" not in second.stderr
+    assert second.exit_code != 0
+    assert f"process {proc.pid}" in second.output and "is writing it" in second.output
+    assert "Traceback" not in second.output and "Unexpected" not in second.output
     assert proc.returncode == 0, out
-    assert "Recorded 26 snapshots" in out
-    assert _count(path) == 26  # the first writer's run is whole
+    assert "Recorded 61 snapshots" in out
+    assert _count(path) == 61  # the first writer's run is whole
 
 
 def _count(path: Path) -> int:
@@ -238,6 +245,20 @@ def test_disk_full_commits_no_zero_snapshot_and_never_segfaults(tmp_path, bypass
         assert holder_of(path) is None
 
 
+@pytest.mark.parametrize("bypass", [False, True], ids=["free-space-check", "enospc-in-hdf5"])
+def test_a_full_disk_at_creation_leaves_no_run_of_zeros(tmp_path, monkeypatch, bypass):
+    import basis_stability.store.writer as writer
+
+    if bypass:
+        monkeypatch.setattr(writer, "_free_bytes", lambda folder: None)
+    with _tmpfs(tmp_path, "192k") as disk:
+        path = disk / "big.h5"
+        with pytest.raises(WriteFailedError, match=r"No space left.*no run file is left") as info:
+            Recorder(_model("256,256,64"), path)  # the initial snapshot needs 320 KiB
+        assert str(path) in str(info.value)
+        assert not path.exists() and not list(disk.iterdir())  # no run, no lock, no temp file
+
+
 def test_bstab_record_on_a_full_disk_says_so_in_one_line(tmp_path):
     with _tmpfs(tmp_path, "256k") as disk:
         result = CliRunner().invoke(
@@ -252,11 +273,11 @@ def test_bstab_record_on_a_full_disk_says_so_in_one_line(tmp_path):
 # ------------------------------------------------------------------------------- live reads
 def test_inspect_validate_and_export_never_race_a_live_writer(tmp_path):
     path = tmp_path / "run.h5"
-    writer = Writer(path, "--sizes", SIZES, "--count", "400")
+    writer = Writer(path, "--sizes", SIZES, "--count", "3000", "--interval", "0.002")
     rounds = failures = 0
     try:
         writer.wait_for("done 1")
-        while writer.proc.poll() is None and rounds < 150:
+        while writer.proc.poll() is None and rounds < 60:
             rounds += 1
             try:
                 text = summarize(path, scan=rounds % 5 == 0)
@@ -267,7 +288,7 @@ def test_inspect_validate_and_export_never_race_a_live_writer(tmp_path):
             except Exception as exc:  # collect, so that the writer is always stopped
                 failures += 1
                 last_error = exc
-        writer.finish(timeout=300)
+        writer.stop()
     finally:
         writer.stop()
     assert rounds >= 10, "the writer finished before the readers could race it"

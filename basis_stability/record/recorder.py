@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import _dist
-from ..errors import ConfigError, RunFileError, expected
+from ..errors import ConfigError, RunFileError, WriteFailedError, expected
 from ..views import LayerView, Selection, select_layers, unwrap_model
 from .schedules import Schedule
 
@@ -299,7 +299,16 @@ class Recorder:
         )
         self._created = True
         if self.config.initial and not self._sharded:
-            self._write(writer, step=0, epoch=0.0, metrics={})
+            try:
+                self._write(writer, step=0, epoch=0.0, metrics={})
+            except WriteFailedError as exc:  # e.g. a full disk: leave no run that holds nothing
+                writer.close()
+                self.path.unlink(missing_ok=True)
+                cause = str(exc).split(" The run keeps")[0].split(" Nothing of it")[0]
+                raise WriteFailedError(
+                    f"{cause} This was the initial snapshot of a new run, so no run file is "
+                    "left; free space or choose another path."
+                ) from None
         return writer
 
     # ------------------------------------------------------------------ snapshots

@@ -145,6 +145,26 @@ def open_readonly(path: str | os.PathLike) -> h5py.File:
         ) from None
 
 
+LIVE_READ_ATTEMPTS = 25  # x 10 ms: a live writer rewrites a table chunk in well under that
+
+
+def retrying(read, live: bool):
+    """``read()``, retried for a while when the file is live (SWMR): a reader can meet a table
+    chunk (``/snapshots``, metrics, events) while the writer rewrites it in place, which fails
+    its checksum once; damage fails every time. Raises the last error."""
+    import time
+
+    attempts = LIVE_READ_ATTEMPTS if live else 1
+    for attempt in range(attempts):
+        try:
+            return read()
+        except (OSError, RuntimeError, ValueError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.01)
+    raise AssertionError("unreachable")
+
+
 DIGEST_ATTR = "metadata_sha256"
 
 

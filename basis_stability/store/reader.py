@@ -25,6 +25,7 @@ from .h5io import (
     has_signature,
     metadata_digest,
     open_readonly,
+    retrying,
 )
 
 if TYPE_CHECKING:
@@ -311,7 +312,7 @@ def _plain(value: Any) -> Any:
 def read_checked(ds: h5py.Dataset, sel: Any, path: Path, what: str) -> np.ndarray:
     """``ds[sel]``, with a checksum failure or unreadable data as a clear error naming ``what``."""
     try:
-        return ds[sel]
+        return retrying(lambda: ds[sel], live=ds.file.swmr_mode)
     except (OSError, RuntimeError, ValueError) as exc:
         raise DamagedRunError(
             f"{path}: {what} cannot be read ({_first_line(exc)}); the file is damaged there. "

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import RunFileError
 from ..views import tall_shape
 from . import format as fmt
-from .h5io import DIGEST_ATTR, has_signature, metadata_digest, open_readonly
+from .h5io import DIGEST_ATTR, has_signature, metadata_digest, open_readonly, retrying
 from .reader import _plain, chunk_written
 
 
@@ -374,19 +374,30 @@ def validate_run(path: str | os.PathLike) -> ValidationReport:
     return report
 
 
+def _attempt(report: ValidationReport, f: h5py.File, check, where: str | None = None):
+    """Run one table check; on a live file, retry it (dropping that try's findings) while a
+    chunk fails its checksum, as a writer rewriting it in place makes it do once."""
+    before = len(report.findings)
+
+    def once():
+        del report.findings[before:]
+        return check()
+
+    try:
+        return retrying(once, live=f.swmr_mode)
+    except (OSError, RuntimeError) as exc:
+        if where is None:
+            raise
+        report.add("error", where, f"cannot be read ({_reason(exc)})")
+        return None
+
+
 def _validate_open(report: ValidationReport, f: h5py.File, spec: dict) -> None:
     _check_root(report, f, spec)
     if not report.ok and "format" not in f.attrs:
         return
-    n = report.n_snapshots = _check_snapshots(report, f, spec)
-    checks = (
-        ("/metrics", lambda: _check_metrics(report, f, spec, n)),
-        ("/events", lambda: _check_events(report, f, spec)),
-    )
-    for where, check in checks:
-        try:
-            check()
-        except (OSError, RuntimeError) as exc:
-            report.add("error", where, f"cannot be read ({_reason(exc)})")
+    n = report.n_snapshots = _attempt(report, f, lambda: _check_snapshots(report, f, spec))
+    _attempt(report, f, lambda: _check_metrics(report, f, spec, n), "/metrics")
+    _attempt(report, f, lambda: _check_events(report, f, spec), "/events")
     _check_checksums(report, f)
     _check_layers(report, f, spec, n)
