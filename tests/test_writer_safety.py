@@ -341,3 +341,20 @@ def test_write_failed_error_is_not_raised_for_shape_mistakes(tmp_path):
         rec.snapshot(epoch=1)  # the writer still works
     with open_run(path) as run:
         assert run.n_snapshots == 2
+
+
+def test_a_forked_child_releasing_its_copy_of_the_lock_does_not_unlock_the_parent(tmp_path):
+    path = tmp_path / "run.h5"
+    lock = WriterLock.acquire(path)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child (e.g. a DataLoader worker) drops its copy of the writer
+            lock.release()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert lock_path(path).exists()
+        with pytest.raises(RunLockedError):
+            WriterLock.acquire(path)
+    finally:
+        lock.release()
+    WriterLock.acquire(path).release()

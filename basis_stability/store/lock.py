@@ -62,6 +62,7 @@ class WriterLock:
 
     def __init__(self, fd: int | None, path: Path, run_path: Path) -> None:
         self._fd = fd
+        self._pid = os.getpid()  # a forked child (a DataLoader worker) must not release it
         self.path = path
         self.run_path = run_path
 
@@ -123,6 +124,11 @@ class WriterLock:
     def release(self) -> None:
         """Drop the lock and remove its file (idempotent)."""
         if self._fd is None:
+            return
+        if os.getpid() != self._pid:  # a fork's copy: the parent still writes; just let go
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
             return
         with contextlib.suppress(OSError):  # unlinked while still locked: no one can lock
             os.unlink(self.path)  # the old inode after us
