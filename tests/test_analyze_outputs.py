@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers.cli import assert_clean_failure, bstab
 from helpers.mounts import tmpfs
 from torch import nn
 
@@ -21,7 +21,6 @@ from basis_stability.analyze import output as output_mod
 from basis_stability.analyze import report as report_mod
 from basis_stability.analyze.follow import follow_analysis
 from basis_stability.analyze.output import MANIFEST, TABLES
-from basis_stability.cli import main
 from basis_stability.errors import ConfigError, RunFileError
 from basis_stability.recommend import PlanConfig
 from basis_stability.record import Recorder
@@ -32,18 +31,6 @@ LAYERS = [
     LayerView.of("fc", "fc.weight", "linear", (12, 6)),
     LayerView.of("head", "head.weight", "linear", (3, 8)),
 ]
-
-
-def bstab(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_clean_failure(result, *fragments: str) -> None:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output and "Unexpected" not in result.output, result.output
-    text = " ".join(result.output.split())  # undo click's line wrapping
-    for fragment in fragments:
-        assert fragment in text, result.output
 
 
 def _small_run(path: Path, count: int = 4, close: bool = True) -> RunWriter:

@@ -10,13 +10,12 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
+from helpers.cli import bstab
 from helpers.mounts import fill, tmpfs
 
 from basis_stability.analyze import AnalysisConfig, EngineConfig, analyze
 from basis_stability.analyze import engine as engine_mod
 from basis_stability.analyze.engine import default_cache_path
-from basis_stability.cli import main
 from basis_stability.store import RunWriter
 from basis_stability.views import LayerView
 
@@ -52,10 +51,6 @@ def clean(recorded: Path):
 @pytest.fixture
 def run_path(recorded: Path, tmp_path: Path) -> Path:
     return Path(shutil.copy(recorded, tmp_path / "run.h5"))
-
-
-def bstab(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _assert_same_tables(got, want) -> None:

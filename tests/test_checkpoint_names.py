@@ -9,10 +9,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers.cli import assert_clean_failure, bstab
 from safetensors.torch import save_file
 
-from basis_stability.cli import main
 from basis_stability.errors import CheckpointError
 from basis_stability.record import record_checkpoints
 from basis_stability.record.checkpoints import position_from_name, scan_checkpoints
@@ -22,20 +21,6 @@ from basis_stability.store import open_run
 def _sd(seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     return {"0.weight": torch.randn(4, 6), "0.bias": torch.randn(4)}
-
-
-def bstab(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_clean_failure(result, *fragments: str) -> str:
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    assert "Traceback" not in result.output and "Unexpected" not in result.output, result.output
-    text = " ".join(result.output.split())
-    for fragment in fragments:
-        assert fragment in text, result.output
-    return text
 
 
 # ------------------------------------------------------------------ names

@@ -10,24 +10,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers.cli import assert_clean_failure, bstab
 
 from basis_stability import open_run
-from basis_stability.cli import main
 
 REFERENCE = Path(__file__).resolve().parents[1] / "checkpoints_spec" / "reference_v1.h5"
-
-
-def bstab(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_clean_failure(result, *fragments: str) -> None:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    text = " ".join(result.output.split())  # undo click's line wrapping
-    for fragment in fragments:
-        assert fragment in text, result.output
 
 
 def test_help_lists_commands():

@@ -14,12 +14,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
+from helpers.cli import assert_clean_failure, bstab
 
 from basis_stability import open_run
 from basis_stability.analyze import analyze
 from basis_stability.analyze.output import MANIFEST, TABLES
-from basis_stability.cli import main
 from basis_stability.recommend import Plan
 from basis_stability.store import RunWriter
 from basis_stability.views import LayerView
@@ -36,19 +35,6 @@ LAYERS = [
     LayerView.of("fc", "fc.weight", "linear", (12, 6)),
     LayerView.of("head", "head.weight", "linear", (3, 8)),
 ]
-
-
-def bstab(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_clean_failure(result, *fragments: str) -> None:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    assert "Unexpected" not in result.output  # a leaked exception, not a handled one
-    text = " ".join(result.output.split())  # undo click's line wrapping
-    for fragment in fragments:
-        assert fragment in text, result.output
 
 
 def _plots_module():

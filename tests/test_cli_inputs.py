@@ -15,29 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers.cli import assert_clean_failure, bstab
 
 from basis_stability import open_run
-from basis_stability.cli import main
 from basis_stability.recommend import Plan
 from basis_stability.store.lock import WriterLock
 
 REFERENCE = Path(__file__).resolve().parents[1] / "checkpoints_spec" / "reference_v1.h5"
 FAST = ("--model", "mlp", "--epochs", "1", "--batch-size", "128", "--no-progress")
-
-
-def bstab(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_clean_failure(result, *fragments: str) -> str:
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    assert "Traceback" not in result.output and "Unexpected" not in result.output, result.output
-    text = " ".join(result.output.split())  # undo click's line wrapping
-    for fragment in fragments:
-        assert fragment in text, result.output
-    return text
 
 
 # ------------------------------------------------------------------ numbers: seeds, lr, delay

@@ -8,28 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers.cli import assert_clean_failure, bstab
 
 from basis_stability import open_run
-from basis_stability.cli import main
 
 FAST = ("--model", "mlp", "--batch-size", "128", "--no-progress")
-
-
-def bstab(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_clean_failure(result, *fragments: str) -> None:
-    assert result.exit_code != 0, result.output
-    assert (
-        "Traceback" not in result.output
-        and result.exception is None
-        or isinstance(result.exception, SystemExit)
-    ), result.output
-    text = " ".join(result.output.split())  # undo click's line wrapping
-    for fragment in fragments:
-        assert fragment in text, result.output
 
 
 SUMMARY = re.compile(

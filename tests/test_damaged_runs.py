@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).with_name("helpers")))
 from damage import STRUCTURAL, UNAFFECTED, make_run  # noqa: E402
+from helpers.cli import one_error_line  # noqa: E402
 
 from basis_stability import open_run  # noqa: E402
 from basis_stability.cli import main  # noqa: E402
@@ -49,15 +50,6 @@ def read_everything(path: Path) -> None:
         run.snapshots()
         run.events()
         run.config  # noqa: B018
-
-
-def one_error_line(result) -> str:
-    text = result.output
-    assert result.exit_code != 0, text
-    assert "Traceback" not in text and "Unexpected" not in text, text
-    errors = [line[line.index("Error:") :] for line in text.splitlines() if "Error:" in line]
-    assert len(errors) == 1, text
-    return errors[0]
 
 
 @pytest.mark.parametrize("name, damage, words", STRUCTURAL, ids=[c[0] for c in STRUCTURAL])

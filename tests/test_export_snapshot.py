@@ -12,13 +12,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers.cli import bstab
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 import basis_stability
-from basis_stability.cli import main
 from basis_stability.errors import ConfigError, NoEligibleLayersError, RunExistsError
 from basis_stability.record import Recorder
 from basis_stability.store import export_snapshot
@@ -298,10 +297,6 @@ def test_the_export_loads_into_a_fresh_model(runs, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- CLI
-
-
-def bstab(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_cli_writes_the_file_and_prints_one_line(run32, tmp_path):

@@ -8,7 +8,6 @@ and skipped with the reason elsewhere.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).with_name("helpers")))
 from crash_trial import Writer, check_snapshots  # noqa: E402
+from helpers.mounts import tmpfs  # noqa: E402
 
 from basis_stability import Recorder, open_run  # noqa: E402
 from basis_stability.cli import main  # noqa: E402
@@ -49,6 +49,14 @@ def _live(path: Path, *args: str) -> Writer:
     writer = Writer(path, "--sizes", SIZES, *args)
     writer.wait_for("done 3")
     return writer
+
+
+def _killed_writer(path: Path, count: int) -> None:
+    """A run of ``count + 1`` snapshots whose writer was SIGKILLed holding it open."""
+    writer = _live(path, "--count", str(count), "--hold")
+    writer.wait_for("holding")
+    writer.proc.kill()
+    writer.finish()
 
 
 # ------------------------------------------------------------------------------- one writer
@@ -130,10 +138,7 @@ def test_a_second_writer_in_the_same_process_is_refused(tmp_path):
 
 def test_the_lock_dies_with_a_killed_writer_and_recovery_keeps_every_snapshot(tmp_path):
     path = tmp_path / "run.h5"
-    writer = _live(path, "--count", "5", "--hold")
-    writer.wait_for("holding")
-    writer.proc.kill()
-    writer.finish()
+    _killed_writer(path, 5)
     assert holder_of(path) is None  # the OS dropped the lock with the process
     with Recorder(_model(), path, mode="append") as rec:  # recovers the dead writer's file
         assert rec.n_snapshots == 6
@@ -142,10 +147,7 @@ def test_the_lock_dies_with_a_killed_writer_and_recovery_keeps_every_snapshot(tm
 
 def test_recovery_never_replaces_a_file_another_process_has_open(tmp_path):
     path = tmp_path / "run.h5"
-    writer = _live(path, "--count", "3", "--hold")
-    writer.wait_for("holding")
-    writer.proc.kill()
-    writer.finish()
+    _killed_writer(path, 3)
     reader = subprocess.Popen(
         [sys.executable, "-c", f"f = open({str(path)!r}, 'rb'); import sys; sys.stdin.read()"],
         stdin=subprocess.PIPE,
@@ -175,19 +177,8 @@ def test_lock_file_replaced_between_open_and_flock_is_not_trusted(tmp_path):
 
 
 # ------------------------------------------------------------------------------- full disks
-@contextlib.contextmanager
 def _tmpfs(tmp_path: Path, size: str):
-    mnt = tmp_path / "small-disk"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); needs root")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return tmpfs(tmp_path / "small-disk", size)
 
 
 FILL_SCRIPT = textwrap.dedent(
