@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers.cli import assert_clean_failure, bstab
 from helpers.mounts import tmpfs
+from helpers.runs import SMALL_LAYERS, small_run
 from torch import nn
 
 from basis_stability.analyze import AnalysisConfig, EngineConfig, analyze
@@ -25,30 +26,12 @@ from basis_stability.errors import ConfigError, RunFileError
 from basis_stability.recommend import PlanConfig
 from basis_stability.record import Recorder
 from basis_stability.store import RunWriter
-from basis_stability.views import LayerView
-
-LAYERS = [
-    LayerView.of("fc", "fc.weight", "linear", (12, 6)),
-    LayerView.of("head", "head.weight", "linear", (3, 8)),
-]
-
-
-def _small_run(path: Path, count: int = 4, close: bool = True) -> RunWriter:
-    rng = np.random.default_rng(0)
-    writer = RunWriter.create(path, LAYERS, model_class="Toy")
-    for t in range(count):
-        writer.append(
-            iter(rng.standard_normal(v.shape).astype(np.float32) for v in LAYERS), step=t, epoch=t
-        )
-    if close:
-        writer.close()
-    return writer
 
 
 @pytest.fixture
 def run_path(tmp_path: Path) -> Path:
     path = tmp_path / "run.h5"
-    _small_run(path)
+    small_run(path)
     return path
 
 
@@ -106,14 +89,16 @@ def test_force_overwrites_the_user_files(run_path: Path, tmp_path: Path):
 
 def test_follow_rewrites_its_own_outputs_each_time(tmp_path: Path):
     path, out = tmp_path / "live.h5", tmp_path / "out"
-    writer = _small_run(path, 3, close=False)
+    writer = small_run(path, 3, close=False)
     cfgs = (AnalysisConfig(lag=1), EngineConfig(cache=False), PlanConfig())
     texts = follow_analysis(path, out, *cfgs, plots=False, follow=True, poll=0.1, progress=False)
     try:
         assert next(texts).count("3 snapshots") == 1
         rng = np.random.default_rng(5)
         writer.append(
-            iter(rng.standard_normal(v.shape).astype(np.float32) for v in LAYERS), step=3, epoch=3
+            iter(rng.standard_normal(v.shape).astype(np.float32) for v in SMALL_LAYERS),
+            step=3,
+            epoch=3,
         )
         assert "4 snapshots" in next(texts)  # a second write into the same folder
         assert pd.read_csv(out / "ranks.csv")["snapshot"].max() == 3

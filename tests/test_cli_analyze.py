@@ -15,26 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from helpers.cli import assert_clean_failure, bstab
+from helpers.runs import SMALL_LAYERS, small_run
 
 from basis_stability import open_run
 from basis_stability.analyze import analyze
-from basis_stability.analyze.output import MANIFEST, TABLES
+from basis_stability.analyze.output import MANIFEST, PLOTS, TABLES
 from basis_stability.recommend import Plan
-from basis_stability.store import RunWriter
-from basis_stability.views import LayerView
-
-PLOTS = (
-    "stability_heatmap",
-    "mean_stability",
-    "spectra_grid",
-    "spectrum_largest_layer",
-    "stable_rank",
-    "beta_curve",
-)
-LAYERS = [
-    LayerView.of("fc", "fc.weight", "linear", (12, 6)),
-    LayerView.of("head", "head.weight", "linear", (3, 8)),
-]
 
 
 def _plots_module():
@@ -57,18 +43,6 @@ def run_path(recorded: Path, tmp_path: Path) -> Path:
     path = tmp_path / "mlp.h5"
     shutil.copy(recorded, path)  # each test gets its own run and its own cache
     return path
-
-
-def _small_run(path: Path, count: int, close: bool = True) -> RunWriter:
-    rng = np.random.default_rng(0)
-    writer = RunWriter.create(path, LAYERS, model_class="Toy")
-    for t in range(count):
-        writer.append(
-            iter(rng.standard_normal(v.shape).astype(np.float32) for v in LAYERS), step=t, epoch=t
-        )
-    if close:
-        writer.close()
-    return writer
 
 
 # ---------------------------------------------------------------------- the happy path
@@ -134,7 +108,7 @@ def test_no_plots_writes_no_figures(run_path: Path, tmp_path: Path):
 
 def test_single_snapshot_run_analyses_with_a_note(tmp_path: Path):
     path = tmp_path / "one.h5"
-    _small_run(path, 1)
+    small_run(path, 1)
     out = tmp_path / "out"
     result = bstab("analyze", path, "-o", out, "--no-progress")
     assert result.exit_code == 0, result.output
@@ -157,13 +131,13 @@ def test_follow_on_a_finished_run_returns_after_one_analysis(run_path: Path, tmp
 
 def test_follow_waits_for_the_first_snapshot_of_a_live_run(tmp_path: Path):
     path = tmp_path / "live.h5"
-    writer = _small_run(path, 0, close=False)
+    writer = small_run(path, 0, close=False)
 
     def record_later() -> None:
         time.sleep(0.5)
         rng = np.random.default_rng(1)
         for t in range(3):
-            mats = [rng.standard_normal(v.shape).astype(np.float32) for v in LAYERS]
+            mats = [rng.standard_normal(v.shape).astype(np.float32) for v in SMALL_LAYERS]
             writer.append(iter(mats), step=t, epoch=t)
         writer.close()
 
@@ -202,7 +176,7 @@ def test_bad_run_files_fail_cleanly(kind: str, tmp_path: Path):
             f["x"] = np.arange(3)
         fragment = "not a basis_stability run"
     else:
-        _small_run(path, 0)
+        small_run(path, 0)
         fragment = "no committed snapshot"
     out = tmp_path / "out"
     assert_clean_failure(bstab("analyze", path, "-o", out, "--no-progress"), fragment)

@@ -1,4 +1,4 @@
-"""Reading a whole (small) run back in the tests."""
+"""Small runs for the tests: writing a random one, reading a whole one back."""
 
 from __future__ import annotations
 
@@ -7,6 +7,28 @@ from pathlib import Path
 import numpy as np
 
 import basis_stability as bs
+from basis_stability.store import RunWriter
+from basis_stability.views import LayerView
+
+SMALL_LAYERS = [
+    LayerView.of("fc", "fc.weight", "linear", (12, 6)),
+    LayerView.of("head", "head.weight", "linear", (3, 8)),
+]
+
+
+def small_run(path: Path, count: int = 4, close: bool = True) -> RunWriter:
+    """A run of ``SMALL_LAYERS`` with ``count`` seeded random snapshots (step = epoch = t)."""
+    rng = np.random.default_rng(0)
+    writer = RunWriter.create(path, SMALL_LAYERS, model_class="Toy")
+    for t in range(count):
+        writer.append(
+            iter(rng.standard_normal(v.shape).astype(np.float32) for v in SMALL_LAYERS),
+            step=t,
+            epoch=t,
+        )
+    if close:
+        writer.close()
+    return writer
 
 
 def read_all(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str, np.ndarray]]]:
