@@ -333,8 +333,8 @@ class RunWriter:
         self._check_usable()
         t = self.n_snapshots
         self._check_space(t)
-        row = self._metric_row(metrics or {})
         try:
+            row = self._metric_row(metrics or {})  # may grow /metrics/names: a write too
             self._write_rows(t, matrices, row)
             self._f.flush()  # the data reaches the file before the commit below
             entry = np.array(
@@ -738,6 +738,8 @@ def _copy_committed(path: Path) -> int:
 
 def _copy_run(run: Any, out: h5py.File) -> None:
     """The committed part of an open run, copied into an empty file (stored names kept)."""
+    from .reader import read_checked
+
     src = run.h5
     n = run.n_snapshots
     for key, value in src.attrs.items():
@@ -745,8 +747,8 @@ def _copy_run(run: Any, out: h5py.File) -> None:
     group = out.create_group("layers", track_order=True)
     for stored, ds in src["layers"].items():
         new = _layer_dataset(group, stored, ds.shape[1:], ds.dtype, rows=n)
-        for t in range(n):
-            new[t] = ds[t]
+        for t in range(n):  # a damaged row is a DamagedRunError, not a failed write
+            new[t] = read_checked(ds, t, run.path, f"layer {stored} snapshot {t}")
         for key, value in ds.attrs.items():
             new.attrs[key] = value
     names = src["metrics/names"][:]
