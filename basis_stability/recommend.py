@@ -5,7 +5,10 @@ Plain data in, plain data out; the OIALR trainer consumes :class:`Plan` (or its 
 **Delay rule.** For the "lag" pairs (snapshots ``lag`` apart), the *stable share* at snapshot b is
 the parameter-weighted share of layers with ``S(b - lag, b) >= tau``. The delay is the first b from
 which the stable share stays ``>= share`` at every later b. Weighting by parameters makes the big
-layers, where low rank pays, decide; a NaN S counts as not stable.
+layers, where low rank pays, decide. A layer whose S is NaN at b (its basis is not unique: a
+rank-deficient or zero matrix, NaN/Inf weights) is *excluded* at b, neither stable nor unstable:
+the share is over the parameters whose S is defined, and the plan's notes name every excluded
+layer with its reason. A snapshot where no layer has a defined S cannot meet the rule.
 
 **Beta rule.** At the delay snapshot, for each candidate beta each layer would keep
 ``r_beta = #{s_i >= beta s_1}`` singular values. Rule ``energy`` (default) picks the largest beta
@@ -203,17 +206,63 @@ def first_lasting(ok: np.ndarray) -> int | None:
 
 
 def choose_delay(network: pd.DataFrame, share: float) -> tuple[int | None, str]:
-    """First snapshot b from which ``stable_share >= share`` holds at every later b."""
+    """First snapshot b from which ``stable_share >= share`` holds at every later b.
+
+    ``stable_share`` is over the layers whose S is defined (``known_share`` of the parameters,
+    the rest named in ``excluded``); the reason names what was left out at the last snapshot.
+    """
     if network.empty:
         return None, "no stability pairs (a run needs two snapshots)"
     first = first_lasting((network["stable_share"] >= share).to_numpy())
     if first is None:
-        last = float(network["stable_share"].iloc[-1])
-        return None, (
-            f"not stable yet: at the last snapshot {last:.0%} of parameters are in "
-            f"stable layers (< {share:.0%}); train longer or lower tau"
+        last = network.iloc[-1]
+        if pd.isna(last["stable_share"]):
+            return None, (
+                f"not decidable at the last snapshot {int(last['snapshot'])}: no layer has a "
+                f"defined S there ({_excluded(last)})"
+            )
+        why = (
+            f"not stable yet: at the last snapshot {float(last['stable_share']):.0%} of "
+            f"parameters are in stable layers (< {share:.0%}); train longer or lower tau"
         )
+        if _excluded(last):
+            why += (
+                f" (measured on the {float(last['known_share']):.0%} of parameters whose S is "
+                f"defined; excluded, not counted as unstable: {_excluded(last)})"
+            )
+        return None, why
     return int(network["snapshot"].to_numpy()[first]), "delay rule met"
+
+
+def _excluded(row: pd.Series) -> str:
+    value = row.get("excluded", "")
+    return value if isinstance(value, str) else ""
+
+
+def excluded_notes(network: pd.DataFrame) -> list[str]:
+    """One note per distinct set of layers whose S is NaN, with the snapshots it holds at."""
+    if network.empty or "excluded" not in network:
+        return []
+    groups: dict[str, list[int]] = {}
+    for snap, why in zip(network["snapshot"], network["excluded"]):
+        if isinstance(why, str) and why:
+            groups.setdefault(why, []).append(int(snap))
+    return [
+        f"S undefined, so excluded from the stable share (not counted as unstable) at "
+        f"snapshot(s) {_spans(snaps)}: {why}"
+        for why, snaps in groups.items()
+    ]
+
+
+def _spans(snaps: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    out: list[list[int]] = []
+    for s in snaps:
+        if out and out[-1][-1] + 1 == s:
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in out)
 
 
 def kept_energy(s: np.ndarray, rank: int) -> float:
@@ -299,6 +348,7 @@ def make_plan(
     interval_epochs = float(epochs.iloc[lag] - epochs.iloc[0]) if len(index) > lag else None
     interval_steps = int(steps.iloc[lag] - steps.iloc[0]) if len(index) > lag else None
     notes = [] if delay is not None else [why + f"; beta and ranks are from snapshot {at}"]
+    notes += excluded_notes(network)
     at_delay = network[network["snapshot"] == at]
     plan = Plan(
         model_class=model_class,
@@ -324,7 +374,10 @@ def make_plan(
             },
         },
         evidence={
-            "stable_share": network[["snapshot", "stable_share"]].values.tolist(),
+            "stable_share": [
+                [int(b), None if pd.isna(v) else float(v)]
+                for b, v in zip(network["snapshot"], network["stable_share"])
+            ],
             "stable_share_at_delay": float(at_delay["stable_share"].iloc[0])
             if len(at_delay)
             else None,

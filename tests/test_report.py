@@ -133,7 +133,12 @@ def test_network_equals_a_pandas_oracle(tmp_path: Path):
                 "step": 7 * b + 3,
                 "mean_S": np.nanmean(s),
                 "weighted_S": (s[known] * size[known]).sum() / size[known].sum(),
-                "stable_share": size[known & (np.nan_to_num(s) >= tau)].sum() / size.sum(),
+                # a NaN layer is excluded, not counted as unstable (issue 11)
+                "stable_share": size[known & (np.nan_to_num(s) >= tau)].sum() / size[known].sum(),
+                "known_share": size[known].sum() / size.sum(),
+                "excluded": "; ".join(
+                    f"{n} ({r})" for n, r in zip(grp["layer"][~known], grp["reason"][~known])
+                ),
             }
         )
     want = pd.DataFrame(rows)
@@ -142,8 +147,10 @@ def test_network_equals_a_pandas_oracle(tmp_path: Path):
     np.testing.assert_array_equal(got["snapshot"], want["snapshot"])
     np.testing.assert_array_equal(got["epoch"], want["epoch"])
     np.testing.assert_array_equal(got["step"], want["step"])
-    for col in ("mean_S", "weighted_S", "stable_share"):
+    for col in ("mean_S", "weighted_S", "stable_share", "known_share"):
         np.testing.assert_allclose(got[col], want[col], rtol=1e-12, err_msg=col)
+    assert list(got["excluded"]) == list(want["excluded"])
+    assert "conv" in got.set_index("snapshot").loc[4, "excluded"]
     # the oracle is not trivial: shares between 0 and 1, NaN left out of the weighted mean
     assert 0 < got["stable_share"].min() < got["stable_share"].max() < 1
     nan_b = lagged[lagged["S"].isna()]["b"].unique()

@@ -33,15 +33,17 @@ import torch
 from ..errors import ConfigError, RunFileError, expected
 from ..store.format import encode_name
 from ..store.reader import LayerInfo, LayerSnapshots, Run
-from .spectra import SVD, compact_svd
-from .stability import Decomposed, basis_reason
+from .spectra import SVD
+from .stability import PROMOTE_COND, Decomposed, basis_error, basis_reason, polar_svd
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "basis_stability.svd-cache"
 # 2: a Fletcher-32 checksum on every dataset; an entry's data is flushed before its commit marker
-CACHE_VERSION = 2
+# 3: ill-conditioned matrices are decomposed in float64 (their s and B), whatever svd_dtype says
+CACHE_VERSION = 3
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _NOT_A_CACHE = "not a basis_stability SVD cache"
 _KEYS = ("t_id", "fro2", "s", "U", "V", "B")
 _WRITE_ERRORS = (OSError, RuntimeError)  # h5py raises either for a failed write or flush
@@ -117,8 +119,18 @@ class Entry:
     V: np.ndarray  # (n, kk)
 
 
-def _decompose(w: torch.Tensor, cfg: EngineConfig) -> tuple:
-    """(s, fro2, B, U, V) of one tall matrix; NaN-filled when it holds NaN/Inf."""
+def storage_dtype(info: LayerInfo) -> torch.dtype:
+    """The torch dtype a layer's weights were stored in (it sets the rank decision's tolerance)."""
+    return _STORAGE.get(info.storage_dtype, torch.float32)
+
+
+def _decompose(w: torch.Tensor, cfg: EngineConfig, storage: torch.dtype = torch.float32) -> tuple:
+    """(s, fro2, B, U, V) of one tall matrix; NaN-filled when it holds NaN/Inf.
+
+    In exact mode an ill-conditioned matrix is decomposed in float64
+    (:func:`~.stability.polar_svd`); its basis is still cached in ``svd_dtype``, which costs S
+    only about that dtype's epsilon.
+    """
     m, n = w.shape
     kk = min(cfg.kmax, n)
     dtype = _DTYPES[cfg.svd_dtype]
@@ -135,8 +147,9 @@ def _decompose(w: torch.Tensor, cfg: EngineConfig) -> tuple:
             nan((n, kk), np.nan, np_dtype),
         )
     if cfg.svd == "exact":
-        u, s, vh = compact_svd(w, dtype)
-        b = (u @ vh).cpu().numpy()
+        (u, s, vh), _ = polar_svd(w, dtype, storage)
+        b = (u @ vh).to(dtype).cpu().numpy()
+        u, vh = u.to(dtype), vh.to(dtype)  # every entry of a layer in one dtype (they are stacked)
         s_full = s.double().cpu().numpy()
         fro2 = float((s_full**2).sum())  # = ||W||_F^2, without another pass over W
     else:
@@ -158,8 +171,9 @@ def decompose_snapshots(
 ) -> list[Entry]:
     """Decompose snapshots ``indices`` of one layer."""
     out = []
+    storage = storage_dtype(snaps.info)
     for t, t_id in zip(indices, t_ids):
-        s, fro2, b, u, v = _decompose(torch.from_numpy(snaps[t]), cfg)
+        s, fro2, b, u, v = _decompose(torch.from_numpy(snaps[t]), cfg, storage)
         out.append(Entry(t, t_id, s, fro2, b, u, v))
     return out
 
@@ -473,12 +487,17 @@ class SVDCache:
         """One cached entry as the metrics take it (basis None, with a reason, if undefined)."""
         s = torch.from_numpy(np.asarray(entry.s))
         svd = SVD(torch.from_numpy(entry.U), s, torch.from_numpy(entry.V).T)
+        storage, error = storage_dtype(info), math.nan
         if self.cfg.svd == "exact":
-            reason = basis_reason(s, info.shape, _DTYPES[self.cfg.svd_dtype])
+            reason = basis_reason(s, info.shape, storage)
+            # the cond rule of polar_svd says which dtype computed it
+            cond = float(s[0] / s[-1]) if len(s) and float(s[-1]) > 0 else math.inf
+            computed = torch.float64 if cond > PROMOTE_COND else _DTYPES[self.cfg.svd_dtype]
+            error = basis_error(s, storage, computed)
         else:
             reason = "approximate SVD mode: S needs every singular vector"
         basis = None if reason or entry.B is None else torch.from_numpy(entry.B)
-        return Decomposed(svd, basis, reason)
+        return Decomposed(svd, basis, reason, error)
 
     def close(self) -> None:
         """Close the file; one whose last write cannot be completed is removed (with a note)."""

@@ -18,7 +18,7 @@ import torch
 
 from .. import _dist
 from ..errors import ConfigError, RunFileError, expected
-from ..recommend import Plan, PlanConfig, first_lasting, make_plan
+from ..recommend import Plan, PlanConfig, excluded_notes, first_lasting, make_plan
 from ..store.reader import LayerInfo, Run, open_run
 from .engine import CacheDamagedError, EngineConfig, SVDCache, fill_cache
 from .spectra import batch_ranks, rank_at_beta
@@ -27,10 +27,12 @@ from .stability import Decomposed, pairwise_overlap, pairwise_stability, topk_re
 PAIRS = ("consecutive", "lag", "final", "initial")
 # an empty table keeps its columns, so its CSV stays readable (e.g. a one-snapshot run)
 STABILITY_COLUMNS = ["layer", "kind", "pair", "lag", "a", "b", "epoch_a", "epoch_b"]
-STABILITY_COLUMNS += ["step_a", "step_b", "S", "O_left", "O_right", "k", "reason"]
+STABILITY_COLUMNS += ["step_a", "step_b", "S", "S_err", "O_left", "O_right", "k", "reason"]
 SPECTRA_COLUMNS = ["layer", "snapshot", "epoch", "step", "i", "sigma", "sigma_rel"]
 RANK_COLUMNS = ["layer", "kind", "snapshot", "epoch", "step", "m", "n", "finite", "stable_rank"]
-RANK_COLUMNS += ["effective_rank", "energy_rank"]
+RANK_COLUMNS += ["effective_rank", "energy_rank", "cond"]
+NETWORK_COLUMNS = ["snapshot", "epoch", "step", "mean_S", "weighted_S", "stable_share"]
+NETWORK_COLUMNS += ["known_share", "excluded"]
 
 
 @dataclass
@@ -128,6 +130,10 @@ def _pair_frame(
         [None if w else d.svd.Vh[:k].T for d, w in zip(decs, o_why)], pairwise_overlap
     )
     epochs, steps = index["epoch"].to_numpy(), index["step"].to_numpy()
+    errors = np.array([math.nan if d is None else d.error for d in decs])
+    s_err = np.where(np.isfinite(s_all[a, b]), errors[a] + errors[b], np.nan) / math.sqrt(
+        min(info.shape)
+    )
     frame = pd.DataFrame(
         {
             "layer": info.name,
@@ -141,6 +147,7 @@ def _pair_frame(
             "step_a": steps[a],
             "step_b": steps[b],
             "S": s_all[a, b],
+            "S_err": s_err,
             "O_left": left[a, b],
             "O_right": right[a, b],
             "k": k,
@@ -194,34 +201,50 @@ def _rank_frame(
             "stable_rank": np.where(np.isnan(ranks["stable_rank"]), from_fro, ranks["stable_rank"]),
             "effective_rank": ranks["effective_rank"],
             "energy_rank": ranks["energy_rank"],
+            "cond": _condition_numbers(s),
         }
     )
 
 
+def _condition_numbers(s: np.ndarray) -> np.ndarray:
+    """``s_1 / s_n`` per row of ``(T, n)`` singular values: inf when singular, NaN when unknown."""
+    top, low = s[:, 0], s[:, -1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cond = np.where(low > 0, top / low, np.inf)
+    return np.where(np.isfinite(s).all(axis=1) & (top > 0), cond, np.nan)
+
+
 def _network(stab: pd.DataFrame, shapes: dict[str, tuple[int, int]], tau: float) -> pd.DataFrame:
+    """Per snapshot b, the lag pairs averaged over layers. A layer whose S is NaN (its basis is
+    not unique, or its weights are NaN/Inf) is excluded from the means and the stable share (it
+    counts neither as stable nor as unstable) and named in ``excluded`` with its reason;
+    ``known_share`` is the parameter share the stable share was measured on."""
     lagged = stab[stab["pair"] == "lag"]
     if lagged.empty:
-        return pd.DataFrame(
-            columns=["snapshot", "epoch", "step", "mean_S", "weighted_S", "stable_share"]
-        )
+        return pd.DataFrame(columns=NETWORK_COLUMNS)
     size = lagged["layer"].map(lambda n: shapes[n][0] * shapes[n][1]).astype(float)
+    known = lagged["S"].notna()
     frame = lagged.assign(
         size=size,
         wS=lagged["S"] * size,
         stable=(lagged["S"] >= tau) * size,
-        known=lagged["S"].notna() * size,
+        known=known * size,
+        why=np.where(known, "", lagged["layer"] + " (" + lagged["reason"].fillna("S is NaN") + ")"),
     )
     g = frame.groupby("b", sort=True)
-    out = pd.DataFrame(
-        {
-            "snapshot": g.size().index,
-            "epoch": g["epoch_b"].first().to_numpy(),
-            "step": g["step_b"].first().to_numpy(),
-            "mean_S": g["S"].mean().to_numpy(),
-            "weighted_S": (g["wS"].sum() / g["known"].sum()).to_numpy(),
-            "stable_share": (g["stable"].sum() / g["size"].sum()).to_numpy(),
-        }
-    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = pd.DataFrame(
+            {
+                "snapshot": g.size().index,
+                "epoch": g["epoch_b"].first().to_numpy(),
+                "step": g["step_b"].first().to_numpy(),
+                "mean_S": g["S"].mean().to_numpy(),
+                "weighted_S": (g["wS"].sum() / g["known"].sum()).to_numpy(),
+                "stable_share": (g["stable"].sum() / g["known"].sum()).to_numpy(),
+                "known_share": (g["known"].sum() / g["size"].sum()).to_numpy(),
+                "excluded": g["why"].agg(lambda w: "; ".join(x for x in w if x)).to_numpy(),
+            }
+        )
     return out.reset_index(drop=True)
 
 
@@ -372,6 +395,7 @@ def _build(
         else _network(pd.DataFrame(columns=["pair"]), shapes, plan_cfg.tau)
     )
     plan, curve = _plan(network, spectra_by_t, shapes, index, lag, run, plan_cfg)
+    notes += excluded_notes(network)
     if plan is None:
         notes.append(_no_plan_note(spectra_by_t, shapes, cache.cfg.svd == "approx"))
     if plan is not None and len(ranks):

@@ -7,6 +7,16 @@ singular values). For a rank-deficient or zero matrix the columns of ``U`` and `
 zero singular values are arbitrary, so ``B`` and ``S`` are not defined: the functions here return
 NaN with the reason instead of a number that depends on the LAPACK routine.
 
+**The rank decision** is made at the precision the weights were *stored* in, with singular values
+in float64: the matrix counts as rank-deficient only when ``s_n <= rank_tolerance(s, shape,
+storage) = max(u_storage ||W||_F, max(m, n) eps64 s_1)``. Rounding each stored value moves ``W`` by
+at most ``u_storage ||W||_F`` (``u`` = half the machine epsilon), and no singular value moves more
+than that (Weyl), so above it the data cannot come from a rank-deficient matrix; the second term is
+the float64 SVD's own round-off. An ill-conditioned matrix (``s_1 / s_n > PROMOTE_COND``) is
+decomposed in float64 whatever the engine's dtype (:func:`polar_svd`), because a float32 polar
+factor loses about ``eps32 * s_1 / s_n`` in its smallest directions. :func:`basis_error` bounds
+what is left: ``||dB||_F <= 2 ||dW||_F / s_n`` to first order.
+
 **Overlap** ``O_k(a, b) = ||U_a[:, :k]^T U_b[:, :k]||_F^2 / k`` (and the same for ``V``) is the
 mean squared cosine of the principal angles between the two top-k subspaces, in [0, 1]. The
 top-k subspace is unique when ``s_k > s_{k+1}``; without that gap ``O_k`` is NaN with a reason.
@@ -26,20 +36,31 @@ from dataclasses import dataclass
 
 import torch
 
-from .spectra import SVD, compact_svd, numerical_rank
+from .spectra import SVD, compact_svd
+
+# above this condition number a float32 polar factor is recomputed in float64: measured on designed
+# spectra, float32 S stays within 1e-7 of float64 up to 1e3 and drifts to 1e-6 at 1e4, 3e-5 at 1e6
+PROMOTE_COND = 1e3
 
 __all__ = [
     "Decomposed",
     "Measure",
     "Overlap",
+    "PROMOTE_COND",
+    "basis_error",
     "basis_reason",
+    "condition_number",
     "decompose",
     "matched_cosines",
     "overlap",
     "pairwise_overlap",
     "pairwise_stability",
+    "polar_svd",
     "principal_angles",
+    "rank_tolerance",
     "stability",
+    "stability_bound",
+    "stability_error",
     "subspace_overlap",
     "topk_reason",
 ]
@@ -69,37 +90,150 @@ class Decomposed:
         svd: the compact SVD.
         basis: ``B = U V^T`` (m, n), or None when it is not unique.
         reason: why ``basis`` is None (rank-deficient, zero, non-finite).
+        error: first-order bound on ``||dB||_F`` (:func:`basis_error`); NaN when not known.
     """
 
     svd: SVD
     basis: torch.Tensor | None
     reason: str | None
+    error: float = math.nan
 
 
-def basis_reason(s: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
-    """Why the polar basis of a matrix with singular values ``s`` is not unique, or None."""
-    if not torch.isfinite(s).all():
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the machine epsilon of a float dtype: the largest relative rounding error of a value."""
+    return torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
+
+
+def _frobenius(s: torch.Tensor) -> float:
+    """``||W||_F`` from its singular values, scaled so that huge values do not overflow."""
+    top = float(s[0]) if len(s) else 0.0
+    return top * float((s / top).pow(2).sum().sqrt()) if top > 0 else 0.0
+
+
+def rank_tolerance(s: torch.Tensor, shape: tuple[int, int], storage: torch.dtype) -> float:
+    """Singular values at or below this are indistinguishable from 0 in the stored data.
+
+    ``max(u_storage ||W||_F, max(m, n) eps64 s_1)``: rounding the stored values perturbs ``W`` by
+    at most ``u_storage ||W||_F`` in the Frobenius (hence spectral) norm, which bounds how far any
+    singular value can move (Weyl); the second term is the round-off of a float64 SVD (NumPy's
+    ``matrix_rank`` rule in float64).
+
+    Args:
+        s: ``(n,)`` singular values, descending, ideally from a float64 SVD.
+        shape: ``(m, n)`` of the matrix.
+        storage: the dtype the weights were stored in (float16, bfloat16, float32, float64).
+    """
+    s = torch.as_tensor(s).double()
+    top = float(s[0]) if len(s) else 0.0
+    fro = _frobenius(s)
+    return max(_unit_roundoff(storage) * fro, max(shape) * torch.finfo(torch.float64).eps * top)
+
+
+def condition_number(s: torch.Tensor) -> float:
+    """``s_1 / s_n`` in float64; inf for a singular matrix, NaN when unknown or zero."""
+    s = torch.as_tensor(s).double()
+    if not len(s) or not torch.isfinite(s).all() or float(s[0]) <= 0:
+        return math.nan
+    return float(s[0] / s[-1]) if float(s[-1]) > 0 else math.inf
+
+
+def basis_reason(s: torch.Tensor, shape: tuple[int, int], storage: torch.dtype) -> str | None:
+    """Why the polar basis of a matrix with singular values ``s`` is not unique, or None.
+
+    ``storage`` is the dtype the weights were stored in; the decision is
+    ``s_n <= rank_tolerance(s, shape, storage)`` (see the module docstring for why).
+    """
+    if not torch.isfinite(torch.as_tensor(s)).all():
         return "NaN/Inf in the weights or their SVD"
     if not len(s) or float(s[0]) <= 0:
         return "zero matrix: no basis"
-    rank = numerical_rank(s, shape, dtype)
+    tol = rank_tolerance(s, shape, storage)
+    rank = int((torch.as_tensor(s).double() > tol).sum())
     if rank < len(s):
-        return f"rank-deficient (numerical rank {rank} < {len(s)}): basis not unique"
+        name = str(storage).removeprefix("torch.")
+        return (
+            f"rank-deficient (numerical rank {rank} < {len(s)} at the stored {name} precision, "
+            f"s_min {float(s[-1]):.3g} <= {tol:.3g}): basis not unique"
+        )
     return None
 
 
-def decompose(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> Decomposed:
-    """SVD of one tall matrix and its polar basis ``U V^T`` (None with a reason when undefined)."""
+def polar_svd(
+    w: torch.Tensor, dtype: torch.dtype = torch.float32, storage: torch.dtype = torch.float32
+) -> tuple[SVD, torch.dtype]:
+    """The compact SVD of ``w`` in ``dtype``, redone in float64 where float32 would lose ``B``.
+
+    Redone when the float32 condition number exceeds :data:`PROMOTE_COND` (the basis would lose
+    accuracy) or ``s_n`` is within 4x of :func:`rank_tolerance` (the rank decision is close), so
+    both the basis and the rank decision of such a matrix come from float64 singular values.
+    Elsewhere the float32 ``s_n`` is far above both, and its round-off (about ``eps32 s_1``)
+    cannot change the decision.
+
+    Returns:
+        The SVD and the dtype it was computed in.
+    """
+    svd = compact_svd(w, dtype)
+    s = svd.S
+    if dtype == torch.float64 or not len(s) or not torch.isfinite(s).all() or float(s[0]) <= 0:
+        return svd, dtype
+    close = float(s[-1]) <= 4 * rank_tolerance(s, tuple(w.shape), storage)
+    if not close and condition_number(s) <= PROMOTE_COND:
+        return svd, dtype
+    return compact_svd(torch.as_tensor(w).double(), torch.float64), torch.float64
+
+
+def basis_error(s: torch.Tensor, storage: torch.dtype, computed: torch.dtype) -> float:
+    """First-order bound on ``||dB||_F`` of the polar basis: ``2 ||dW||_F / s_n``.
+
+    ``dW`` is the stored rounding plus the SVD's backward error,
+    ``(u_storage + eps_computed) ||W||_F``. For ``W = U S V^T`` the first-order change of
+    ``B = U V^T`` is ``U Omega V^T + (I - U U^T) dW V S^-1 V^T`` with
+    ``Omega_ij = (X_ij - X_ji) / (s_i + s_j)``, ``X = U^T dW V``; each part is at most
+    ``||dW||_F / s_n``, so ``||dB||_F <= sqrt(2) ||dW||_F / s_n`` (just ``||dW||_F / s_n`` when
+    square); the factor 2 leaves room for second-order terms. NaN when undefined.
+    """
+    s = torch.as_tensor(s).double()
+    if not len(s) or not torch.isfinite(s).all() or float(s[-1]) <= 0:
+        return math.nan
+    fro = _frobenius(s)
+    dw = (_unit_roundoff(storage) + torch.finfo(computed).eps) * fro
+    return 2 * dw / float(s[-1])
+
+
+def stability_error(err_a: float, err_b: float, n: int) -> float:
+    """Bound on ``|dS|`` from the two bases' errors: ``(||dB_a||_F + ||dB_b||_F) / sqrt(n)``.
+
+    ``dS = (tr(dB_a^T B_b) + tr(B_a^T dB_b)) / n`` and ``||B||_F = sqrt(n)`` (Cauchy-Schwarz).
+    """
+    return (err_a + err_b) / math.sqrt(n)
+
+
+def _storage_of(w: torch.Tensor) -> torch.dtype:
+    return w.dtype if w.dtype.is_floating_point else torch.float64
+
+
+def decompose(
+    w: torch.Tensor, dtype: torch.dtype = torch.float32, storage: torch.dtype | None = None
+) -> Decomposed:
+    """SVD of one tall matrix and its polar basis ``U V^T`` (None with a reason when undefined).
+
+    Args:
+        w: ``(m, n)`` matrix.
+        dtype: the engine's SVD precision; ill-conditioned matrices are redone in float64.
+        storage: the precision the weights were stored in (default: ``w.dtype``).
+    """
     w = torch.as_tensor(w)
+    storage = storage or _storage_of(w)
     # check after the cast: finite float64 weights can overflow to Inf in float32
     if not torch.isfinite(w.to(dtype)).all():
         n = w.shape[1]
         nan = torch.full((n,), math.nan, dtype=dtype)
         empty = SVD(torch.empty(w.shape[0], 0, dtype=dtype), nan, torch.empty(0, n, dtype=dtype))
         return Decomposed(empty, None, "NaN/Inf in the weights")
-    svd = compact_svd(w, dtype)
-    reason = basis_reason(svd.S, tuple(w.shape), dtype)
-    return Decomposed(svd, None if reason else svd.U @ svd.Vh, reason)
+    svd, computed = polar_svd(w, dtype, storage)
+    reason = basis_reason(svd.S, tuple(w.shape), storage)
+    basis = None if reason else svd.U @ svd.Vh
+    return Decomposed(svd, basis, reason, basis_error(svd.S, storage, computed))
 
 
 def stability(a: Decomposed, b: Decomposed) -> Measure:
@@ -113,6 +247,13 @@ def stability(a: Decomposed, b: Decomposed) -> Measure:
         )
     n = min(a.basis.shape)  # the number of singular values, also for a wide matrix
     return Measure(float((a.basis * b.basis).sum()) / n)
+
+
+def stability_bound(a: Decomposed, b: Decomposed) -> float:
+    """Bound on the error of :func:`stability` (:func:`stability_error`); NaN where S is."""
+    if a.basis is None or b.basis is None:
+        return math.nan
+    return stability_error(a.error, b.error, min(a.basis.shape))
 
 
 def topk_reason(s: torch.Tensor, k: int, dtype: torch.dtype, dim: int | None = None) -> str | None:

@@ -85,6 +85,7 @@ def network_lines(report: Report) -> list[str]:
             f"delay: epoch {_num(plan.delay_epoch, 'g')}{step} (snapshot {plan.delay_snapshot}): "
             f"from there >= {rules['delay']['share']:.0%} of parameters sit in layers with "
             f"S >= {rules['delay']['tau']}"
+            + (" (of those whose S is defined; see the notes)" if _any_excluded(net) else "")
         )
     else:
         lines.append(f"delay: none — {rules['delay']['why']}")
@@ -95,6 +96,10 @@ def network_lines(report: Report) -> list[str]:
         "of the recorded layers"
     )
     return lines
+
+
+def _any_excluded(net) -> bool:
+    return "excluded" in net and bool((net["excluded"].fillna("") != "").any())
 
 
 def report_text(report: Report) -> str:
