@@ -30,8 +30,10 @@ from torch import nn
 from .errors import ConfigError, NoEligibleLayersError
 
 __all__ = [
+    "Coverage",
     "LayerView",
     "Selection",
+    "measure_coverage",
     "register_view",
     "select_layers",
     "select_state_dict",
@@ -304,6 +306,66 @@ def select_layers(
             param_name = f"{mod_name}.{attr}" if mod_name else attr
             views.append(LayerView.of(name, param_name, kind, param.shape))
     return _finish(views, skipped, f"model {type(bare).__name__}")
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a model's matrix-shaped parameters a selection records.
+
+    Attributes:
+        recorded_params: entries of the distinct parameters the selection records.
+        eligible_2d_params: entries of all distinct parameters with >= 2 dimensions.
+        largest_unrecorded: up to five ``(module name, module type, entries)`` of the modules
+            whose >= 2-D parameters are not recorded, largest first.
+    """
+
+    recorded_params: int
+    eligible_2d_params: int
+    largest_unrecorded: list[tuple[str, str, int]] = field(default_factory=list)
+
+    @property
+    def share(self) -> float:
+        """The recorded share of the >= 2-D parameters (1.0 for a model without any)."""
+        return self.recorded_params / self.eligible_2d_params if self.eligible_2d_params else 1.0
+
+
+def measure_coverage(model: nn.Module, views: Sequence[LayerView], top: int = 5) -> Coverage:
+    """Count the entries of ``model``'s >= 2-D parameters that ``views`` record.
+
+    Tied parameters (one tensor under two names) count once, and a tied parameter recorded
+    under either name counts as recorded.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.Embedding(10, 4))
+        >>> cov = measure_coverage(m, select_layers(m).views)
+        >>> (cov.recorded_params, cov.eligible_2d_params, cov.largest_unrecorded)
+        (32, 72, [('1', 'Embedding', 40)])
+    """
+    bare = unwrap_model(model)
+    recorded = set()
+    for view in views:  # by the view's own name: a tied parameter is listed under one name only
+        try:
+            recorded.add(id(bare.get_parameter(view.param_name)))
+        except AttributeError:
+            continue
+    seen: set[int] = set()
+    recorded_n = eligible_n = 0
+    unrecorded: list[tuple[str, str, int]] = []
+    for mod_name, module in bare.named_modules():
+        missing = 0
+        for param in module.parameters(recurse=False):
+            if param is None or param.dim() < 2 or id(param) in seen:
+                continue
+            seen.add(id(param))
+            eligible_n += param.numel()
+            if id(param) in recorded:
+                recorded_n += param.numel()
+            else:
+                missing += param.numel()
+        if missing:
+            unrecorded.append((mod_name or "<root>", type(module).__name__, missing))
+    unrecorded.sort(key=lambda entry: -entry[2])
+    return Coverage(recorded_n, eligible_n, unrecorded[:top])
 
 
 def strip_wrapper_prefix(key: str) -> str:

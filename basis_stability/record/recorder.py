@@ -31,13 +31,14 @@ from torch import nn
 
 from .. import _dist
 from ..errors import ConfigError, RunFileError, WriteFailedError, expected
-from ..views import LayerView, Selection, select_layers, unwrap_model
+from ..views import Coverage, LayerView, Selection, measure_coverage, select_layers, unwrap_model
 from .schedules import Schedule
 
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MODES = ("create", "overwrite", "append")
+_LOW_COVERAGE = 0.5  # warn when the recorded matrices hold less than this share
 
 
 @dataclass
@@ -165,6 +166,20 @@ def gather_to_rank0(weight: Any) -> torch.Tensor | None:
     return torch.cat(gathered)[:rows]
 
 
+def low_coverage_message(model_class: str, cov: Coverage) -> str:
+    """The warning for a recording that holds less than half of the model's matrices."""
+    largest = ", ".join(f"{name} ({kind}, {n:,})" for name, kind, n in cov.largest_unrecorded)
+    return (
+        f"Recording only {cov.recorded_params:,} of the {cov.eligible_2d_params:,} parameters "
+        f"in >= 2-D tensors of {model_class} ({cov.share:.1%}): most of the model is NOT "
+        f"recorded, so its numbers describe a minority of it. Largest unrecorded modules: "
+        f"{largest or 'none'}. Teach the layer registry a module type with "
+        "basis_stability.register_view(ModuleType, kind, handler) (see basis_stability.views), "
+        "or select skipped layers of a known type with `types`/`include`; "
+        "`bstab record --list` shows every layer and why it is skipped."
+    )
+
+
 class Recorder:
     """Records snapshots of a model's layer matrices into one run file.
 
@@ -221,6 +236,9 @@ class Recorder:
         )
         for name, reason in self.selection.skipped:
             log.info("not recording %s: %s", name, reason)
+        self.coverage: Coverage = measure_coverage(self.model, self.views)
+        if self.coverage.share < _LOW_COVERAGE and _dist.is_writer():
+            log.warning("%s", low_coverage_message(type(self.model).__name__, self.coverage))
         self.path = Path(path)
         self.closed = False
         self.step = 0
@@ -288,7 +306,16 @@ class Recorder:
                 self.step,
             )
             return writer
-        cfg = {**asdict(self.config), "skipped": self.selection.skipped}
+        cov = self.coverage
+        cfg = {
+            **asdict(self.config),
+            "skipped": self.selection.skipped,
+            "coverage": {
+                "recorded_params": cov.recorded_params,
+                "eligible_2d_params": cov.eligible_2d_params,
+                "largest_unrecorded": [list(entry) for entry in cov.largest_unrecorded],
+            },
+        }
         writer = RunWriter.create(
             self.path,
             self.views,

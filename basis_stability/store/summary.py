@@ -25,6 +25,35 @@ def _span(values: np.ndarray, fmt: str = "g") -> str:
     return f"{known[0]:{fmt}} -> {known[-1]:{fmt}}"
 
 
+def _step_span(steps: np.ndarray) -> str:
+    """The steps' span, or ``not recorded`` when only the initial snapshot (step 0) has one."""
+    later = steps[1:] if len(steps) and steps[0] == 0 else steps
+    if not (later >= 0).any():  # every step after the initial weights is -1 (unknown)
+        return "not recorded"
+    return _span(steps, "d")
+
+
+def _coverage_line(coverage: object) -> list[str]:
+    """The ``coverage`` line from the run's config (nothing for runs recorded before it)."""
+    if not isinstance(coverage, dict) or not coverage.get("eligible_2d_params"):
+        return []
+    recorded, eligible = int(coverage["recorded_params"]), int(coverage["eligible_2d_params"])
+    line = (
+        f"coverage   {recorded:,} of {eligible:,} parameters in >= 2-D tensors "
+        f"({recorded / eligible:.1%})"
+    )
+    if recorded / eligible < 0.5:
+        largest = ", ".join(
+            f"{name} ({kind}, {n:,})" for name, kind, n in coverage.get("largest_unrecorded", [])
+        )
+        line += (
+            " - most of the model is NOT recorded"
+            + (f"; largest unrecorded: {largest}" if largest else "")
+            + " (teach the registry a type with basis_stability.register_view)"
+        )
+    return [line]
+
+
 def nonfinite_counts(run: Run) -> dict[str, int]:
     """Per layer, how many committed snapshots hold a NaN or an Inf (reads every snapshot)."""
     counts = {}
@@ -44,7 +73,7 @@ def summarize(path: str | os.PathLike, scan: bool = True) -> str:
             f"{a.get('package_version', '?')}, torch {a.get('torch_version', '?')})",
             f"storage    {a.get('storage_dtype', '?')}",
             f"snapshots  {run.n_snapshots}   epochs {_span(run.epochs)}   "
-            f"steps {_span(run.steps, 'd')}   wall time {_span(run.wall_time, '.1f')} s",
+            f"steps {_step_span(run.steps)}   wall time {_span(run.wall_time, '.1f')} s",
         ]
         bad = nonfinite_counts(run) if scan else {}
         total = sum(info.n_params for info in run.layers)
@@ -61,6 +90,7 @@ def summarize(path: str | os.PathLike, scan: bool = True) -> str:
             if scan:
                 flag = f"  {bad[info.name]} snapshot(s) !" if bad[info.name] else "  none"
             lines.append(f"  {info.name:{width}s}  {info.kind:9s} {mat:>11s}  {orig:18s}{flag}")
+        lines += _coverage_line(run.config.get("coverage"))
         skipped = run.config.get("skipped") or []
         if skipped:
             lines.append(f"skipped    {len(skipped)} layer(s) at recording:")

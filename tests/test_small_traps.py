@@ -1,0 +1,58 @@
+"""Small traps of issue 11: inspect steps, the exists message, densify_, compare_export."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from basis_stability.errors import RunExistsError
+from basis_stability.record.recorder import Recorder
+from basis_stability.store.reader import open_run
+from basis_stability.store.summary import summarize
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _steps_field(path) -> str:
+    (line,) = [ln for ln in summarize(path, scan=False).splitlines() if ln.startswith("snapshots")]
+    return re.search(r"steps (.*?)   wall", line).group(1)
+
+
+def test_inspect_says_steps_not_recorded_when_no_snapshot_after_the_initial_has_a_step(tmp_path):
+    path = tmp_path / "run.h5"
+    with Recorder(_mlp(), path) as rec:
+        rec.snapshot(epoch=1)  # no step given: stored as -1 (unknown)
+        rec.snapshot(epoch=2)
+    assert _steps_field(path) == "not recorded"
+
+
+def test_inspect_says_steps_not_recorded_for_the_initial_snapshot_alone(tmp_path):
+    path = tmp_path / "run.h5"
+    Recorder(_mlp(), path).close()
+    assert _steps_field(path) == "not recorded"
+
+
+def test_inspect_still_shows_the_span_of_known_steps(tmp_path):
+    path = tmp_path / "run.h5"
+    with Recorder(_mlp(), path) as rec:
+        rec.snapshot(epoch=1, step=10)
+        rec.snapshot(epoch=2, step=20)
+    assert _steps_field(path) == "0 -> 20"
+
+
+def test_recording_into_an_existing_run_names_mode_overwrite_and_the_advice_works(tmp_path):
+    path = tmp_path / "run.h5"
+    Recorder(_mlp(), path).close()
+    with pytest.raises(RunExistsError, match=re.escape("mode='overwrite'")):
+        Recorder(_mlp(), path)
+    with Recorder(_mlp(), path, mode="overwrite") as rec:
+        rec.snapshot(epoch=1, step=5)
+    with open_run(path) as run:
+        assert run.n_snapshots == 2
+        assert run.steps.tolist() == [0, 5]
