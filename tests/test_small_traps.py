@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
 import torch
 from torch import nn
 
-from basis_stability.errors import RunExistsError
+from basis_stability.errors import ConfigError, RunExistsError
+from basis_stability.lowrank import densify_, factor_of, factorize_
 from basis_stability.record.recorder import Recorder
 from basis_stability.store.reader import open_run
 from basis_stability.store.summary import summarize
+from basis_stability.train.export import compare_export, export_factorized
 
 
 def _mlp() -> nn.Module:
@@ -56,3 +59,35 @@ def test_recording_into_an_existing_run_names_mode_overwrite_and_the_advice_work
     with open_run(path) as run:
         assert run.n_snapshots == 2
         assert run.steps.tolist() == [0, 5]
+
+
+def _trained_low_rank() -> tuple[nn.Module, nn.Module]:
+    """A dense MLP and a factorised, truncated copy of it (as after OIALR training)."""
+    dense = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 8))
+    low = copy.deepcopy(dense)
+    factorize_(low)
+    factor_of(low[0]).rotate_and_truncate_(4)
+    factor_of(low[2]).rotate_and_truncate_(2)
+    return dense, low
+
+
+def test_compare_export_refuses_a_still_factorised_model_as_the_dense_baseline():
+    _, low = _trained_low_rank()
+    with pytest.raises(ConfigError, match=r"`dense`.*low-rank layer\(s\): 0, 2\. Call densify_"):
+        compare_export(low, export_factorized(low), torch.randn(4, 20), repeats=1)
+
+
+def test_compare_export_refuses_an_unexported_low_rank_model_as_the_factorized_one():
+    dense, low = _trained_low_rank()
+    with pytest.raises(ConfigError, match=r"`factorized`.*: 0, 2\. Pass export_factorized"):
+        compare_export(dense, low, torch.randn(4, 20), repeats=1)
+
+
+def test_densify_returns_the_model_so_compare_export_takes_it():
+    _, low = _trained_low_rank()
+    exported = export_factorized(low)
+    baseline = copy.deepcopy(low)
+    assert densify_(baseline) is baseline
+    report = compare_export(densify_(copy.deepcopy(low)), exported, torch.randn(4, 20), repeats=1)
+    assert report.params_dense == 20 * 16 + 16 + 16 * 8 + 8
+    assert report.params_factorized == (20 * 4 + 4 * 16 + 16) + (16 * 2 + 2 * 8 + 8)

@@ -162,13 +162,23 @@ def factorize_(
     return report
 
 
-def densify_(model: nn.Module) -> list[str]:
-    """Turn every low-rank layer back into its dense type, in place; returns the names."""
+def densify_(model: nn.Module) -> nn.Module:
+    """Turn every low-rank layer back into its dense type, in place, and return ``model``.
+
+    Returning the model lets calls chain: ``compare_export(densify_(copy.deepcopy(m)), ...)``.
+    The names of the layers it converts are ``list(low_rank_layers(model))`` before the call.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+        >>> _ = factorize_(m)
+        >>> densify_(m) is m, low_rank_layers(m)
+        (True, {})
+    """
     bare = unwrap_model(model)
     names = [n for n, m in bare.named_modules() if isinstance(m, LOW_RANK_TYPES)]
     for name in sorted(names, key=lambda n: -n.count(".")):  # inner layers first
         _set(bare, name, bare.get_submodule(name).to_dense())
-    return names
+    return model
 
 
 def low_rank_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..lowrank.layers import LowRankConv, LowRankLinear, LowRankMultiheadAttention
 from ..lowrank.surgery import low_rank_layers
 from ..views import unwrap_model
@@ -148,10 +149,35 @@ def _time_ms(model: nn.Module, example: torch.Tensor, repeats: int) -> float:
     return 1e3 * times[len(times) // 2]
 
 
+def _refuse_low_rank(model: nn.Module, arg: str, fix: str) -> None:
+    names = list(low_rank_layers(model))
+    if names:
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        raise ConfigError(
+            f"Expected `{arg}` to hold only torch.nn layers but got a {type(model).__name__} "
+            f"that still holds {len(names)} low-rank layer(s): {shown}. {fix}"
+        )
+
+
 def compare_export(
     dense: nn.Module, factorized: nn.Module, example: torch.Tensor, repeats: int = 30
 ) -> ExportReport:
-    """Parameters, multiply-adds and median CPU inference time of two models on ``example``."""
+    """Parameters, multiply-adds and median CPU inference time of two models on ``example``.
+
+    Args:
+        dense: the dense baseline, e.g. ``densify_(copy.deepcopy(model))``.
+        factorized: the exported model, ``export_factorized(model)``.
+
+    Raises:
+        ConfigError: either model still holds low-rank layers, whose parameters (full
+            factors, possibly untruncated) and multiply-adds would be counted wrongly.
+    """
+    _refuse_low_rank(
+        dense, "dense", "Call densify_(copy.deepcopy(model)) first or pass the dense model."
+    )
+    _refuse_low_rank(
+        factorized, "factorized", "Pass export_factorized(model), built only from torch.nn layers."
+    )
     dense, factorized = dense.eval(), factorized.eval()
     n_params = [sum(p.numel() for p in m.parameters()) for m in (dense, factorized)]
     return ExportReport(
