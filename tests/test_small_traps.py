@@ -91,3 +91,70 @@ def test_densify_returns_the_model_so_compare_export_takes_it():
     report = compare_export(densify_(copy.deepcopy(low)), exported, torch.randn(4, 20), repeats=1)
     assert report.params_dense == 20 * 16 + 16 + 16 * 8 + 8
     assert report.params_factorized == (20 * 4 + 4 * 16 + 16) + (16 * 2 + 2 * 8 + 8)
+
+
+def _lightning_fit(root, path, epochs: int, ckpt_path=None) -> None:
+    """A tiny real Lightning fit recording into ``path``, checkpointing every epoch."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from basis_stability.integrations.lightning import RecordCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    ck = ModelCheckpoint(dirpath=root / "ck", save_top_k=-1, every_n_epochs=1)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[RecordCallback(path), ck],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        accelerator="cpu",
+    )
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+
+
+def _epochs(path) -> list[float]:
+    with open_run(path) as run:
+        return run.epochs.tolist()
+
+
+def test_lightning_resume_with_the_absolute_path_finds_the_state_saved_under_a_relative_one(
+    tmp_path, monkeypatch, caplog
+):
+    root = tmp_path / "job"
+    root.mkdir()
+    monkeypatch.chdir(root)
+    _lightning_fit(root, "run.h5", epochs=2)  # relative path, from the run's folder
+    ckpt = root / "ck" / "epoch=0-step=2.ckpt"
+    monkeypatch.chdir(tmp_path)  # resume from elsewhere, naming the run by its absolute path
+    _lightning_fit(root, root / "run.h5", epochs=3, ckpt_path=ckpt)
+    # the state said: 2 snapshots when the checkpoint was taken, so epoch 2 was redone
+    assert _epochs(root / "run.h5") == [0.0, 1.0, 2.0, 3.0]
+    assert "the checkpoint recorded into" not in caplog.text
+
+
+def test_lightning_accepts_a_state_saved_under_the_old_path_as_given_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _lightning_fit(tmp_path, "run.h5", epochs=2)
+    ckpt = tmp_path / "ck" / "epoch=1-step=4.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in saved["callbacks"] if str(k).startswith("RecordCallback[")]
+    assert key == f"RecordCallback[{tmp_path.resolve() / 'run.h5'}]"
+    state = saved["callbacks"].pop(key)  # rewrite it as releases before the fix saved it
+    saved["callbacks"]["RecordCallback[run.h5]"] = {**state, "path": "run.h5"}
+    torch.save(saved, ckpt)
+    _lightning_fit(tmp_path, tmp_path / "run.h5", epochs=3, ckpt_path=ckpt)
+    assert _epochs(tmp_path / "run.h5") == [0.0, 1.0, 2.0, 3.0]

@@ -79,7 +79,11 @@ class RecordCallback(_pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return f"{type(self).__name__}[{self.session.path}]"
+        """The checkpoint key: the run's resolved absolute path, the same from any cwd."""
+        return self._key_for(self.session.path)
+
+    def _key_for(self, path: str | Path) -> str:
+        return f"{type(self).__name__}[{Path(path).resolve()}]"
 
     @property
     def recorder(self):
@@ -104,11 +108,28 @@ class RecordCallback(_pl.Callback):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self.session.close()  # every committed snapshot is already on disk
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Accept a state saved under the path as given (before keys were resolved), when that
+        path names this callback's run; Lightning calls :meth:`load_state_dict` right after."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        prefix = f"{type(self).__name__}["
+        for key in list(states):
+            old = isinstance(key, str) and key.startswith(prefix) and key.endswith("]")
+            if old and self._key_for(key[len(prefix) : -1]) == self.state_key:
+                states[self.state_key] = states[key]
+                return
+
     def state_dict(self) -> dict[str, Any]:
-        return self.session.state()
+        return {**self.session.state(), "path": str(self.session.path.resolve())}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.session.restore(state_dict)
+        state = dict(state_dict)
+        saved = state.get("path")
+        if saved is not None and Path(saved).resolve() == self.session.path.resolve():
+            state["path"] = str(self.session.path)  # the same file, however it was spelled
+        self.session.restore(state)
 
 
 class OIALRCallback(_pl.Callback):
