@@ -10,7 +10,7 @@ import pytest
 from torch import nn
 
 from basis_stability.record.recorder import Recorder
-from basis_stability.store.h5io import DIGEST_ATTR, metadata_digest
+from basis_stability.store.h5io import write_digest
 from basis_stability.store.summary import summarize
 from basis_stability.views import measure_coverage, select_layers
 
@@ -73,7 +73,7 @@ def test_a_run_without_stored_coverage_prints_no_coverage_line(tmp_path):
         assert "coverage" in cfg
         del cfg["coverage"]
         f.attrs["config"] = json.dumps(cfg, sort_keys=True)
-        f.attrs[DIGEST_ATTR] = metadata_digest(f)
+        write_digest(f)
     assert "coverage" not in summarize(path, scan=False)
 
 

@@ -165,7 +165,18 @@ def retrying(read, live: bool):
     raise AssertionError("unreachable")
 
 
-DIGEST_ATTR = "metadata_sha256"
+DIGEST_ATTR = "metadata_sha256"  # an attribute of /layers (the root's stay few and compact)
+
+
+def stored_digest(f: h5py.File) -> str | None:
+    """The digest the writer stored on ``/layers``, or None."""
+    group = f.get("layers")
+    value = group.attrs.get(DIGEST_ATTR) if isinstance(group, h5py.Group) else None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def write_digest(f: h5py.File) -> None:
+    f["layers"].attrs[DIGEST_ATTR] = metadata_digest(f)
 
 
 def _canonical(value: object) -> object:
@@ -182,9 +193,11 @@ def metadata_digest(f: h5py.File) -> str:
 
     HDF5 checksums object headers, but attributes and link names that spill into a fractal heap
     are not checksummed: a flipped byte there renamed a parameter silently. This digest, written
-    once at creation (those never change after it), makes such damage an error.
+    once at creation (those never change after it), makes such damage an error. It is kept on
+    ``/layers``: a ninth root attribute moved the root's attributes into a fractal heap, where
+    HDF5 looped forever on one damaged file.
     """
-    root = {k: _canonical(v) for k, v in sorted(f.attrs.items()) if k != DIGEST_ATTR}
+    root = {k: _canonical(v) for k, v in sorted(f.attrs.items())}
     group = f.get("layers")
     layers = [
         [name, {k: _canonical(v) for k, v in sorted(group[name].attrs.items())}]

@@ -21,11 +21,11 @@ import numpy as np
 from ..errors import DamagedRunError, RunFileError
 from . import format as fmt
 from .h5io import (
-    DIGEST_ATTR,
     has_signature,
     metadata_digest,
     open_readonly,
     retrying,
+    stored_digest,
 )
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ class Run:
         version = str(self.attrs.get("format_version", ""))
         if fmt.at_least(version, (1, 1)) and "events" not in file:
             raise _damaged(path, "`/events` is missing (format 1.1 and later have it)")
-        if fmt.at_least(version, fmt.CHECKSUMS_SINCE) and self.attrs.get(DIGEST_ATTR) != (
+        if fmt.at_least(version, fmt.CHECKSUMS_SINCE) and stored_digest(file) != (
             metadata_digest(file)
         ):
             raise _damaged(

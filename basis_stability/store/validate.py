@@ -19,7 +19,14 @@ import numpy as np
 from ..errors import RunFileError
 from ..views import tall_shape
 from . import format as fmt
-from .h5io import DIGEST_ATTR, has_signature, metadata_digest, open_readonly, retrying
+from .h5io import (
+    DIGEST_ATTR,
+    has_signature,
+    metadata_digest,
+    open_readonly,
+    retrying,
+    stored_digest,
+)
 from .reader import _plain, chunk_written
 
 
@@ -285,9 +292,9 @@ def _check_checksums(report: ValidationReport, f: h5py.File) -> None:
             "/",
             f"format {version} predates checksums (1.2): damaged data cannot be detected",
         )
-    elif f.attrs.get(DIGEST_ATTR) is None:
-        report.add("error", "/", f"missing attribute `{DIGEST_ATTR}` (required since 1.2)")
-    elif _plain(f.attrs[DIGEST_ATTR]) != metadata_digest(f):
+    elif stored_digest(f) is None:
+        report.add("error", "/layers", f"missing attribute `{DIGEST_ATTR}` (required since 1.2)")
+    elif stored_digest(f) != metadata_digest(f):
         report.add("error", "/", f"names or attributes fail their checksum `{DIGEST_ATTR}`")
     if fmt.at_least(version, fmt.CHECKSUMS_SINCE) and unchecked:
         shown = ", ".join(unchecked[:5]) + (" ..." if len(unchecked) > 5 else "")

@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..views import LayerView
 from . import format as fmt
-from .h5io import DIGEST_ATTR, metadata_digest
+from .h5io import write_digest
 from .lock import WriterLock, other_openers
 
 log = logging.getLogger(__name__)
@@ -116,20 +116,31 @@ def _table_datasets(f: h5py.File, snapshots=None, events=None, names=None, value
     make("metrics/values", "<f8", (256, 16), values, ndim=2, fillvalue=np.nan)
 
 
+def _fixed(value: object) -> np.bytes_:
+    """A string attribute as fixed-length UTF-8 bytes (format 1.2): kept in the checksummed
+    object header, where a variable-length string lives in HDF5's global heap, which has no
+    checksum and on which one damaged file made HDF5 loop forever."""
+    return np.bytes_(str(value).encode())
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _create_skeleton(f: h5py.File, layers: Sequence[LayerView], attrs: Mapping[str, Any]) -> None:
     for key, value in attrs.items():
-        f.attrs[key] = str(value)  # str(): torch.__version__ is a str subclass h5py rejects
+        f.attrs[key] = _fixed(value)
     group = f.create_group("layers", track_order=True)
     disk_dtype = fmt.h5_dtype(attrs["storage_dtype"])
     for view in layers:
         ds = _layer_dataset(group, fmt.encode_name(view.name), view.shape, disk_dtype)
-        ds.attrs["param_name"] = view.param_name
-        ds.attrs["kind"] = view.kind
+        ds.attrs["param_name"] = _fixed(view.param_name)
+        ds.attrs["kind"] = _fixed(view.kind)
         ds.attrs["orig_shape"] = np.asarray(view.orig_shape, dtype=np.int64)
         ds.attrs["transposed"] = bool(view.transposed)
-        ds.attrs["storage_dtype"] = attrs["storage_dtype"]
+        ds.attrs["storage_dtype"] = _fixed(attrs["storage_dtype"])
     _table_datasets(f)
-    f.attrs[DIGEST_ATTR] = metadata_digest(f)  # last: it covers every name and attribute above
+    write_digest(f)  # last: it covers every name and attribute above
 
 
 def _cause(exc: BaseException) -> str:
@@ -170,7 +181,7 @@ class RunWriter:
         self._lock = lock
         self.path = path
         self.layers = list(layers)
-        self.storage_dtype = str(f.attrs["storage_dtype"])
+        self.storage_dtype = _text(f.attrs["storage_dtype"])
         encode = fmt.encode_name if _names_encoded(f) else str
         self._datasets = [f["layers"][encode(v.name)] for v in self.layers]
         self._layouts = [(ds.shape[1:], ds.dtype) for ds in self._datasets]  # (m, n), dtype
@@ -485,7 +496,7 @@ class RunWriter:
 
 
 def _names_encoded(f: h5py.File) -> bool:
-    return fmt.at_least(str(f.attrs.get("format_version", "")), fmt.NAMES_ENCODED_SINCE)
+    return fmt.at_least(_text(f.attrs.get("format_version", "")), fmt.NAMES_ENCODED_SINCE)
 
 
 def _mib(n: int) -> str:
@@ -745,6 +756,8 @@ def _copy_run(run: Any, out: h5py.File) -> None:
     for key, value in src.attrs.items():
         out.attrs[key] = value
     group = out.create_group("layers", track_order=True)
+    for key, value in src["layers"].attrs.items():  # the metadata digest (format 1.2)
+        group.attrs[key] = value
     for stored, ds in src["layers"].items():
         new = _layer_dataset(group, stored, ds.shape[1:], ds.dtype, rows=n)
         for t in range(n):  # a damaged row is a DamagedRunError, not a failed write
