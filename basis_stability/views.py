@@ -1,14 +1,16 @@
-"""Layer views: which tall 2-D matrix each layer is (SPEC §1).
+"""Layer views: which tall 2-D matrices of a model are recorded (SPEC §1).
 
-One registry maps a module type to the weight parameters it contributes and how each becomes a
-matrix. The recorder, the analysis and (later) the factoriser share it, so a layer means the same
-thing everywhere.
+The layer registry (:mod:`basis_stability.registry`) says what each module type contributes;
+this module walks a model (or a checkpoint's state dict), applies the user's selection and
+returns one :class:`LayerView` per recorded matrix, with every skipped layer and its reason.
 
     Linear (out, in)             -> W, transposed when out < in
     Conv{1,2,3}d (out, in/g, *k) -> W.reshape(out, -1), transposed when needed
     MultiheadAttention           -> in_proj_weight (3E, E) as one matrix, or q/k/v_proj_weight
                                     (out_proj is an nn.Linear child and is seen as a Linear)
-    Embedding (vocab, dim)       -> only when selected explicitly (by type or by name pattern)
+    transformers Conv1D (in, out)-> the matrix a Linear of the layer would give (weight.T)
+    Embedding (vocab, dim)       -> only when selected explicitly (by type or by name pattern);
+                                    a head tied to it (GPT-2's lm_head) counts as the embedding
 
 Example:
     >>> import torch.nn as nn
@@ -21,13 +23,23 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, NoEligibleLayersError
+from .registry import (
+    OUT_IN,
+    Matrix,
+    known_kinds,
+    lookup,
+    lookup_type,
+    register_view,
+    tall_shape,
+    to_tall,
+)
 
 __all__ = [
     "Coverage",
@@ -43,64 +55,6 @@ __all__ = [
     "unwrap_model",
 ]
 
-# A handler returns (suffix, parameter attribute) pairs; suffix "" means the layer is the module.
-Handler = Callable[[nn.Module], list[tuple[str, str]]]
-Kind = str | Callable[[nn.Module], str]
-_REGISTRY: dict[type, tuple[Kind, Handler]] = {}
-_OPT_IN_KINDS = {"embedding"}
-
-
-def register_view(module_type: type, kind: Kind, handler: Handler) -> None:
-    """Teach the registry how a module type becomes one or more tall matrices.
-
-    Args:
-        module_type: the ``nn.Module`` subclass (subclasses of it match too).
-        kind: a short name stored with each layer, e.g. ``"linear"`` (or a function of the
-            module giving it).
-        handler: ``module -> [(suffix, parameter_attribute), ...]``; suffix ``""`` names the
-            layer after the module itself, otherwise the layer is ``f"{module}.{suffix}"``.
-    """
-    _REGISTRY[module_type] = (kind, handler)
-
-
-def _weight(_: nn.Module) -> list[tuple[str, str]]:
-    return [("", "weight")]
-
-
-def _mha(module: nn.Module) -> list[tuple[str, str]]:
-    if getattr(module, "in_proj_weight", None) is not None:
-        return [("in_proj", "in_proj_weight")]
-    return [(p, f"{p}_weight") for p in ("q_proj", "k_proj", "v_proj")]
-
-
-register_view(nn.Linear, "linear", _weight)
-register_view(nn.Conv1d, "conv1d", _weight)
-register_view(nn.Conv2d, "conv2d", _weight)
-register_view(nn.Conv3d, "conv3d", _weight)
-register_view(nn.MultiheadAttention, "mha", _mha)
-register_view(nn.Embedding, "embedding", _weight)
-
-
-def tall_shape(orig_shape: Sequence[int]) -> tuple[tuple[int, int], bool]:
-    """Return ``((m, n), transposed)`` for a weight of ``orig_shape`` (SPEC §1).
-
-    The output dimension stays first, the rest is folded; the matrix is transposed when it would
-    otherwise be wide, so that always ``m >= n``.
-    """
-    rows = int(orig_shape[0])
-    cols = 1
-    for d in orig_shape[1:]:
-        cols *= int(d)
-    if rows < cols:
-        return (cols, rows), True
-    return (rows, cols), False
-
-
-def to_tall(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """View a weight of any rank as its tall 2-D matrix (no copy where possible)."""
-    mat = weight.reshape(weight.shape[0], -1)
-    return mat.T if transposed else mat
-
 
 @dataclass(frozen=True)
 class LayerView:
@@ -110,10 +64,13 @@ class LayerView:
         name: the layer's name: the fully-qualified module name, plus a suffix such as
             ``.in_proj`` for modules with several matrices.
         param_name: the parameter's key in the model's ``state_dict``.
-        kind: ``linear``, ``conv2d``, ``mha``, ``embedding``, ... (see :func:`register_view`).
+        kind: ``linear``, ``conv2d``, ``mha``, ``embedding``, ... (see
+            :func:`~basis_stability.registry.register_layer`).
         orig_shape: the parameter's own shape.
         shape: the tall matrix shape ``(m, n)``, ``m >= n``.
-        transposed: whether the tall matrix is the transpose of ``reshape(out, -1)``.
+        transposed: whether the tall matrix is the transpose of ``reshape(orig_shape[0], -1)``.
+        orientation: how the parameter is stored: ``"out_in"`` (torch.nn) or ``"in_out"``
+            (transformers' Conv1D).
     """
 
     name: str
@@ -122,15 +79,24 @@ class LayerView:
     orig_shape: tuple[int, ...]
     shape: tuple[int, int]
     transposed: bool
+    orientation: str = OUT_IN
 
     def matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """The tall ``(m, n)`` matrix of ``weight`` (a tensor of shape ``orig_shape``)."""
         return to_tall(weight, self.transposed)
 
     @classmethod
-    def of(cls, name: str, param_name: str, kind: str, orig_shape: Sequence[int]) -> LayerView:
-        shape, transposed = tall_shape(orig_shape)
-        return cls(name, param_name, kind, tuple(int(d) for d in orig_shape), shape, transposed)
+    def of(
+        cls,
+        name: str,
+        param_name: str,
+        kind: str,
+        orig_shape: Sequence[int],
+        orientation: str = OUT_IN,
+    ) -> LayerView:
+        shape, transposed = tall_shape(orig_shape, orientation)
+        orig = tuple(int(d) for d in orig_shape)
+        return cls(name, param_name, kind, orig, shape, transposed, orientation)
 
 
 @dataclass
@@ -177,16 +143,16 @@ def _type_filter(types: Iterable[str | type] | None) -> set[str] | None:
     if types is None:
         return None
     wanted = set()
-    known = {k for k, _ in _REGISTRY.values() if isinstance(k, str)}
+    known = known_kinds()
     for t in types:
         if isinstance(t, type):
-            entry = next((v for k, v in _REGISTRY.items() if issubclass(t, k)), None)
-            if entry is None:
+            entry = lookup_type(t)
+            if entry is None or not isinstance(entry.kind, str):
                 raise ConfigError(
                     f"Expected `types` to hold supported layer types but got {t!r}."
                     f" Supported: {', '.join(sorted(known))}."
                 )
-            wanted.add(entry[0])
+            wanted.add(entry.kind)
             continue
         name = str(t).lower()
         aliases = {"multiheadattention": "mha", "conv": "conv*"}
@@ -201,13 +167,6 @@ def _type_filter(types: Iterable[str | type] | None) -> set[str] | None:
     return wanted
 
 
-def _lookup(module: nn.Module) -> tuple[str, Handler] | None:
-    for klass in type(module).__mro__:
-        if klass in _REGISTRY:
-            return _REGISTRY[klass]
-    return None
-
-
 @dataclass
 class _Filter:
     include: list[re.Pattern[str]]
@@ -215,7 +174,7 @@ class _Filter:
     kinds: set[str] | None
     exact_names: frozenset[str] = frozenset()  # include patterns that are plain names
 
-    def reason_to_skip(self, name: str, kind: str) -> str | None:
+    def reason_to_skip(self, name: str, kind: str, opt_in: bool = False) -> str | None:
         if self.exclude and _matches(name, self.exclude):
             return "excluded by an --exclude pattern"
         if self.include and not _matches(name, self.include):
@@ -224,7 +183,7 @@ class _Filter:
             return f"type {kind!r} not selected by `types`"
         named = name in self.exact_names  # a wildcard such as "*" does not opt an embedding in
         chosen = self.kinds is not None and kind in self.kinds
-        if kind in _OPT_IN_KINDS and not (named or chosen):
+        if opt_in and not (named or chosen):
             return (
                 f"{kind} layers are recorded only when selected (types=['{kind}'] or an include "
                 "pattern that is exactly the layer's name)"
@@ -278,34 +237,108 @@ def select_layers(
     """
     flt = _make_filter(include, exclude, types)
     bare = unwrap_model(model)
-    views, skipped = [], []
+    candidates, skipped = _candidates(bare)
+    holders: dict[int, list[_Candidate]] = {}
+    for cand in candidates:
+        holders.setdefault(id(cand.param), []).append(cand)
+    views: list[LayerView] = []
+    recorded: dict[int, _Candidate] = {}
+    for cand in candidates:
+        tied = holders[id(cand.param)]
+        opt_in = any(c.opt_in for c in tied)  # a head tied to an embedding is the embedding
+        kind = next((c.kind for c in tied if c.opt_in), cand.kind)
+        reason = flt.reason_to_skip(cand.name, kind, opt_in)
+        if reason is None and id(cand.param) in recorded:
+            reason = _tied_twice(recorded[id(cand.param)], cand, flt)
+        if reason:
+            if len(tied) > 1 and not reason.startswith("tied"):
+                others = ", ".join(c.name for c in tied if c is not cand)
+                reason += f" (tied: {others} hold the same tensor)"
+            skipped.append((cand.name, reason))
+            continue
+        recorded[id(cand.param)] = cand
+        orientation = cand.matrix.orientation
+        views.append(LayerView.of(cand.name, cand.param_name, kind, cand.param.shape, orientation))
+    return _finish(views, skipped, f"model {type(bare).__name__}")
+
+
+@dataclass
+class _Candidate:
+    """One matrix the registry finds in a model, before the user's selection."""
+
+    name: str
+    param_name: str
+    kind: str
+    matrix: Matrix
+    param: torch.Tensor
+    opt_in: bool
+
+
+def _candidates(bare: nn.Module) -> tuple[list[_Candidate], list[tuple[str, str]]]:
+    """Every registered matrix of ``bare`` in module order, and the modules the registry lacks."""
+    found, skipped = [], []
     for mod_name, module in bare.named_modules():
-        entry = _lookup(module)
+        entry = lookup(module)
         if entry is None:
             own = [n for n, p in module.named_parameters(recurse=False) if p is not None]
             if own:
-                skipped.append(
-                    (
-                        mod_name or "<root>",
-                        f"no matrix view for {type(module).__name__} ({', '.join(own)})",
-                    )
-                )
+                why = f"no matrix view for {type(module).__name__} ({', '.join(own)})"
+                skipped.append((mod_name or "<root>", why))
             continue
-        kind, handler = entry
-        kind = kind(module) if callable(kind) else kind
-        for suffix, attr in handler(module):
+        kind = entry.kind_of(module)
+        for matrix in entry.matrices_of(module):
+            suffix, attr = matrix.suffix, matrix.attr
             name = f"{mod_name}.{suffix}" if suffix and mod_name else (suffix or mod_name or attr)
             param = getattr(module, attr, None)
             if not isinstance(param, torch.Tensor) or param.dim() < 2:
                 skipped.append((name, f"{attr} is not a matrix"))
                 continue
-            reason = flt.reason_to_skip(name, kind)
-            if reason:
-                skipped.append((name, reason))
-                continue
+            _check_orientation(name, module, matrix, tuple(param.shape))
             param_name = f"{mod_name}.{attr}" if mod_name else attr
-            views.append(LayerView.of(name, param_name, kind, param.shape))
-    return _finish(views, skipped, f"model {type(bare).__name__}")
+            found.append(_Candidate(name, param_name, kind, matrix, param, entry.opt_in))
+    return found, skipped
+
+
+def _declared_io(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) features a module declares itself (Linear, transformers' Conv1D), if any."""
+    for out_attr, in_attr in (("out_features", "in_features"), ("nf", "nx")):
+        n_out, n_in = getattr(module, out_attr, None), getattr(module, in_attr, None)
+        if isinstance(n_out, int) and isinstance(n_in, int):
+            return n_out, n_in
+    return None
+
+
+def _check_orientation(name: str, module: nn.Module, matrix: Matrix, shape: tuple) -> None:
+    """Refuse an orientation that the weight's shape (or the module's own sizes) contradicts."""
+    kind = type(module).__name__
+    try:
+        tall_shape(shape, matrix.orientation)
+    except ConfigError as exc:
+        raise ConfigError(f"Layer {name} ({kind}): {exc}") from None
+    io = _declared_io(module) if len(shape) == 2 else None
+    if io is None or io[0] == io[1]:
+        return
+    n_out, n_in = io
+    expected = (n_out, n_in) if matrix.orientation == OUT_IN else (n_in, n_out)
+    if shape != expected:
+        other = "in_out" if matrix.orientation == OUT_IN else "out_in"
+        raise ConfigError(
+            f"Expected {matrix.attr} of layer {name} ({kind}, {n_out} outputs, {n_in} inputs) "
+            f"stored {matrix.orientation!r} to have shape {expected} but it is {shape}: the "
+            f"registered orientation contradicts the weight. Register {kind} with "
+            f"orientation={other!r}."
+        )
+
+
+def _tied_twice(first: _Candidate, cand: _Candidate, flt: _Filter) -> str:
+    """The skip reason of a second holder of a recorded tensor; an error if both were named."""
+    if first.name in flt.exact_names and cand.name in flt.exact_names:
+        raise ConfigError(
+            f"Expected `include` to name each tensor once but {cand.name} and {first.name} are "
+            f"the same tensor ({cand.param_name} is tied to {first.param_name}). A tied weight "
+            "is recorded once: include only one of the two names."
+        )
+    return f"tied to {first.name} (the same tensor): recorded once, as {first.name}"
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@
 
 Its contents follow closed-form rules, so a test can check every number it reads back:
 
-- three layers covering the tall rule: ``fc`` a Linear weight of shape (3, 4) (stored transposed
-  as 4x3), ``conv`` a Conv2d weight (2, 1, 2, 2) (stored as reshape(2, 4).T, 4x2), and
-  ``attn.in_proj`` a MultiheadAttention in_proj_weight (6, 2) (stored as is);
+- four layers covering the tall rule: ``fc`` a Linear weight of shape (3, 4) (stored transposed
+  as 4x3), ``conv`` a Conv2d weight (2, 1, 2, 2) (stored as reshape(2, 4).T, 4x2),
+  ``attn.in_proj`` a MultiheadAttention in_proj_weight (6, 2) (stored as is), and ``h.c_proj`` a
+  square transformers-Conv1D weight (3, 3) stored (in, out) (format 1.3: stored transposed);
 - three committed snapshots t = 0, 1, 2 with step = 10 t, epoch = t, and in the parameter's own
   shape ``value[idx] = t + 0.1 * flat_index(idx)``;
 - metric ``loss = 1 / (t + 1)`` from snapshot 1 on (NaN at 0), ``acc = 0.5 + 0.2 t`` at every one;
@@ -26,12 +27,14 @@ import numpy as np
 import torch
 
 from basis_stability.store.writer import RunWriter
+from basis_stability.registry import IN_OUT
 from basis_stability.views import LayerView
 
 LAYERS = [
     LayerView.of("fc", "fc.weight", "linear", (3, 4)),
     LayerView.of("conv", "conv.weight", "conv2d", (2, 1, 2, 2)),
     LayerView.of("attn.in_proj", "attn.in_proj_weight", "mha", (6, 2)),
+    LayerView.of("h.c_proj", "h.c_proj.weight", "linear", (3, 3), IN_OUT),
 ]
 N_SNAPSHOTS = 3
 EVENTS = [

@@ -41,12 +41,13 @@ def test_reference_file_reads_back_closed_form_values(path, tmp_path):
         path = maker.write_reference(tmp_path / "ref.h5")
     with open_run(path) as run:
         assert run.n_snapshots == 3  # the half-written fourth row is ignored
-        assert run.layer_names == ["fc", "conv", "attn.in_proj"]
-        shapes = {i.name: (i.shape, i.transposed, i.orig_shape) for i in run.layers}
+        assert run.layer_names == ["fc", "conv", "attn.in_proj", "h.c_proj"]
+        shapes = {i.name: (i.shape, i.transposed, i.orig_shape, i.orientation) for i in run.layers}
         assert shapes == {
-            "fc": ((4, 3), True, (3, 4)),
-            "conv": ((4, 2), True, (2, 1, 2, 2)),
-            "attn.in_proj": ((6, 2), False, (6, 2)),
+            "fc": ((4, 3), True, (3, 4), "out_in"),
+            "conv": ((4, 2), True, (2, 1, 2, 2), "out_in"),
+            "attn.in_proj": ((6, 2), False, (6, 2), "out_in"),
+            "h.c_proj": ((3, 3), True, (3, 3), "in_out"),  # (in, out): the Linear's W is W.T
         }
         for info in run.layers:
             snaps = run.layer(info.name)

@@ -61,7 +61,7 @@ def test_round_trip_values_steps_epochs_and_attrs(run_path: Path):
         assert run.n_snapshots == 4
         assert run.layer_names == ["fc", "conv"]
         assert run.model_class == "Toy"
-        assert run.format_version == FORMAT_VERSION == "1.2"
+        assert run.format_version == FORMAT_VERSION == "1.3"
         np.testing.assert_array_equal(run.steps, [0, 10, 20, 30])
         np.testing.assert_array_equal(run.epochs, [0.0, 0.5, 1.0, 1.5])
         assert np.all(np.diff(run.wall_time) >= 0)

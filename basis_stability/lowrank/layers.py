@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from ..views import tall_shape, to_tall
+from ..registry import IN_OUT, OUT_IN, Matrix, register_layer, tall_shape, to_tall
 
 __all__ = [
     "LowRankConv",
+    "LowRankConv1D",
     "LowRankFactor",
     "LowRankLinear",
     "LowRankMultiheadAttention",
@@ -63,9 +64,13 @@ class LowRankFactor(nn.Module):
         self.transposed = bool(transposed)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> LowRankFactor:
-        """Exact factorisation (float64 SVD, stored in the weight's dtype): S = diag(s), k = n."""
-        shape, transposed = tall_shape(weight.shape)
+    def from_weight(cls, weight: torch.Tensor, orientation: str = OUT_IN) -> LowRankFactor:
+        """Exact factorisation (float64 SVD, stored in the weight's dtype): S = diag(s), k = n.
+
+        ``orientation`` is how ``weight`` is stored (see :func:`~basis_stability.registry.
+        tall_shape`); the factor lives on the same tall matrix the recorder stores.
+        """
+        shape, transposed = tall_shape(weight.shape, orientation)
         w = to_tall(weight.detach(), transposed).double()
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         dt = weight.dtype
@@ -175,12 +180,63 @@ class LowRankLinear(_Factored):
         return _filled(out, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.factor
-        if _cheaper_to_form(f, x.numel() // max(x.shape[-1], 1)):
-            return F.linear(x, f.dense(), self.bias)
-        # W = (U S Vh)^T when transposed, else U S Vh: apply the thin factors right to left
-        first, last = (f.U.T, (f.S @ f.Vh).T) if f.transposed else (f.Vh, f.U @ f.S)
-        return F.linear(F.linear(x, first), last, self.bias)
+        return _thin_linear_forward(
+            self.factor, x, self.bias, linear_is_tall=not self.factor.transposed
+        )
+
+
+def linear_factors(
+    factor: LowRankFactor, linear_is_tall: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, last)`` with ``W_linear = last @ first``: ``first`` (k, in), ``last`` (out, k).
+
+    ``W_linear`` is the ``(out, in)`` weight of ``F.linear``; it is the tall matrix ``U S Vh``
+    itself when ``linear_is_tall``, else its transpose.
+    """
+    f = factor
+    return (f.Vh, f.U @ f.S) if linear_is_tall else (f.U.T, (f.S @ f.Vh).T)
+
+
+def _thin_linear_forward(
+    factor: LowRankFactor, x: torch.Tensor, bias: torch.Tensor | None, linear_is_tall: bool
+) -> torch.Tensor:
+    """``x W_linear^T + b`` by the cheaper of forming W and the two thin products."""
+    if _cheaper_to_form(factor, x.numel() // max(x.shape[-1], 1)):
+        tall = factor.tall()
+        return F.linear(x, tall if linear_is_tall else tall.T, bias)
+    first, last = linear_factors(factor, linear_is_tall)
+    return F.linear(F.linear(x, first), last, bias)
+
+
+class LowRankConv1D(_Factored):
+    """transformers' ``Conv1D`` (``y = x @ W + b``, ``W`` stored ``(in, out)``) as a factor.
+
+    The factor is that of the tall matrix a ``Linear`` of the layer would give, so the recorded
+    matrix and the factorised one agree; ``weight`` keeps the ``(in, out)`` layout and
+    :meth:`to_dense` gives back the original ``Conv1D`` type.
+    """
+
+    def __init__(self, factor: LowRankFactor, bias: nn.Parameter | None, dense_type: type):
+        super().__init__()
+        self.factor = factor
+        self.bias = bias
+        self.nx, self.nf = factor.orig_shape
+        self._dense_type = dense_type
+
+    @classmethod
+    def from_dense(cls, conv: nn.Module) -> LowRankConv1D:
+        factor = LowRankFactor.from_weight(conv.weight, IN_OUT)
+        return cls(factor, conv.bias, type(conv))
+
+    def to_dense(self) -> nn.Module:
+        out = self._dense_type(self.nf, self.nx)
+        return _filled(out, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # stored (in, out) = tall^T when transposed: then W_linear (out, in) is the tall matrix
+        return _thin_linear_forward(
+            self.factor, x, self.bias, linear_is_tall=self.factor.transposed
+        )
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -311,11 +367,13 @@ def _conv_kind(module: LowRankConv) -> str:
     return f"conv{module.dims}d"
 
 
-def _register_views() -> None:
-    from ..views import register_view
-
-    register_view(LowRankLinear, "linear", lambda _: [("", "weight")])
-    register_view(LowRankConv, _conv_kind, lambda _: [("", "weight")])
+def _mha_matrices(_: nn.Module) -> list[Matrix]:
+    return [Matrix("in_proj_weight", "in_proj")]
 
 
-_register_views()  # the recorder and the analysis see the effective dense W of these layers
+# the registry entries of the low-rank layers: recorded (their effective dense W), never
+# factorised again
+register_layer(LowRankLinear, "linear", (Matrix("weight"),), low_rank=True)
+register_layer(LowRankConv, _conv_kind, (Matrix("weight"),), low_rank=True)
+register_layer(LowRankConv1D, "linear", (Matrix("weight", orientation=IN_OUT),), low_rank=True)
+register_layer(LowRankMultiheadAttention, "mha", _mha_matrices, low_rank=True)

@@ -1,9 +1,11 @@
 """In-place model surgery: ``factorize_(model, config, filter_fn)`` and ``densify_(model)``.
 
-Eligibility follows the reference code, as options: Linear layers whose tall aspect ratio m/n is
-over ``aspect_limit`` stay full-rank (usually the classifier head), the first and/or last eligible
-layer can be kept full-rank, names can be included or excluded, and ``filter_fn(name, module)`` has
-the last word. Every layer that is not converted is reported with its reason.
+Which module types factorise, and into what, is the layer registry's (:mod:`basis_stability.
+registry`): the same table the recorder reads. On top of it, eligibility follows the reference
+code, as options: linear layers whose tall aspect ratio m/n is over ``aspect_limit`` stay
+full-rank (usually the classifier head), the first and/or last eligible layer can be kept
+full-rank, names can be included or excluded, and ``filter_fn(name, module)`` has the last word.
+Every registered layer that is not converted is reported with its reason.
 """
 
 from __future__ import annotations
@@ -16,16 +18,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, NoEligibleLayersError, expected
-from ..views import tall_shape, unwrap_model
-from .layers import LowRankConv, LowRankLinear, LowRankMultiheadAttention
+from ..registry import lookup, tall_shape
+from ..views import unwrap_model
+from .layers import LowRankConv, LowRankConv1D, LowRankLinear, LowRankMultiheadAttention
 
-_CONVERTERS: dict[type, Callable[[nn.Module], nn.Module]] = {
-    nn.Linear: LowRankLinear.from_dense,
-    nn.Conv1d: LowRankConv.from_dense,
-    nn.Conv2d: LowRankConv.from_dense,
-    nn.MultiheadAttention: LowRankMultiheadAttention.from_dense,
-}
-LOW_RANK_TYPES = (LowRankLinear, LowRankConv, LowRankMultiheadAttention)
+LOW_RANK_TYPES = (LowRankLinear, LowRankConv, LowRankConv1D, LowRankMultiheadAttention)
 
 
 @dataclass
@@ -65,32 +62,31 @@ class SurgeryReport:
         return "\n".join(lines)
 
 
-def _converter(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
-    if isinstance(module, LOW_RANK_TYPES):
-        return None
-    for klass in type(module).__mro__:
-        if klass in _CONVERTERS:
-            return _CONVERTERS[klass]
-    return None
+def _by_name(name: str, patterns: Sequence[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
 def _reason(name: str, module: nn.Module, cfg: FactorizeConfig) -> str | None:
-    if cfg.exclude and any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
+    """Why a factorisable ``module`` stays full-rank under ``cfg``, or None."""
+    if cfg.exclude and _by_name(name, cfg.exclude):
         return "excluded by name"
-    if cfg.include and not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
+    if cfg.include and not _by_name(name, cfg.include):
         return "not included by name"
-    if isinstance(module, nn.MultiheadAttention):
-        if not module._qkv_same_embed_dim:
-            return "attention with separate q/k/v weights is not supported"
-        return None
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (
-        module.groups != 1 or module.padding_mode != "zeros"
-    ):
-        return "grouped or non-zero-padded convolution"
-    (m, n), _ = tall_shape(module.weight.shape)
-    if isinstance(module, nn.Linear) and m / n > cfg.aspect_limit:
-        return f"aspect ratio {m}/{n} = {m / n:.1f} > {cfg.aspect_limit:g}"
+    entry = lookup(module)
+    if entry.kind_of(module) == "linear":
+        (m, n), _ = tall_shape(module.weight.shape, entry.matrices_of(module)[0].orientation)
+        if m / n > cfg.aspect_limit:
+            return f"aspect ratio {m}/{n} = {m / n:.1f} > {cfg.aspect_limit:g}"
     return None
+
+
+def _refuse_named(name: str, module: nn.Module, why: str, cfg: FactorizeConfig) -> None:
+    """A layer named exactly in ``include`` that cannot be factorised is an error, not a skip."""
+    if name in (cfg.include or ()):
+        raise ConfigError(
+            f"Expected `include` to name factorisable layers but {name} "
+            f"({type(module).__name__}) cannot be factorised: {why}. Drop it from `include`."
+        )
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -107,7 +103,14 @@ def eligible_layers(
     bare = unwrap_model(model)
     chosen, skipped = [], []
     for name, module in bare.named_modules():
-        if not name or _converter(module) is None:
+        entry = lookup(module)
+        if not name or entry is None or entry.low_rank:
+            continue
+        why_not = entry.why_not_factorisable(module)
+        if why_not is not None:
+            _refuse_named(name, module, why_not, cfg)
+            if not _by_name(name, cfg.exclude):
+                skipped.append((name, why_not))
             continue
         reason = _reason(name, module, cfg)
         if reason is None and filter_fn is not None and not filter_fn(name, module):
@@ -150,12 +153,9 @@ def factorize_(
     with torch.no_grad():
         # attention first: its out_proj Linear is converted after it, inside the new module
         for name, module in sorted(chosen, key=lambda nm: nm[0].count(".")):
-            old_weight = (
-                module.in_proj_weight
-                if isinstance(module, nn.MultiheadAttention)
-                else module.weight
-            )
-            new = _converter(module)(module)
+            entry = lookup(module)
+            old_weight = getattr(module, entry.matrices_of(module)[0].attr)
+            new = entry.factorize(module)
             _set(bare, name, new)
             report.converted[name] = new
             report.swapped.append((old_weight, new))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from ..errors import DamagedRunError, RunFileError
+from ..errors import ConfigError, DamagedRunError, RunFileError
 from . import format as fmt
 from .h5io import (
     has_signature,
@@ -43,6 +43,7 @@ class LayerInfo:
     shape: tuple[int, int]  # tall (m, n)
     transposed: bool
     storage_dtype: str
+    orientation: str = "out_in"  # how the parameter is stored; "in_out" since format 1.3
 
     @property
     def n_params(self) -> int:
@@ -394,7 +395,7 @@ def _itemsize(info: LayerInfo) -> int:
 
 
 def _layer_info(path: Path, name: str, ds: h5py.Dataset, n_snapshots: int) -> LayerInfo:
-    from ..views import tall_shape
+    from ..registry import ORIENTATIONS, OUT_IN, tall_shape
 
     where = f"layer {name!r}"
     a = ds.attrs
@@ -416,9 +417,14 @@ def _layer_info(path: Path, name: str, ds: h5py.Dataset, n_snapshots: int) -> La
         transposed = a["transposed"]
         if not isinstance(transposed, (bool, np.bool_)):
             raise TypeError
-        tall = tall_shape(list(orig)) if orig else None
-    except (TypeError, ValueError):
-        raise _damaged(path, f"{where} has an unreadable orig_shape or transposed") from None
+        orientation = str(_plain(a.get("orientation", OUT_IN)))
+        if orientation not in ORIENTATIONS:
+            raise ValueError
+        tall = tall_shape(list(orig), orientation) if orig else None
+    except (TypeError, ValueError, ConfigError):
+        raise _damaged(
+            path, f"{where} has an unreadable orig_shape, transposed or orientation"
+        ) from None
     if tall != ((m, n), bool(transposed)):
         raise _damaged(
             path,
@@ -435,6 +441,7 @@ def _layer_info(path: Path, name: str, ds: h5py.Dataset, n_snapshots: int) -> La
         shape=(m, n),
         transposed=bool(transposed),
         storage_dtype=storage,
+        orientation=orientation,
     )
 
 

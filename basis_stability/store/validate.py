@@ -16,8 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import RunFileError
-from ..views import tall_shape
+from ..errors import ConfigError, RunFileError
+from ..registry import ORIENTATIONS, OUT_IN, tall_shape
 from . import format as fmt
 from .h5io import (
     DIGEST_ATTR,
@@ -226,8 +226,12 @@ def _check_layer(
         report.add("warning", where, f"chunks {ds.chunks}, expected one snapshot per chunk")
     if ds.maxshape[0] is not None:
         report.add("error", where, "is not extendable along snapshots")
-    if "orig_shape" in ds.attrs and "transposed" in ds.attrs:
-        shape, transposed = tall_shape([int(d) for d in ds.attrs["orig_shape"]])
+    orientation = _plain(ds.attrs.get("orientation", OUT_IN))
+    if "orig_shape" in ds.attrs and "transposed" in ds.attrs and orientation in ORIENTATIONS:
+        try:
+            shape, transposed = tall_shape([int(d) for d in ds.attrs["orig_shape"]], orientation)
+        except ConfigError:  # an (in, out) orientation on a weight that is not 2-D
+            shape, transposed = None, None
         if shape != (m, k) or transposed != bool(ds.attrs["transposed"]):
             report.add(
                 "error",

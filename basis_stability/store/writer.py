@@ -138,6 +138,7 @@ def _create_skeleton(f: h5py.File, layers: Sequence[LayerView], attrs: Mapping[s
         ds.attrs["kind"] = _fixed(view.kind)
         ds.attrs["orig_shape"] = np.asarray(view.orig_shape, dtype=np.int64)
         ds.attrs["transposed"] = bool(view.transposed)
+        ds.attrs["orientation"] = _fixed(view.orientation)
         ds.attrs["storage_dtype"] = _fixed(attrs["storage_dtype"])
     _table_datasets(f)
     write_digest(f)  # last: it covers every name and attribute above
@@ -569,9 +570,17 @@ def _open_for_append(path: Path, layers: Sequence[LayerView], lock: WriterLock) 
 
     with open_run(path) as run:  # validates format, version and readability
         recorded = {info.name: info.shape for info in run.layers}
+        layouts = {info.name: (info.transposed, info.orientation) for info in run.layers}
     wanted = {v.name: v.shape for v in layers}
     if recorded != wanted:
         raise RunMismatchError(_mismatch_message(path, recorded, wanted))
+    flipped = [v.name for v in layers if layouts[v.name] != (v.transposed, v.orientation)]
+    if flipped:  # same shapes, other layout (a square (in, out) weight): appending would mix them
+        raise RunMismatchError(
+            f"{path} stores layer(s) {', '.join(flipped[:5])} in another orientation than this "
+            "model gives them (e.g. recorded before transformers' Conv1D was known as (in, out)); "
+            "appending would mix two layouts. Record to a new run file."
+        )
     try:
         return h5py.File(path, "r+", libver="latest")
     except OSError as exc:

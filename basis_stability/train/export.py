@@ -1,7 +1,8 @@
 """Export a trained low-rank model as plain PyTorch layers, and compare it with the dense model.
 
-``export_factorized(model)`` returns a copy in which each low-rank Linear becomes two thin
-``nn.Linear`` layers and each low-rank convolution a rank-k convolution followed by a 1x1
+``export_factorized(model)`` returns a copy in which each low-rank Linear (and transformers
+``Conv1D``) becomes two thin ``nn.Linear`` layers and each low-rank convolution a rank-k convolution
+followed by a 1x1
 convolution (attention stays an ``nn.MultiheadAttention`` with its dense, formed weights: its
 packed projection has no two-layer equivalent in the stock module). The result uses only
 ``torch.nn`` modules, so it loads without this package's training machinery.
@@ -17,14 +18,23 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..lowrank.layers import LowRankConv, LowRankLinear, LowRankMultiheadAttention
+from ..lowrank.layers import (
+    LowRankConv,
+    LowRankConv1D,
+    LowRankLinear,
+    LowRankMultiheadAttention,
+    linear_factors,
+)
 from ..lowrank.surgery import low_rank_layers
+from ..registry import lookup
 from ..views import unwrap_model
 
 
-def _thin_linear(layer: LowRankLinear) -> nn.Sequential:
+def _thin_linear(layer: LowRankLinear | LowRankConv1D) -> nn.Sequential:
     f = layer.factor
-    first, last = (f.U.T, (f.S @ f.Vh).T) if f.transposed else (f.Vh, f.U @ f.S)
+    # a Linear's (out, in) weight is the tall matrix unless transposed; a Conv1D's is, if so
+    linear_is_tall = f.transposed == isinstance(layer, LowRankConv1D)
+    first, last = linear_factors(f, linear_is_tall)
     a = nn.Linear(first.shape[1], first.shape[0], bias=False)
     b = nn.Linear(last.shape[1], last.shape[0], bias=layer.bias is not None)
     with torch.no_grad():
@@ -76,7 +86,7 @@ def export_factorized(model: nn.Module) -> nn.Module:
             out.get_submodule(name.rpartition(".")[0]) if "." in name else out, _READS_WEIGHT
         ):  # the stock fast path reads .weight of linear1/linear2: keep one dense Linear
             new = module.to_dense()
-        elif isinstance(module, LowRankLinear):
+        elif isinstance(module, (LowRankLinear, LowRankConv1D)):
             new = _thin_linear(module)
         elif isinstance(module, LowRankConv):
             new = _thin_conv(module)
@@ -113,21 +123,18 @@ class ExportReport:
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-adds of Linear and convolution layers for one forward pass of ``example``."""
+    """Multiply-adds of the layers the registry can count (Linear, convolutions, transformers'
+    Conv1D) for one forward pass of ``example``, per sample."""
     total = 0
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal total
-        if isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            per_out = module.weight[0].numel()  # in/groups * prod(kernel)
-            total += output.numel() * per_out
+        total += lookup(module).macs(module, output)
 
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        if (entry := lookup(m)) is not None and entry.macs is not None
     ]
     with torch.no_grad():
         model(example)

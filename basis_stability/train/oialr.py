@@ -46,7 +46,8 @@ from ..lowrank.surgery import (
     low_rank_layers,
 )
 from ..recommend import PlanConfig, beta_curve, choose_beta
-from ..views import tall_shape, to_tall, unwrap_model
+from ..registry import tall_matrix
+from ..views import unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +233,7 @@ class OIALR:
         cfg, plan = self.cfg, self.cfg.plan
         stable, total, spectra, values, shapes = 0, 0, {}, {}, {}
         for name, module in self.candidates:
-            weight = (
-                module.in_proj_weight
-                if isinstance(module, nn.MultiheadAttention)
-                else module.weight
-            )
-            _, transposed = tall_shape(weight.shape)
-            w = to_tall(weight.detach(), transposed).float().cpu()
+            w = tall_matrix(module).detach().float().cpu()
             now = decompose(w)  # the analysis' own S: NaN (never stable) where undefined
             hist = self._history.setdefault(name, deque(maxlen=cfg.lag + 1))
             hist.append(now)
