@@ -89,6 +89,28 @@ def _refuse_named(name: str, module: nn.Module, why: str, cfg: FactorizeConfig) 
         )
 
 
+def _holders(model: nn.Module) -> dict[int, list[str]]:
+    """Module names holding each parameter (more than one: a tied weight)."""
+    found: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                found.setdefault(id(param), []).append(name)
+    return found
+
+
+def _tied(name: str, module: nn.Module, entry, holders: dict[int, list[str]]) -> str | None:
+    """Why a layer whose weight another module shares (GPT-2's lm_head and wte) stays dense."""
+    param = getattr(module, entry.matrices_of(module)[0].attr)
+    others = [n for n in holders.get(id(param), []) if n != name]
+    if others:
+        return (
+            f"its weight is tied to {', '.join(others)} (the same tensor); factorising it "
+            "would untie them"
+        )
+    return None
+
+
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
@@ -101,12 +123,13 @@ def eligible_layers(
 ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
     """The (name, module) pairs :func:`factorize_` would convert, and the skipped ones."""
     bare = unwrap_model(model)
+    holders = _holders(bare)
     chosen, skipped = [], []
     for name, module in bare.named_modules():
         entry = lookup(module)
         if not name or entry is None or entry.low_rank:
             continue
-        why_not = entry.why_not_factorisable(module)
+        why_not = entry.why_not_factorisable(module) or _tied(name, module, entry, holders)
         if why_not is not None:
             _refuse_named(name, module, why_not, cfg)
             if not _by_name(name, cfg.exclude):

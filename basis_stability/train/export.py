@@ -35,6 +35,9 @@ def _thin_linear(layer: LowRankLinear | LowRankConv1D) -> nn.Sequential:
     # a Linear's (out, in) weight is the tall matrix unless transposed; a Conv1D's is, if so
     linear_is_tall = f.transposed == isinstance(layer, LowRankConv1D)
     first, last = linear_factors(f, linear_is_tall)
+    if not _pair_is_smaller(f):  # k (m + n) >= m n: one dense Linear is smaller and cheaper
+        dense = nn.Linear(first.shape[1], last.shape[0], bias=layer.bias is not None)
+        return _filled(dense, last @ first, layer.bias)
     a = nn.Linear(first.shape[1], first.shape[0], bias=False)
     b = nn.Linear(last.shape[1], last.shape[0], bias=layer.bias is not None)
     with torch.no_grad():
@@ -45,8 +48,23 @@ def _thin_linear(layer: LowRankLinear | LowRankConv1D) -> nn.Sequential:
     return nn.Sequential(a, b)
 
 
+def _pair_is_smaller(factor) -> bool:
+    """Whether two thin layers (k (m + n) entries) hold fewer entries than the dense m x n."""
+    m, n = factor.tall_shape
+    return factor.rank * (m + n) < m * n
+
+
+def _filled(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    module = module.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
 def _thin_conv(layer: LowRankConv) -> nn.Module:
-    if layer.groups != 1:
+    if layer.groups != 1 or not _pair_is_smaller(layer.factor):
         return layer.to_dense()
     klass = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[layer.dims]
     first, mix = layer.thin_weights()
@@ -74,7 +92,11 @@ _READS_WEIGHT = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 def export_factorized(model: nn.Module) -> nn.Module:
-    """A plain-``torch.nn`` copy of ``model`` with thin two-layer replacements (same outputs)."""
+    """A plain-``torch.nn`` copy of ``model`` with thin two-layer replacements (same outputs).
+
+    A layer whose rank is still so high that the two thin layers would hold no fewer entries
+    than the dense one (``k (m + n) >= m n``) is exported as one dense layer instead.
+    """
     out = copy.deepcopy(unwrap_model(model)).eval()
     layers = low_rank_layers(out)
     attention = {n for n, m in layers.items() if isinstance(m, LowRankMultiheadAttention)}
