@@ -236,3 +236,19 @@ def test_auto_mode_waits_while_bases_move():
     assert len(checks) == 5
     assert all(e["streak"] == 0 and e["stable_share"] < 1.0 for e in checks)
     assert oialr.phase == "full"
+
+
+def test_auto_mode_excludes_a_rank_deficient_layer_from_the_share_and_names_it():
+    """A layer whose basis is not unique (S NaN) counts neither as stable nor as unstable: with
+    lr 0 the other layers are stable, so the share is 1 and the rank-deficient layer is named."""
+    plan = PlanConfig(tau=0.99, share=0.9)
+    cfg = OIALRConfig(auto=True, beta=None, check_every=1, lag=1, patience=1, plan=plan)
+    model, optimizer, oialr = _make(cfg, lr=0.0)
+    with torch.no_grad():
+        model[2].weight[:, 0] = 0.0  # 8x8 of rank 7: its polar basis is not unique
+    _run(model, optimizer, oialr, 2)
+    check = next(e for e in oialr.events if e["event"] == "check")
+    assert check["stable_share"] == pytest.approx(1.0)
+    assert check["excluded_count"] == 1 and list(check["excluded"]) == ["2"]
+    assert "rank" in check["excluded"]["2"]
+    assert oialr.phase == "low-rank"

@@ -127,6 +127,17 @@ class OIALRConfig:
         check_policy(self.moments)
 
 
+def _stable_share(values: dict[str, float], shapes: dict[str, tuple], tau: float) -> float:
+    """The parameter-weighted share of layers with ``S >= tau`` among those with a defined S
+    (the analysis' rule: layers whose S is NaN are left out, not counted as unstable); 0 when
+    no layer has one."""
+    size = {name: shapes[name][0] * shapes[name][1] for name in values}
+    known = [name for name, value in values.items() if not math.isnan(value)]
+    total = sum(size[name] for name in known)
+    stable = sum(size[name] for name in known if values[name] >= tau)
+    return stable / total if total else 0.0
+
+
 class OIALR:
     """Drives OIALR on ``model`` trained by ``optimizer`` (see the module docstring)."""
 
@@ -231,29 +242,31 @@ class OIALR:
     @torch.no_grad()
     def _delay_rule_fires(self) -> bool:
         cfg, plan = self.cfg, self.cfg.plan
-        stable, total, spectra, values, shapes = 0, 0, {}, {}, {}
+        spectra, values, shapes, reasons = {}, {}, {}, {}
         for name, module in self.candidates:
             w = tall_matrix(module).detach().float().cpu()
-            now = decompose(w)  # the analysis' own S: NaN (never stable) where undefined
+            now = decompose(w)  # the analysis' own S: NaN where the basis is not unique
             hist = self._history.setdefault(name, deque(maxlen=cfg.lag + 1))
             hist.append(now)
             spectra[name] = now.svd.S.double().numpy()
             shapes[name] = tuple(w.shape)
-            size = w.numel()
-            total += size
             if len(hist) > cfg.lag:
-                values[name] = stability(hist[0], now).value
-                stable += size if values[name] >= plan.tau else 0
+                measure = stability(hist[0], now)
+                values[name] = measure.value
+                if math.isnan(measure.value):
+                    reasons[name] = measure.reason or "S is NaN"
         if len(values) < len(self.candidates):
             return False
-        share = stable / total
+        share = _stable_share(values, shapes, plan.tau)
         self._streak = self._streak + 1 if share >= plan.share else 0
-        self._log(
-            "check",
-            stable_share=share,
-            streak=self._streak,
-            mean_S=float(np.nanmean(list(values.values()))),
-        )
+        known = [v for v in values.values() if not math.isnan(v)]
+        numbers = {"stable_share": share, "streak": self._streak}
+        numbers["mean_S"] = float(np.mean(known)) if known else math.nan
+        if reasons:  # excluded from the share, named, never counted as unstable
+            shown = sorted(reasons)[:8]  # an event row holds 4 KiB
+            numbers["excluded"] = {name: reasons[name][:80] for name in shown}
+            numbers["excluded_count"] = len(reasons)
+        self._log("check", **numbers)
         if self._streak < cfg.patience:
             return False
         self.beta, why = choose_beta(beta_curve(spectra, shapes, plan.betas), plan)
