@@ -28,6 +28,8 @@ _API = {
     "select_layers": "views",
     "LayerView": "views",
     "register_view": "views",
+    "register_layer": "registry",
+    "Matrix": "registry",
     "validate_run": "store.validate",
     "export_snapshot": "store",
     "build_model": "zoo",

@@ -216,3 +216,17 @@ def test_count_macs_reads_the_registry():
     assert count_macs(model, torch.randn(3, 8)) == 8 * 16 + 16 * 4
     conv = nn.Sequential(nn.Conv3d(2, 3, 2))
     assert count_macs(conv, torch.randn(1, 2, 3, 3, 3)) == 3 * 8 * (2 * 8)
+
+
+def test_stability_of_a_square_layer_does_not_depend_on_its_orientation():
+    """Why a checkpoint import (no module to say how a square weight is stored) is still right:
+    S(a, b) = trace(B_a^T B_b) / n is the same for the transposed pair."""
+    from basis_stability.analyze.stability import decompose, stability
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    s = stability(decompose(a, torch.float64), decompose(b, torch.float64)).value
+    s_t = stability(decompose(a.T, torch.float64), decompose(b.T, torch.float64)).value
+    assert 0.5 < s < 0.999
+    assert s_t == pytest.approx(s, abs=1e-12)
