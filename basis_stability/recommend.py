@@ -2,13 +2,14 @@
 
 Plain data in, plain data out; the OIALR trainer consumes :class:`Plan` (or its ``plan.json``).
 
-**Delay rule.** For the "lag" pairs (snapshots ``lag`` apart), the *stable share* at snapshot b is
-the parameter-weighted share of layers with ``S(b - lag, b) >= tau``. The delay is the first b from
-which the stable share stays ``>= share`` at every later b. Weighting by parameters makes the big
-layers, where low rank pays, decide. A layer whose S is NaN at b (its basis is not unique: a
-rank-deficient or zero matrix, NaN/Inf weights) is *excluded* at b, neither stable nor unstable:
-the share is over the parameters whose S is defined, and the plan's notes name every excluded
-layer with its reason. A snapshot where no layer has a defined S cannot meet the rule.
+**Delay rule.** For the "lag" pairs (a, b) (snapshots ``lag`` apart, or a given time apart: see
+:mod:`basis_stability.analyze.lag`), the *stable share* at snapshot b is the parameter-weighted
+share of layers with ``S(a, b) >= tau``. The delay is the first b from which the stable share
+stays ``>= share`` at every later b. Weighting by parameters makes the big layers, where low rank
+pays, decide. A layer whose S is NaN at b (its basis is not unique: a rank-deficient or zero
+matrix, NaN/Inf weights) is *excluded* at b, neither stable nor unstable: the share is over the
+parameters whose S is defined, and the plan's notes name every excluded layer with its reason.
+A snapshot where no layer has a defined S cannot meet the rule.
 
 **Beta rule.** At the delay snapshot, for each candidate beta each layer would keep
 ``r_beta = #{s_i >= beta s_1}`` singular values. Rule ``energy`` (default) picks the largest beta
@@ -324,29 +325,64 @@ def _at(index: pd.DataFrame, snapshot: int | None, column: str) -> Any:
     return None if pd.isna(value) or (column == "step" and value < 0) else value.item()
 
 
+@dataclass(frozen=True)
+class Interval:
+    """How far apart the delay rule's pairs are: the plan's ``interval_*`` fields.
+
+    Attributes:
+        lag: the lag as given, recorded in the plan's rules: ``5`` (snapshots), ``"5ep"``.
+        snapshots: snapshots apart (for a lag in time, the median over its pairs).
+        epochs: epochs apart; None where the run records no epochs.
+        steps: optimizer steps apart; None where the run records no steps.
+    """
+
+    lag: int | str
+    snapshots: int
+    epochs: float | None
+    steps: int | None
+
+    @classmethod
+    def of_snapshots(cls, lag: int, index: pd.DataFrame) -> Interval:
+        """A lag in snapshots: its span in epochs and steps from the first snapshot on."""
+        if len(index) <= lag:
+            return cls(lag, lag, None, None)
+        ends = index.iloc[[0, lag]]
+        epochs, steps = ends["epoch"].to_numpy(np.float64), ends["step"].to_numpy(np.int64)
+        span_epochs = float(epochs[1] - epochs[0]) if (epochs >= 0).all() else math.nan
+        span_steps = int(steps[1] - steps[0]) if (steps >= 0).all() else 0
+        # unknown (NaN, -1) or not advancing: None, as a plan.json interval must be positive
+        return cls(
+            lag,
+            lag,
+            span_epochs if span_epochs > 0 else None,
+            span_steps if span_steps > 0 else None,
+        )
+
+
 def make_plan(
     network: pd.DataFrame,
     spectra: dict[int, dict[str, np.ndarray]],
     shapes: dict[str, tuple[int, int]],
     index: pd.DataFrame,
-    lag: int,
+    lag: int | Interval,
     model_class: str,
     cfg: PlanConfig,
 ) -> tuple[Plan, pd.DataFrame]:
     """Apply both rules. ``spectra[t][layer]`` gives singular values; ``index`` has epoch/step.
 
+    ``lag`` is the lag in snapshots of the network's pairs, or the :class:`Interval` the analysis
+    measured for a lag in time.
+
     Returns:
         The plan and the beta curve it was chosen from.
     """
+    interval = lag if isinstance(lag, Interval) else Interval.of_snapshots(lag, index)
     delay, why = choose_delay(network, cfg.share)
     at = delay if delay is not None else max(spectra)  # the latest complete spectra
     curve = beta_curve(spectra[at], shapes, cfg.betas)
     beta, beta_why = choose_beta(curve, cfg)
     ranks = _ranks_at(spectra[at], beta)  # the curve's own rule, so the share matches it
     share = sum(r * r for r in ranks.values()) / sum(m * n for m, n in shapes.values())
-    epochs, steps = index["epoch"], index["step"]
-    interval_epochs = float(epochs.iloc[lag] - epochs.iloc[0]) if len(index) > lag else None
-    interval_steps = int(steps.iloc[lag] - steps.iloc[0]) if len(index) > lag else None
     notes = [] if delay is not None else [why + f"; beta and ranks are from snapshot {at}"]
     notes += excluded_notes(network)
     at_delay = network[network["snapshot"] == at]
@@ -356,16 +392,14 @@ def make_plan(
         delay_snapshot=delay,
         delay_epoch=_at(index, delay, "epoch"),
         delay_step=_at(index, delay, "step"),
-        interval_snapshots=lag,
-        interval_epochs=None
-        if interval_epochs is None or math.isnan(interval_epochs)
-        else interval_epochs,
-        interval_steps=interval_steps if interval_steps and interval_steps > 0 else None,
+        interval_snapshots=interval.snapshots,
+        interval_epochs=interval.epochs,
+        interval_steps=interval.steps,
         beta=beta,
         ranks=ranks,
         expected_trainable_share=share,
         rules={
-            "delay": {"tau": cfg.tau, "share": cfg.share, "lag": lag, "why": why},
+            "delay": {"tau": cfg.tau, "share": cfg.share, "lag": interval.lag, "why": why},
             "beta": {
                 "rule": cfg.beta_rule,
                 "min_energy": cfg.min_energy,

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,10 @@ import torch
 
 from .. import _dist
 from ..errors import ConfigError, RunFileError, expected
-from ..recommend import Plan, PlanConfig, excluded_notes, first_lasting, make_plan
+from ..recommend import Interval, Plan, PlanConfig, excluded_notes, first_lasting, make_plan
 from ..store.reader import LayerInfo, Run, open_run
 from .engine import CacheDamagedError, EngineConfig, SVDCache, fill_cache
+from .lag import Lag, LagPairs, known_times, lag_pairs
 from .spectra import batch_ranks, rank_at_beta
 from .stability import Decomposed, pairwise_overlap, pairwise_stability, topk_reason
 
@@ -34,27 +36,31 @@ RANK_COLUMNS += ["effective_rank", "energy_rank", "cond"]
 NETWORK_COLUMNS = ["snapshot", "epoch", "step", "mean_S", "weighted_S", "stable_share"]
 NETWORK_COLUMNS += ["known_share", "excluded"]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class AnalysisConfig:
     """What is measured.
 
     Attributes:
-        lag: snapshots apart for the "lag" pairs (the paper compares epochs 5 or 10 apart) and the
-            delay rule; reduced (with a note) when the run is shorter.
+        lag: how far apart the "lag" pairs of the delay rule are (the paper compares epochs 5 or
+            10 apart): ``5`` snapshots (reduced, with a note, when the run is shorter), or a
+            time, ``"5ep"`` / ``"2.5epochs"`` or ``"200steps"`` / ``"200st"``, which pairs each
+            snapshot with the one about that long before it (:mod:`.lag` has the rule). Held as
+            a :class:`~.lag.Lag`.
         k: top-k of the singular-subspace overlap (capped at n and at the engine's kmax).
         eps: energy-rank tolerance: the smallest r keeping (1 - eps) of the energy.
     """
 
-    lag: int = 5
+    lag: Lag | int | str = 5
     k: int = 8
     eps: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("lag", "k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(expected(name, "a positive integer", value, "Use e.g. 5."))
+        self.lag = Lag.parse(self.lag)
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(expected("k", "a positive integer", self.k, "Use e.g. 5."))
         if not 0 < self.eps < 1:
             raise ConfigError(expected("eps", "in (0, 1)", self.eps, "Use e.g. 0.1."))
 
@@ -81,9 +87,9 @@ class Report:
         return report_text(self)
 
 
-def _pairs(t_count: int, lag: int) -> list[tuple[str, int, int]]:
+def _pairs(t_count: int, lagged: list[tuple[int, int]]) -> list[tuple[str, int, int]]:
     out = [("consecutive", b - 1, b) for b in range(1, t_count)]
-    out += [("lag", b - lag, b) for b in range(lag, t_count)]
+    out += [("lag", a, b) for a, b in lagged]
     out += [("final", a, t_count - 1) for a in range(t_count - 1)]
     out += [("initial", 0, b) for b in range(1, t_count)]
     return out
@@ -107,11 +113,11 @@ def _pair_frame(
     decs: list[Decomposed | None],
     index: pd.DataFrame,
     cfg: AnalysisConfig,
-    lag: int,
+    lagged: list[tuple[int, int]],
 ) -> pd.DataFrame:
     """Every pair of one layer at once: S and O_k from one Gram matrix each (the fast path of
     :func:`~.stability.stability` and :func:`~.stability.overlap`, which tests hold it to)."""
-    pairs = _pairs(len(decs), lag)
+    pairs = _pairs(len(decs), lagged)
     if not pairs:
         return pd.DataFrame(columns=STABILITY_COLUMNS)
     kinds, a, b = (np.array(x) for x in zip(*pairs))
@@ -299,6 +305,7 @@ def analyze(
             if run.n_snapshots < seen:
                 run.refresh()
         _check_analysable(run)
+        pairing = _pair_by_lag(run, config.lag)  # a lag the run cannot take fails before any SVD
         available, notes = _available(run)
         # under torch.distributed only rank 0 keeps the cache; the others send it their SVDs
         cache = SVDCache(run, engine if lead else dataclasses.replace(engine, cache=False))
@@ -307,13 +314,13 @@ def analyze(
             if not lead:
                 return None
             try:
-                report = _build(run, cache, available, config, plan)
+                report = _build(run, cache, available, config, plan, pairing)
             except CacheDamagedError as exc:  # only rank 0 reads entries: it recomputes alone
                 cache.rebuild(f"an entry failed its checksum or could not be read ({exc.cause})")
                 computed = fill_cache(run, cache, engine, available, progress)
                 if cache.dropped:  # and the new file failed too: recompute what it held
                     computed += fill_cache(run, cache, engine, available, progress)
-                report = _build(run, cache, available, config, plan)
+                report = _build(run, cache, available, config, plan, pairing)
         finally:
             cache.close()
     report.computed = computed
@@ -332,6 +339,14 @@ def _check_analysable(run: Run) -> None:
             f"{run.path} records no layer weights, so there is nothing to analyse. Record a "
             "model with at least one eligible layer (bstab record --help lists the options)."
         )
+
+
+def _pair_by_lag(run: Run, lag: Lag) -> LagPairs:
+    """The run's lag pairs; the warning about unevenly spaced snapshots is logged here."""
+    pairing = lag_pairs(lag, run.epochs, run.steps)
+    if pairing.warning and _dist.is_writer():
+        log.warning(pairing.warning)
+    return pairing
 
 
 def _decompose_all(
@@ -356,23 +371,25 @@ def _decompose_all(
 
 
 def _build(
-    run: Run, cache: SVDCache, available: dict[str, int], cfg: AnalysisConfig, plan_cfg: PlanConfig
+    run: Run,
+    cache: SVDCache,
+    available: dict[str, int],
+    cfg: AnalysisConfig,
+    plan_cfg: PlanConfig,
+    pairing: LagPairs,
 ) -> Report:
     t_count = run.n_snapshots
     index = run.snapshots()[["snapshot", "epoch", "step"]].set_index("snapshot", drop=False)
-    lag = min(cfg.lag, max(t_count - 1, 1))
-    notes = []
+    notes = pairing.notes + ([pairing.warning] if pairing.warning else [])
     if t_count == 1:
         notes.append("only one snapshot: spectra and ranks only; stability needs two")
-    elif lag < cfg.lag:
-        notes.append(f"the run has {t_count} snapshots: lag reduced from {cfg.lag} to {lag}")
     stab_frames, spec_frames, rank_frames = [], [], []
     spectra_by_t: dict[int, dict[str, np.ndarray]] = {t: {} for t in range(t_count)}
     for info in run.layers:
         entries = cache.entries(info, available[info.name])
         decs = [None if e is None else cache.decomposed(info, e) for e in entries]
         decs += [None] * (t_count - len(decs))
-        stab_frames.append(_pair_frame(info, decs, index, cfg, lag))
+        stab_frames.append(_pair_frame(info, decs, index, cfg, pairing.pairs))
         known = [e for e in entries if e is not None]
         if known:
             spec_frames.append(
@@ -394,7 +411,9 @@ def _build(
         if len(stab)
         else _network(pd.DataFrame(columns=["pair"]), shapes, plan_cfg.tau)
     )
-    plan, curve = _plan(network, spectra_by_t, shapes, index, lag, run, plan_cfg)
+    plan, curve = _plan(
+        network, spectra_by_t, shapes, index, _interval(pairing, index), run, plan_cfg
+    )
     notes += excluded_notes(network)
     if plan is None:
         notes.append(_no_plan_note(spectra_by_t, shapes, cache.cfg.svd == "approx"))
@@ -448,6 +467,25 @@ def _no_plan_note(spectra_by_t: dict, shapes: dict, approx: bool) -> str:
     if never:
         return f"{head}, but layer(s) {', '.join(never)} have NaN/Inf weights in every snapshot"
     return f"{head}, but every snapshot has NaN/Inf weights (or lacks a layer) somewhere"
+
+
+def _interval(pairing: LagPairs, index: pd.DataFrame) -> int | Interval:
+    """The plan's interval: a lag in snapshots as before; for a lag in time, the median over its
+    pairs of the snapshots, epochs and steps apart (where the run records them)."""
+    if pairing.snapshots is not None:
+        return pairing.snapshots
+    if not pairing.pairs:  # a one-snapshot run
+        return Interval(pairing.lag.given, 1, None, None)
+    a, b = (np.array(x) for x in zip(*pairing.pairs))
+    medians = []
+    for column in ("epoch", "step"):
+        times = index[column].to_numpy(dtype=np.float64)
+        ok = known_times(times[a]) & known_times(times[b])
+        span = float(np.median(times[b][ok] - times[a][ok])) if ok.any() else math.nan
+        medians.append(span if span > 0 else None)
+    epochs, steps = medians
+    snapshots = max(1, int(round(float(np.median(b - a)))))
+    return Interval(pairing.lag.given, snapshots, epochs, None if steps is None else round(steps))
 
 
 def _plan(network, spectra_by_t, shapes, index, lag, run, cfg):

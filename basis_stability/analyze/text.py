@@ -69,7 +69,7 @@ def network_lines(report: Report) -> list[str]:
         f"{report.n_snapshots} snapshots, {len(report.summary)} layers, {report.computed} new SVDs"
     ]
     if len(net) and net["weighted_S"].notna().any():
-        lag = plan.interval_snapshots if plan else "?"
+        lag = plan.rules["delay"].get("lag", plan.interval_snapshots) if plan else "?"
         low = net["weighted_S"].idxmin()
         lines.append(
             f"mean stability (lag {lag}, parameter-weighted): first {net['weighted_S'].iloc[0]:.3f}"

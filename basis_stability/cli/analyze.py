@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import ConfigError, expected
 from ._errors import _clean_errors
+
+if TYPE_CHECKING:
+    from ..analyze.lag import Lag
+
+
+def _lag(ctx: click.Context, param: click.Parameter, value: str) -> Lag:
+    """``--lag`` as a :class:`~basis_stability.analyze.lag.Lag`; a bad one is a usage error."""
+    from ..analyze.lag import Lag
+
+    try:
+        return Lag.parse(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 @click.command()
@@ -21,10 +35,12 @@ from ._errors import _clean_errors
 )
 @click.option(
     "--lag",
-    type=click.IntRange(min=1),
-    default=5,
+    metavar="LAG",
+    default="5",
+    callback=_lag,
     show_default=True,
-    help="Snapshots apart for the lag pairs and the delay rule.",
+    help="How far apart the lag pairs of the delay rule are: N snapshots, or a time, 5ep "
+    "(epochs) or 200steps, pairing each snapshot with the one nearest that long before it.",
 )
 @click.option(
     "--k",
@@ -118,7 +134,7 @@ from ._errors import _clean_errors
 def analyze(
     run_path: Path,
     output: Path | None,
-    lag: int,
+    lag: Lag,
     k: int,
     tau: float,
     share: float,
@@ -151,6 +167,7 @@ def analyze(
     Examples:
       bstab analyze runs/cnn-digits-seed0.h5
       bstab analyze runs/vit.h5 -o out/ --lag 10 --jobs 2
+      bstab analyze runs/uneven.h5 --lag 5ep
       bstab analyze runs/live.h5 --follow
       torchrun --nproc_per_node=2 -m basis_stability analyze runs/vit.h5
 
