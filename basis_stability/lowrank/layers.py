@@ -127,7 +127,7 @@ class LowRankFactor(nn.Module):
         return f"tall={m}x{n}, rank={self.rank}, transposed={self.transposed}"
 
 
-def _filled(dense: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def filled(dense: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """``dense`` moved to ``weight``'s device and dtype, holding ``weight`` and ``bias``."""
     dense = dense.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -177,7 +177,7 @@ class LowRankLinear(_Factored):
 
     def to_dense(self) -> nn.Linear:
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        return _filled(out, self.weight, self.bias)
+        return filled(out, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _thin_linear_forward(
@@ -230,7 +230,7 @@ class LowRankConv1D(_Factored):
 
     def to_dense(self) -> nn.Module:
         out = self._dense_type(self.nf, self.nx)
-        return _filled(out, self.weight, self.bias)
+        return filled(out, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # stored (in, out) = tall^T when transposed: then W_linear (out, in) is the tall matrix
@@ -277,7 +277,7 @@ class LowRankConv(_Factored):
             self.groups,
             bias=self.bias is not None,
         )
-        return _filled(out, self.weight, self.bias)
+        return filled(out, self.weight, self.bias)
 
     def thin_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rank-k conv weight (k, in, *ks), 1x1 mixing weight (out, k, 1, ...))."""

@@ -23,6 +23,7 @@ from ..lowrank.layers import (
     LowRankConv1D,
     LowRankLinear,
     LowRankMultiheadAttention,
+    filled,
     linear_factors,
 )
 from ..lowrank.surgery import low_rank_layers
@@ -37,7 +38,7 @@ def _thin_linear(layer: LowRankLinear | LowRankConv1D) -> nn.Sequential:
     first, last = linear_factors(f, linear_is_tall)
     if not _pair_is_smaller(f):  # k (m + n) >= m n: one dense Linear is smaller and cheaper
         dense = nn.Linear(first.shape[1], last.shape[0], bias=layer.bias is not None)
-        return _filled(dense, last @ first, layer.bias)
+        return filled(dense, last @ first, layer.bias)
     a = nn.Linear(first.shape[1], first.shape[0], bias=False)
     b = nn.Linear(last.shape[1], last.shape[0], bias=layer.bias is not None)
     with torch.no_grad():
@@ -52,15 +53,6 @@ def _pair_is_smaller(factor) -> bool:
     """Whether two thin layers (k (m + n) entries) hold fewer entries than the dense m x n."""
     m, n = factor.tall_shape
     return factor.rank * (m + n) < m * n
-
-
-def _filled(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    module = module.to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        module.weight.copy_(weight)
-        if bias is not None:
-            module.bias.copy_(bias)
-    return module
 
 
 def _thin_conv(layer: LowRankConv) -> nn.Module:
