@@ -158,6 +158,37 @@ def test_follow_waits_for_the_first_snapshot_of_a_live_run(tmp_path: Path):
     assert (tmp_path / "out" / "plan.json").exists()
 
 
+def test_follow_with_a_time_lag_waits_until_the_live_run_spans_it(tmp_path: Path):
+    from basis_stability.analyze import AnalysisConfig, EngineConfig
+    from basis_stability.analyze.follow import follow_analysis
+    from basis_stability.recommend import PlanConfig
+
+    path = tmp_path / "live.h5"
+    writer = small_run(path, 2, close=False)  # epochs 0, 1: shorter than the 3-epoch lag
+    outputs = follow_analysis(
+        path, tmp_path / "out", AnalysisConfig(lag="3ep"), EngineConfig(), PlanConfig(),
+        plots=False, follow=True, poll=0.05, idle_timeout=30, progress=False,
+    )  # fmt: skip
+    try:
+        assert next(outputs).startswith("waiting for the run to span the lag")
+        rng = np.random.default_rng(1)
+        for t in range(2, 6):  # the generator is paused: append while it waits
+            mats = [rng.standard_normal(v.shape).astype(np.float32) for v in SMALL_LAYERS]
+            writer.append(iter(mats), step=t, epoch=t)
+    finally:
+        writer.close()
+    rest = list(outputs)
+    assert rest[-1] == "the writer closed the run; done."
+    stab = pd.read_csv(tmp_path / "out" / "stability.csv")
+    lagged = stab[stab["pair"] == "lag"]
+    assert set(zip(lagged["a"], lagged["b"])) == {(0, 3), (1, 4), (2, 5)}
+
+
+def test_a_time_lag_longer_than_a_finished_run_fails_in_one_line(run_path: Path, tmp_path: Path):
+    result = bstab("analyze", run_path, "-o", tmp_path / "out", "--follow", "--lag", "500ep")
+    assert_clean_failure(result, "500ep")
+
+
 # ---------------------------------------------------------------------- bad input
 def test_missing_run_fails_cleanly_and_creates_nothing(tmp_path: Path):
     result = bstab("analyze", tmp_path / "nope" / "run.h5", "--no-progress")

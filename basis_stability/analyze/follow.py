@@ -10,6 +10,7 @@ from ..recommend import PlanConfig
 from ..store.h5io import writer_flagged
 from ..store.reader import open_run
 from .engine import EngineConfig
+from .lag import LagTooLongError
 from .output import check_dir, write_report
 from .report import AnalysisConfig, analyze
 
@@ -52,19 +53,42 @@ def follow_analysis(
     if follow:
         _wait_for_first(path, poll, idle_timeout)
     while True:
-        report = analyze(path, config, engine, plan, progress=progress)
+        try:
+            report = analyze(path, config, engine, plan, progress=progress)
+        except LagTooLongError as exc:  # a live run may grow into a time lag: wait for it
+            if not (follow and writer_flagged(path)):
+                raise
+            seen = _count(path)
+            yield f"waiting for the run to span the lag: {exc}"
+            if not _wait_for_more(path, seen, poll, idle_timeout):
+                if writer_flagged(path):
+                    yield f"no new snapshot for {idle_timeout:g} s; stopping."
+                    return
+                raise  # closed without reaching the lag: the error stands
+            continue
         if report is None:  # a rank other than 0 of a distributed analysis: rank 0 writes
             return
         written = write_report(report, out, plots=plots, force=force)
         yield report.text() + f"\nwrote {len(written)} files to {out}"
         if not follow:
             return
-        seen, quiet_since = report.n_snapshots, time.monotonic()
-        while _count(path) == seen:
-            if not writer_flagged(path):
-                yield "the writer closed the run; done."
-                return
-            if time.monotonic() - quiet_since > idle_timeout:
+        if not writer_flagged(path) and _count(path) == report.n_snapshots:
+            yield "the writer closed the run; done."
+            return
+        if not _wait_for_more(path, report.n_snapshots, poll, idle_timeout):
+            if writer_flagged(path):
                 yield f"no new snapshot for {idle_timeout:g} s; stopping."
-                return
-            time.sleep(poll)
+            else:
+                yield "the writer closed the run; done."
+            return
+
+
+def _wait_for_more(path: Path, seen: int, poll: float, idle_timeout: float) -> bool:
+    """Wait until the run has more than ``seen`` snapshots; False when its writer closed it
+    without one or none arrived for ``idle_timeout`` seconds."""
+    quiet_since = time.monotonic()
+    while _count(path) == seen:
+        if not writer_flagged(path) or time.monotonic() - quiet_since > idle_timeout:
+            return False
+        time.sleep(poll)
+    return True

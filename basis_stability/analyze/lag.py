@@ -48,6 +48,10 @@ _WANTED = "a number of snapshots (5), epochs (5ep) or steps (200steps)"
 _COLUMN = {"epochs": "epoch", "steps": "step"}
 
 
+class LagTooLongError(ConfigError):
+    """A time lag longer than the run spans so far (a run still being written may grow into it)."""
+
+
 @dataclass(frozen=True)
 class Lag:
     """How far apart the "lag" pairs are: ``value`` snapshots, epochs or optimizer steps.
@@ -190,7 +194,7 @@ def _check_time_lag(lag: Lag, known: np.ndarray, epochs: np.ndarray, steps: np.n
         )
     lo, hi = known.min(), known.max()
     if lag.value > hi - lo:
-        raise ConfigError(
+        raise LagTooLongError(
             expected(
                 "lag",
                 f"at most the {_fmt(hi - lo, unit)} {unit} the run spans "
