@@ -230,3 +230,19 @@ def test_stability_of_a_square_layer_does_not_depend_on_its_orientation():
     s_t = stability(decompose(a.T, torch.float64), decompose(b.T, torch.float64)).value
     assert 0.5 < s < 0.999
     assert s_t == pytest.approx(s, abs=1e-12)
+
+
+def test_selecting_layers_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch.nn as nn\n"
+        "from basis_stability.views import select_layers\n"
+        "from basis_stability.lowrank import factorize_\n"
+        "m = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 4))\n"
+        "select_layers(m); factorize_(m)\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
