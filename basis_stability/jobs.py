@@ -182,7 +182,12 @@ class TrainJob:
     """A built-in training run, full-rank or OIALR (what ``bstab train`` runs).
 
     ``delay`` and ``interval`` are epochs (``"10"``, ``"2.5"``) or steps (``"250steps"``).
-    With none of ``delay``, ``beta`` and ``plan`` given, OIALR runs in auto mode.
+    With none of ``delay``, ``beta`` and ``plan`` given, OIALR runs in auto mode (``bstab``
+    preset) or with delay = training/6 and beta = 0.15 (``reference`` preset, which has no auto
+    mode). ``preset="reference"`` is :meth:`OIALRConfig.reference`; ``moments``, ``keep_first``
+    and ``keep_last`` left None take the preset's (``reset``, False, False for ``bstab``;
+    ``slice``, False, True for ``reference``), so pass ``moments=None`` with the reference
+    preset to get its optimizer-state handling.
     """
 
     model: str = "cnn"
@@ -193,8 +198,11 @@ class TrainJob:
     interval: str | None = None
     beta: float | None = None
     plan: str | None = None
-    moments: str = "reset"
+    moments: str | None = "reset"
     device: str = "cpu"
+    preset: str = "bstab"
+    keep_first: bool | None = None
+    keep_last: bool | None = None
 
 
 @dataclass
@@ -247,11 +255,29 @@ def parse_steps(text: str | None, arg: str, steps_per_epoch: int) -> int | None:
 
 def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
     """The OIALR settings the job asks for: explicit values, a plan.json, or auto."""
+    from .lowrank.surgery import FactorizeConfig
     from .recommend import Plan
-    from .train.oialr import OIALRConfig
+    from .train.oialr import PRESETS, OIALRConfig
 
+    if job.preset not in PRESETS:
+        raise ConfigError(
+            expected("preset", " or ".join(PRESETS), job.preset, "bstab is the default.")
+        )
     total = steps_per_epoch * job.train.epochs
-    common = {"moments": job.moments, "total_steps": total}
+    reference = job.preset == "reference"
+    keep = {
+        "keep_first": bool(job.keep_first),
+        "keep_last": reference if job.keep_last is None else job.keep_last,
+    }
+    moments = job.moments or ("slice" if reference else "reset")
+    common = {"moments": moments, "total_steps": total}
+
+    def fixed(delay: int, interval: int, beta: float) -> OIALRConfig:
+        if reference:
+            return OIALRConfig.reference(delay, interval, beta, **keep, **common)
+        factorize = FactorizeConfig(**keep)
+        return OIALRConfig(delay=delay, interval=interval, beta=beta, factorize=factorize, **common)
+
     if job.plan is not None:
         plan = Plan.from_json(job.plan)
         check_plan_matches(plan, model)
@@ -275,7 +301,7 @@ def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
                     f"Edit {job.plan} or re-run `bstab analyze` with a larger --lag.",
                 )
             )
-        return OIALRConfig(delay=delay, interval=interval, beta=plan.beta, **common)
+        return fixed(delay, interval, plan.beta)
     interval = parse_steps(job.interval, "--interval", steps_per_epoch)
     interval = 5 * steps_per_epoch if interval is None else interval  # 0 is an error, not unset
     if interval < 1:
@@ -284,15 +310,19 @@ def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
                 "--interval", "at least one step", job.interval, "Use e.g. --interval 5 (epochs)."
             )
         )
-    if job.delay is None and job.beta is None:
+    if job.delay is None and job.beta is None and not reference:
         return OIALRConfig(
-            auto=True, interval=interval, check_every=steps_per_epoch, lag=5, beta=None, **common
+            auto=True,
+            interval=interval,
+            check_every=steps_per_epoch,
+            lag=5,
+            beta=None,
+            factorize=FactorizeConfig(**keep),
+            **common,
         )
     delay = parse_steps(job.delay, "--delay", steps_per_epoch)
     delay = total // 6 if delay is None else delay
-    return OIALRConfig(
-        delay=delay, interval=interval, beta=0.15 if job.beta is None else job.beta, **common
-    )
+    return fixed(delay, interval, 0.15 if job.beta is None else job.beta)
 
 
 def check_plan_matches(plan, model: torch.nn.Module) -> None:

@@ -30,11 +30,30 @@ from ._options import _training_options, check_output
     "when neither --delay, --beta nor --plan is given).",
 )
 @click.option(
+    "--preset",
+    type=click.Choice(["bstab", "reference"]),
+    default="bstab",
+    show_default=True,
+    help="bstab: our rules. reference: the authors' code rank for rank (first cut at "
+    "conversion, progressive updates, its rounding and eligibility; no --auto; without "
+    "--delay/--beta: delay = training/6, beta 0.15). See docs/oialr.md.",
+)
+@click.option(
+    "--keep-first/--no-keep-first",
+    default=None,
+    help="Keep the first eligible layer full-rank (default: no).",
+)
+@click.option(
+    "--keep-last/--no-keep-last",
+    default=None,
+    help="Keep the last eligible layer full-rank (default: no; yes with --preset reference).",
+)
+@click.option(
     "--moments",
     type=click.Choice(["rotate", "slice", "reset"]),
-    default="reset",
-    show_default=True,
-    help="Optimizer-state policy at conversion and truncation.",
+    default=None,
+    help="Optimizer-state policy at conversion and truncation (default: reset; slice with "
+    "--preset reference).",
 )
 @click.option(
     "-o",
@@ -61,7 +80,10 @@ def train(
     beta: float | None,
     plan_path: Path | None,
     auto: bool | None,
-    moments: str,
+    preset: str,
+    keep_first: bool | None,
+    keep_last: bool | None,
+    moments: str | None,
     output: Path | None,
     force: bool,
     device: str,
@@ -79,10 +101,16 @@ def train(
       bstab train --mode full --model vit-tiny
       bstab train --delay 7 --interval 5 --beta 0.15
       bstab train --plan runs/cnn-digits-seed0-analysis/plan.json
+      bstab train --preset reference --delay 250steps --interval 100steps --beta 0.15
     """
     from .. import jobs
     from ..train import TrainConfig
 
+    if auto and preset == "reference":
+        raise click.UsageError(
+            "Expected --preset bstab with --auto but got --preset reference: the reference "
+            "has no auto mode. Drop --auto (and give --delay/--beta), or drop --preset reference."
+        )
     if auto and (delay is not None or beta is not None or plan_path is not None):
         raise click.UsageError(
             "--auto chooses delay and beta itself; drop --delay/--beta/--plan or --auto."
@@ -113,6 +141,9 @@ def train(
         str(plan_path) if plan_path else None,
         moments,
         device,
+        preset,
+        keep_first,
+        keep_last,
     )
 
     def run(path: Path) -> jobs.TrainResult:

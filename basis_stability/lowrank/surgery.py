@@ -6,6 +6,12 @@ code, as options: linear layers whose tall aspect ratio m/n is over ``aspect_lim
 full-rank (usually the classifier head), the first and/or last eligible layer can be kept
 full-rank, names can be included or excluded, and ``filter_fn(name, module)`` has the last word.
 Every registered layer that is not converted is reported with its reason.
+
+``aspect_rule="reference"`` applies the reference code's own rules instead (the reference preset
+of :class:`~basis_stability.train.oialr.OIALRConfig`): only ``Linear``, ``Conv1d``/``Conv2d``
+and ``MultiheadAttention`` are candidates; a Linear is converted iff ``min(shape) >
+max(shape) / aspect_limit`` (strict), a convolution is skipped iff its fan-in ``in * prod(kernel)``
+is below ``out / aspect_limit`` (one-sided), attention always qualifies.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from ..views import unwrap_model
 from .layers import LowRankConv, LowRankConv1D, LowRankLinear, LowRankMultiheadAttention
 
 LOW_RANK_TYPES = (LowRankLinear, LowRankConv, LowRankConv1D, LowRankMultiheadAttention)
+ASPECT_RULES = ("bstab", "reference")
 
 
 @dataclass
@@ -31,6 +38,8 @@ class FactorizeConfig:
 
     Attributes:
         aspect_limit: Linear layers with tall aspect ratio m/n above this stay full-rank.
+        aspect_rule: ``bstab`` (the rule above; every convolution qualifies) or ``reference``
+            (the reference code's rules and layer types, see the module docstring).
         keep_first: keep the first eligible layer full-rank.
         keep_last: keep the last eligible layer full-rank.
         include: glob patterns of module names that may be converted (default: all).
@@ -38,6 +47,7 @@ class FactorizeConfig:
     """
 
     aspect_limit: float = 10.0
+    aspect_rule: str = "bstab"
     keep_first: bool = False
     keep_last: bool = False
     include: Sequence[str] | None = None
@@ -46,6 +56,15 @@ class FactorizeConfig:
     def __post_init__(self) -> None:
         if not self.aspect_limit >= 1:
             raise ConfigError(expected("aspect_limit", ">= 1", self.aspect_limit, "Use e.g. 10."))
+        if self.aspect_rule not in ASPECT_RULES:
+            raise ConfigError(
+                expected(
+                    "aspect_rule",
+                    " or ".join(ASPECT_RULES),
+                    self.aspect_rule,
+                    "bstab is the default.",
+                )
+            )
 
 
 @dataclass
@@ -72,12 +91,34 @@ def _reason(name: str, module: nn.Module, cfg: FactorizeConfig) -> str | None:
         return "excluded by name"
     if cfg.include and not _by_name(name, cfg.include):
         return "not included by name"
+    if cfg.aspect_rule == "reference":
+        return _reference_reason(module, cfg.aspect_limit)
     entry = lookup(module)
     if entry.kind_of(module) == "linear":
         (m, n), _ = tall_shape(module.weight.shape, entry.matrices_of(module)[0].orientation)
         if m / n > cfg.aspect_limit:
             return f"aspect ratio {m}/{n} = {m / n:.1f} > {cfg.aspect_limit:g}"
     return None
+
+
+def _reference_reason(module: nn.Module, limit: float) -> str | None:
+    """The reference code's eligibility (OIALR @ e9e885d, ``OIALRModel._replace_layers``)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return None
+    if isinstance(module, nn.Linear):
+        small, large = min(module.weight.shape), max(module.weight.shape)
+        if small > large / limit:
+            return None
+        return f"min dimension {small} <= {large}/{limit:g} (the reference's Linear rule)"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        out, fan_in = module.weight.shape[0], module.weight[0].numel()
+        if fan_in < out / limit:
+            return f"fan-in {fan_in} < {out}/{limit:g} outputs (the reference's conv rule)"
+        return None
+    return (
+        f"the reference converts only Linear, Conv1d/2d and MultiheadAttention, "
+        f"not {type(module).__name__}"
+    )
 
 
 def _refuse_named(name: str, module: nn.Module, why: str, cfg: FactorizeConfig) -> None:
@@ -143,10 +184,36 @@ def eligible_layers(
         else:
             chosen.append((name, module))
     if chosen and cfg.keep_first:
-        skipped.append((chosen.pop(0)[0], "first layer kept full-rank (keep_first)"))
+        skipped.append((chosen.pop(0)[0], KEPT_FIRST))
     if chosen and cfg.keep_last:
-        skipped.append((chosen.pop()[0], "last layer kept full-rank (keep_last)"))
+        skipped.append((chosen.pop()[0], KEPT_LAST))
     return chosen, skipped
+
+
+KEPT_FIRST = "first layer kept full-rank (keep_first)"
+KEPT_LAST = "last layer kept full-rank (keep_last)"
+
+
+def kept_all_message(model: nn.Module, skipped: list[tuple[str, str]]) -> str | None:
+    """The error when keep_first/keep_last took every eligible layer, or None when they did not.
+
+    Example:
+        >>> kept_all_message(nn.Linear(4, 4), [("fc", KEPT_LAST)])[:60]
+        'Expected keep_last=True to leave a layer to factorise but Li'
+    """
+    kept = [(n, r) for n, r in skipped if r in (KEPT_FIRST, KEPT_LAST)]
+    if not kept:
+        return None
+    reasons = {r for _, r in kept}
+    flags = [f for f, r in (("keep_first", KEPT_FIRST), ("keep_last", KEPT_LAST)) if r in reasons]
+    names = ", ".join(n for n, _ in kept)
+    return (
+        f"Expected {' and '.join(f'{f}=True' for f in flags)} to leave a layer to factorise but "
+        f"{type(model).__name__} has only {len(kept)} eligible layer(s) ({names}) and "
+        f"{'they keep' if len(flags) > 1 else 'it keeps'} them full-rank. Set "
+        f"{' or '.join(f'{f}=False' for f in flags)} (bstab train: "
+        f"{' or '.join('--no-' + f.replace('_', '-') for f in flags)})."
+    )
 
 
 def factorize_(
@@ -167,6 +234,9 @@ def factorize_(
     bare = unwrap_model(model)
     chosen, skipped = eligible_layers(bare, cfg, filter_fn)
     if not chosen:
+        kept_all = kept_all_message(bare, skipped)
+        if kept_all:
+            raise NoEligibleLayersError(kept_all)
         why = "; ".join(f"{n}: {r}" for n, r in skipped[:20]) or "no Linear/Conv/attention layer"
         raise NoEligibleLayersError(
             f"No layer of {type(bare).__name__} can be factorised ({why}). "

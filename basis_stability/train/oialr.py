@@ -12,10 +12,16 @@ With ``auto=True`` the controller measures, every ``check_every`` steps, the sta
 eligible layer against the check ``lag`` checks earlier and converts when the delay rule of
 :mod:`basis_stability.recommend` has held for ``patience`` checks in a row; beta comes from the
 beta rule on the spectra of that moment. Every decision is logged and kept in ``events``.
+
+:meth:`OIALRConfig.reference` is the same controller configured to follow the authors' code
+(Helmholtz-AI-Energy/OIALR @ e9e885d) rank for rank: conversion before the ``delay``-th training
+step with the first cut in the same call, progressive last-layers-first updates, the reference's
+rounding and eligibility, and its optimizer-state handling (docs/oialr.md, "The reference preset").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -43,6 +49,7 @@ from ..lowrank.surgery import (
     eligible_layers,
     factor_of,
     factorize_,
+    kept_all_message,
     low_rank_layers,
 )
 from ..recommend import PlanConfig, beta_curve, choose_beta
@@ -50,6 +57,11 @@ from ..registry import tall_matrix
 from ..views import unwrap_model
 
 log = logging.getLogger(__name__)
+
+PRESETS = ("bstab", "reference")
+DELAY_COUNTS = ("completed", "started")
+FIRST_CUTS = ("one_interval_later", "at_conversion")
+CAP_ROUNDINGS = ("ceil", "floor")
 
 
 @dataclass
@@ -67,9 +79,21 @@ class OIALRConfig:
         plan: auto: thresholds of the delay and beta rules.
         moments: optimizer-state policy: ``reset`` (default), ``slice`` or ``rotate``.
         max_cut: at most this share of k is cut per update (the reference halves at most).
+        cap_rounding: the kept share ``k * (1 - max_cut)`` rounded ``ceil`` (default: 5 -> 3)
+            or ``floor`` (the reference: 5 -> 2).
         min_rank_share: k never falls below ``max(1, int(min_rank_share * n))``.
         total_steps: training length, to reject a delay longer than training.
         factorize: which layers are eligible.
+        delay_counts: ``completed``: convert after ``delay`` completed optimizer steps;
+            ``started``: convert before the ``delay``-th training step (after ``delay - 1``
+            completed ones), as the reference counts its training forwards.
+        first_cut: ``one_interval_later`` (first update ``interval`` steps after conversion) or
+            ``at_conversion`` (the reference: the first rotate-and-cut right at conversion).
+        progressive: None: every layer at every update. A share p: the reference's progressive
+            schedule: each update adds ``int((L - 1) * p)`` to a count c and updates the last c
+            converted layers (registration order); c = 0 means all layers (its ``[-0:]``).
+        preset: the preset that built this config (``bstab`` or ``reference``), a label kept
+            with the events; ``reference`` forbids ``auto``.
     """
 
     delay: int | None = None
@@ -85,8 +109,101 @@ class OIALRConfig:
     min_rank_share: float = 0.01
     total_steps: int | None = None
     factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
+    cap_rounding: str = "ceil"
+    delay_counts: str = "completed"
+    first_cut: str = "one_interval_later"
+    progressive: float | None = None
+    preset: str = "bstab"
+
+    @classmethod
+    def reference(
+        cls,
+        delay: int,
+        interval: int,
+        beta: float,
+        keep_first: bool = False,
+        keep_last: bool = True,
+        **fields: Any,
+    ) -> OIALRConfig:
+        """The authors' code (Helmholtz-AI-Energy/OIALR @ e9e885d), rank for rank.
+
+        ``delay`` and ``interval`` count training steps as the reference does (its
+        ``delay``/``stability_frequency``): conversion and the first cut before training step
+        ``delay``, later updates every ``interval`` steps; ``beta`` is its
+        ``sigma_cutoff_fraction``. Other fields (``total_steps``, ``factorize``'s
+        include/exclude) may be given; ``auto`` may not (the reference has none).
+        """
+        if fields.get("auto"):
+            raise ConfigError(
+                expected(
+                    "auto",
+                    "False with the reference preset",
+                    fields["auto"],
+                    "The reference has no auto mode: give delay and beta, or use "
+                    "OIALRConfig(auto=True) (bstab's preset).",
+                )
+            )
+        base = fields.pop("factorize", None) or FactorizeConfig()
+        factorize = dataclasses.replace(
+            base, aspect_rule="reference", keep_first=keep_first, keep_last=keep_last
+        )
+        settings: dict[str, Any] = {
+            "moments": "slice",
+            "max_cut": 0.5,
+            "cap_rounding": "floor",
+            "min_rank_share": 0.01,
+            "delay_counts": "started",
+            "first_cut": "at_conversion",
+            "progressive": 0.1,
+        }
+        settings.update(fields)
+        return cls(
+            delay=delay,
+            interval=interval,
+            beta=beta,
+            factorize=factorize,
+            preset="reference",
+            **settings,
+        )
 
     def __post_init__(self) -> None:
+        for name, choices in (
+            ("preset", PRESETS),
+            ("delay_counts", DELAY_COUNTS),
+            ("first_cut", FIRST_CUTS),
+            ("cap_rounding", CAP_ROUNDINGS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    expected(
+                        name, " or ".join(choices), getattr(self, name), f"{choices[0]} is ours."
+                    )
+                )
+        if self.preset == "reference" and self.auto:
+            raise ConfigError(
+                expected(
+                    "auto",
+                    "False with preset='reference'",
+                    self.auto,
+                    "The reference has no auto mode: give delay and beta, or use bstab's preset.",
+                )
+            )
+        if self.progressive is not None and not 0 < self.progressive <= 1:
+            raise ConfigError(
+                expected(
+                    "progressive", "None or in (0, 1]", self.progressive, "The reference uses 0.1."
+                )
+            )
+        if self.delay_counts == "started" and not self.auto and (self.delay or 0) < 1:
+            raise ConfigError(
+                expected(
+                    "delay",
+                    ">= 1 step with delay_counts='started'",
+                    self.delay,
+                    "Use 1 to convert before the first step (the reference with delay 0 "
+                    "converts but never updates).",
+                )
+            )
         if self.beta is not None and not 0 < self.beta < 1:
             raise ConfigError(
                 expected(
@@ -112,7 +229,7 @@ class OIALRConfig:
             self.total_steps is not None
             and self.delay is not None
             and not self.auto
-            and self.delay >= self.total_steps
+            and self.delay - (self.delay_counts == "started") >= self.total_steps
         ):
             raise ConfigError(
                 expected(
@@ -154,6 +271,9 @@ class OIALR:
         self._check_optimizer()
         self.candidates, self.skipped = eligible_layers(self.model, self.cfg.factorize, filter_fn)
         if not self.candidates and not low_rank_layers(self.model):
+            kept_all = kept_all_message(self.model, self.skipped)
+            if kept_all:
+                raise ConfigError(kept_all)
             why = "; ".join(f"{n}: {r}" for n, r in self.skipped[:10]) or "none"
             raise ConfigError(
                 f"Expected a model with layers OIALR can factorise but "
@@ -173,7 +293,14 @@ class OIALR:
         self._warned = False
         self._auto_hook = None
         self._count_hook = optimizer.register_step_post_hook(self._count)
+        self._progress = 0  # the progressive schedule's count of layers to update
         self.full_rank_trainable = self.trainable_params()
+        if (
+            not self.cfg.auto
+            and self._conversion_step() <= 0
+            and self.cfg.delay_counts == "started"
+        ):
+            self._convert_and_cut()  # delay 1 as the reference counts: before the first step
 
     # ------------------------------------------------------------------ checks
     def _check_optimizer(self) -> None:
@@ -223,13 +350,23 @@ class OIALR:
         if self.converted_at is None:
             if self.cfg.auto:
                 if self.steps % self.cfg.check_every == 0 and self._delay_rule_fires():
-                    return self.convert()
-            elif self.steps >= self.cfg.delay:
-                return self.convert()
+                    return self._convert_and_cut()
+            elif self.steps >= self._conversion_step():
+                return self._convert_and_cut()
             return False
         if (self.steps - self.converted_at) % self.cfg.interval == 0:
             return self.update()
         return False
+
+    def _conversion_step(self) -> int:
+        """The completed-step count at which a fixed delay converts."""
+        return self.cfg.delay - (self.cfg.delay_counts == "started")
+
+    def _convert_and_cut(self) -> bool:
+        changed = self.convert()
+        if changed and self.cfg.first_cut == "at_conversion":
+            self.update()
+        return changed
 
     def _log(self, event: str, **numbers: Any) -> None:
         record = {"step": self.steps, "event": event, **numbers}
@@ -284,7 +421,9 @@ class OIALR:
             swap_parameter(
                 self.optimizer, old_weight, factor.S, conversion_transform(self.cfg.moments, factor)
             )
-        self.layers = dict(report.converted)
+        # registration order (the progressive schedule's order), not the surgery's depth order
+        present = low_rank_layers(self.model)
+        self.layers = {n: m for n, m in present.items() if n in report.converted}
         self.converted_at = self.steps
         self._history.clear()
         self._broadcast()
@@ -302,14 +441,26 @@ class OIALR:
     def _new_rank(self, factor: LowRankFactor, s: torch.Tensor) -> int:
         k = factor.rank
         keep = int((s >= self.beta * s[0]).sum())
-        keep = max(keep, math.ceil(k * (1 - self.cfg.max_cut)), self._min_rank(factor))
-        return min(keep, k)
+        if keep >= k:
+            return k
+        kept_share = k * (1 - self.cfg.max_cut)
+        cap = math.floor(kept_share) if self.cfg.cap_rounding == "floor" else math.ceil(kept_share)
+        return min(k, max(keep, cap, self._min_rank(factor)))
+
+    def _due_layers(self) -> list[str]:
+        """The layers this update touches: all, or the progressive schedule's last ones."""
+        names = list(self.layers)
+        if self.cfg.progressive is None:
+            return names
+        self._progress += int((len(names) - 1) * self.cfg.progressive)
+        return names[-self._progress :]  # [-0:] is every layer, as in the reference
 
     @torch.no_grad()
     def update(self) -> bool:
-        """Rotate every low-rank layer so S is diagonal, then cut values below beta * s_1."""
+        """Rotate each due low-rank layer so S is diagonal, then cut values below beta * s_1."""
         changed, ranks = False, {}
-        for name, module in self.layers.items():
+        for name in self._due_layers():
+            module = self.layers[name]
             factor = factor_of(module)
             # check S itself: torch.linalg.svd raises on non-finite input
             finite = bool(torch.isfinite(factor.S).all())
@@ -361,6 +512,7 @@ class OIALR:
         )
 
     def ranks(self) -> dict[str, int]:
+        """``{layer name: k}`` of the converted layers, in registration order ({} before)."""
         return {n: factor_of(m).rank for n, m in self.layers.items()}
 
     # ------------------------------------------------------------------ checkpoints
@@ -377,6 +529,7 @@ class OIALR:
             "ranks": self.ranks() if self.converted_at is not None else {},
             "full_rank_trainable": self.full_rank_trainable,
             "optimizer_steps": self._optimizer_steps,
+            "progress": self._progress,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -384,6 +537,7 @@ class OIALR:
         layers (as rebuilt by the framework integrations) when it was taken after conversion."""
         self.steps = int(state["steps"])
         self._optimizer_steps = int(state.get("optimizer_steps", self.steps))
+        self._progress = int(state.get("progress", 0))
         self.converted_at = state.get("converted_at")
         self.beta = state.get("beta", self.beta)
         self.full_rank_trainable = int(state.get("full_rank_trainable", self.full_rank_trainable))
