@@ -259,6 +259,9 @@ def select_layers(
         recorded[id(cand.param)] = cand
         orientation = cand.matrix.orientation
         views.append(LayerView.of(cand.name, cand.param_name, kind, cand.param.shape, orientation))
+    order = {name or "<root>": i for i, (name, _) in enumerate(bare.named_modules())}
+    place = {c.name: order.get(c.param_name.rpartition(".")[0] or "<root>", 0) for c in candidates}
+    skipped.sort(key=lambda entry: place.get(entry[0], order.get(entry[0], 0)))  # module order
     return _finish(views, skipped, f"model {type(bare).__name__}")
 
 
