@@ -192,7 +192,7 @@ def test_real_training_follows_the_rules_and_the_optimizer_state():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     cfg = OIALRConfig.reference(delay=10, interval=5, beta=0.6)
     held: dict[str, dict] = {}
-    progress = {"cum": 0}
+    progress, later_cuts = {"cum": 0}, []
 
     def before(oialr: OIALR) -> None:  # after optimizer.step(), before oialr.step()
         held.clear()
@@ -240,12 +240,15 @@ def test_real_training_follows_the_rules_and_the_optimizer_state():
             sv = torch.linalg.svdvals(held[name]["S"].double())
             count = int((sv >= 0.6 * sv[0]).sum())
             assert k == oracle_new_k(k_old, count, 16) and k <= k_old
+            if s > 9 and k < k_old:
+                later_cuts.append((s, name, k_old, k))
             assert k >= max(1, k_old // 2)  # the cap: at most half per update
             state = optimizer.state[module.factor.S]
             assert state["step"] == held[name]["step"]  # step kept
             for key in ("exp_avg", "exp_avg_sq"):  # sliced to the top-left k x k, not rotated
                 assert torch.equal(state[key], held[name][key][:k, :k].to(state[key].dtype))
     assert oialr.ranks()["22"] <= 8 and oialr.ranks()["0"] == 16  # "0" first updates at 65
+    assert later_cuts  # cuts of trained S, whose moments are not zero: the slice is checked
 
 
 def _at_conversion(weight: torch.Tensor, state: dict) -> dict:
@@ -393,3 +396,17 @@ def test_cli_reference_bad_input(args, fragments, tmp_path):
     result = bstab("train", *FAST, "--epochs", "2", *args, "-o", out)
     assert_clean_failure(result, *fragments)
     assert not out.exists()
+
+
+def test_the_progressive_count_survives_a_checkpoint():
+    model = designed(chain(12))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    cfg = OIALRConfig.reference(delay=1, interval=1, beta=0.6)
+    oialr = OIALR(model, optimizer, cfg)  # converted and first update before step 1
+    oialr.step()  # update 2: the last two layers
+    state = oialr.state()
+    assert state["progress"] == 2
+    again = OIALR(model, optimizer, cfg)
+    again.load_state(state)
+    again.step()  # update 3 touches the last three layers, not only the last one
+    assert list(again.ranks().values())[-4:] == [16, 8, 4, 2]

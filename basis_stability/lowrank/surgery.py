@@ -207,10 +207,11 @@ def kept_all_message(model: nn.Module, skipped: list[tuple[str, str]]) -> str | 
     reasons = {r for _, r in kept}
     flags = [f for f, r in (("keep_first", KEPT_FIRST), ("keep_last", KEPT_LAST)) if r in reasons]
     names = ", ".join(n for n, _ in kept)
+    which = "the only eligible layer" if len(kept) == 1 else f"all {len(kept)} eligible layers"
+    who = "it keeps" if len(flags) == 1 else "they keep"
     return (
         f"Expected {' and '.join(f'{f}=True' for f in flags)} to leave a layer to factorise but "
-        f"{type(model).__name__} has only {len(kept)} eligible layer(s) ({names}) and "
-        f"{'they keep' if len(flags) > 1 else 'it keeps'} them full-rank. Set "
+        f"{who} full-rank {which} of {type(model).__name__} ({names}). Set "
         f"{' or '.join(f'{f}=False' for f in flags)} (bstab train: "
         f"{' or '.join('--no-' + f.replace('_', '-') for f in flags)})."
     )

@@ -297,8 +297,9 @@ class OIALR:
         self.full_rank_trainable = self.trainable_params()
         if (
             not self.cfg.auto
-            and self._conversion_step() <= 0
             and self.cfg.delay_counts == "started"
+            and self._conversion_step() <= 0
+            and not low_rank_layers(self.model)  # a resumed low-rank model: load_state follows
         ):
             self._convert_and_cut()  # delay 1 as the reference counts: before the first step
 
