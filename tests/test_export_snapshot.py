@@ -45,6 +45,13 @@ RECORDED = {  # layer name -> parameter name
     "up": "up.weight",
     "head": "head.weight",
 }
+BIASES = [  # stored with every snapshot since format 1.3, in their own dtype (float32)
+    "features.0.bias",
+    "attn.in_proj_bias",
+    "attn.out_proj.bias",
+    "up.bias",
+    "head.bias",
+]
 
 
 def _record(path: Path, dtype: str = "float32") -> list[dict[str, torch.Tensor]]:
@@ -115,7 +122,10 @@ def test_every_snapshot_is_bit_exact_with_the_file_and_the_model(runs, tmp_path,
         out = export_snapshot(run, tmp_path / f"s{t}{suffix}", snapshot=t)
         assert out == tmp_path / f"s{t}{suffix}"
         state = _load(out)
-        assert sorted(state) == sorted(RECORDED.values())
+        assert sorted(state) == sorted(copies[t])  # the model's complete state dict
+        for key in BIASES:  # exactly the model's, whatever the storage dtype of the matrices
+            assert state[key].dtype == torch.float32
+            assert _bytes(state[key]) == _bytes(copies[t][key]), (key, t)
         for name, key in RECORDED.items():
             got, want = state[key], _oracle(run, name, t)
             assert got.dtype == TORCH_DTYPES[dtype]
@@ -248,10 +258,18 @@ def test_a_directory_is_not_an_output(run32, tmp_path):
 
 
 def test_layers_globs_restrict_the_export(run32, tmp_path):
+    # a layer brings the biases of its own module (attn.in_proj: attn's in_proj_bias)
     state = _load(export_snapshot(run32, tmp_path / "a.pt", layers=["features.*", "attn.*"]))
-    assert sorted(state) == ["attn.in_proj_weight", "attn.out_proj.weight", "features.0.weight"]
+    assert sorted(state) == [
+        "attn.in_proj_bias",
+        "attn.in_proj_weight",
+        "attn.out_proj.bias",
+        "attn.out_proj.weight",
+        "features.0.bias",
+        "features.0.weight",
+    ]
     state = _load(export_snapshot(run32, tmp_path / "b.pt", layers="head"))
-    assert list(state) == ["head.weight"]
+    assert list(state) == ["head.weight", "head.bias"]
     with pytest.raises(NoEligibleLayersError, match="features.0, attn.in_proj") as info:
         export_snapshot(run32, tmp_path / "c.pt", layers=["up", "nope*"])
     assert "'nope*'" in str(info.value)
@@ -287,11 +305,9 @@ def test_the_export_loads_into_a_fresh_model(runs, tmp_path):
     torch.manual_seed(123)
     fresh = Tiny()
     assert not torch.equal(fresh.up.weight, copies[1]["up.weight"])
-    result = fresh.load_state_dict(state, strict=False)
-    assert result.unexpected_keys == []
-    assert set(result.missing_keys) == set(fresh.state_dict()) - set(RECORDED.values())
+    fresh.load_state_dict(state, strict=True)  # the complete state dict (format 1.3)
     loaded = fresh.state_dict()
-    for key in RECORDED.values():
+    for key in [*RECORDED.values(), *BIASES]:
         assert torch.equal(loaded[key], copies[1][key])
         assert torch.equal(loaded[key], state[key])
 
@@ -305,7 +321,7 @@ def test_cli_writes_the_file_and_prints_one_line(run32, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith(f"Wrote {out}: snapshot 1 (epoch 0.5, step 10), 5 tensors, ")
+    assert lines[0].startswith(f"Wrote {out}: snapshot 1 (epoch 0.5, step 10), 10 tensors, ")
     assert lines[0].endswith("KiB")
     assert _bytes(load_file(out)["features.0.weight"]) == _oracle(run32, "features.0", 1).tobytes()
 
@@ -318,9 +334,12 @@ def test_cli_defaults_layers_dtype_and_format(runs, tmp_path):
     )
     assert result.exit_code == 0, result.output
     out = tmp_path / "bf-snapshot2.pt"
-    assert f"Wrote {out}: snapshot 2 (epoch 1, step 20), 2 tensors" in result.output
+    assert f"Wrote {out}: snapshot 2 (epoch 1, step 20), 4 tensors" in result.output
+    assert "Missing 6 of the model's state-dict keys (not recorded): features.0.weight," in (
+        " ".join(result.output.split())
+    )  # a subset export is partial by design, and says so
     state = torch.load(out, weights_only=True)
-    assert sorted(state) == ["head.weight", "up.weight"]
+    assert sorted(state) == ["head.bias", "head.weight", "up.bias", "up.weight"]
     assert state["up.weight"].dtype == torch.bfloat16
     result = bstab("export", run, "--dtype", "float32", "-o", tmp_path / "f.safetensors")
     assert result.exit_code == 0, result.output
@@ -356,7 +375,7 @@ def test_cli_refuses_an_existing_output_without_force(run32, tmp_path):
     assert out.read_bytes() == b"old"
     result = bstab("export", run32, "-o", out, "--force")
     assert result.exit_code == 0, result.output
-    assert len(load_file(out)) == len(RECORDED)
+    assert len(load_file(out)) == len(RECORDED) + len(BIASES)
 
 
 def test_cli_missing_run_is_a_clean_failure(tmp_path):

@@ -6,6 +6,7 @@ an attached ``every(2)`` schedule); only rank 0 writes. Each stored snapshot mus
 parameters at that moment bit for bit, with uneven shards (33, 7 and 5 rows over 2 ranks) and
 an even one (4 rows).
 The default Shard(0) path gathers each layer to rank 0 only: no rank calls ``full_tensor``.
+The biases (sharded too) are gathered the same way and stored with each snapshot (format 1.3).
 """
 
 from __future__ import annotations
@@ -185,6 +186,10 @@ def _assert_exact(path: Path, full: list[dict[str, torch.Tensor]]) -> None:
                 got = run.layer(info.name).original(t)
                 assert got.shape == want.shape and got.dtype == want.dtype
                 np.testing.assert_array_equal(got, want, err_msg=f"{info.name} at {t}")
+        assert run.state_keys == [k.replace("weight", "bias") for k in ROWS]
+        for t, weights in enumerate(full):
+            for key, got in run.state(t).items():  # the gathered biases, bit for bit
+                np.testing.assert_array_equal(got, weights[key].numpy(), err_msg=f"{key} at {t}")
         # training moved every layer: equal snapshots would not tell the moments apart
         for info in run.layers:
             for t in range(1, len(full)):
@@ -229,14 +234,15 @@ def test_shards_are_uneven_and_even(sharded) -> None:
 
 def test_rank0_alone_holds_a_full_layer_and_no_rank_calls_full_tensor(sharded) -> None:
     _, facts = sharded
-    n_gathers = len(ROWS) * ((1 + EPOCHS) + 1 + (1 + ATTACHED_STEPS // 2))
+    # a weight and a bias per layer at every snapshot
+    n_gathers = 2 * len(ROWS) * ((1 + EPOCHS) + 1 + (1 + ATTACHED_STEPS // 2))
     for r in range(WORLD):
         # the Shard(0) path gathers with dist.gather: full_tensor (an all-gather) never runs
         assert facts[r]["full_tensor_calls"] == 0, f"rank {r} called full_tensor"
         assert len(facts[r]["gathered"]) == n_gathers
     assert facts[1]["gathered"] == [None] * n_gathers, "rank 1 received a full layer"
     shapes = {tuple(s) for s in facts[0]["gathered"]}
-    assert shapes == {(5, 3, 3), (33, 10), (7, 33), (5, 7), (4, 5)}
+    assert shapes == {(5, 3, 3), (33, 10), (7, 33), (5, 7), (4, 5), (5,), (33,), (7,), (4,)}
     assert facts[0]["direct"] == [[33, 10]] and facts[1]["direct"] == [None]
 
 

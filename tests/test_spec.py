@@ -18,6 +18,7 @@ from basis_stability.store.validate import validate_run
 
 SPEC_DIR = Path(__file__).resolve().parents[1] / "checkpoints_spec"
 REFERENCE = SPEC_DIR / "reference_v1.h5"
+REFERENCE_1_2 = SPEC_DIR / "reference_v1.2.h5"
 
 
 def _load_maker():
@@ -66,6 +67,62 @@ def test_reference_file_reads_back_closed_form_values(path, tmp_path):
             {"event": "check", "step": 10, "stable_share": 0.5},
             {"event": "convert", "step": 20, "beta": 0.15},
         ]
+        # format 1.3 state: fc.bias[i] = t + 0.5 i (float32), bn.num_batches_tracked = 10 t
+        assert run.state_keys == ["fc.bias", "bn.num_batches_tracked"]
+        for t in range(3):
+            state = run.state(t)
+            assert list(state) == ["fc.bias", "bn.num_batches_tracked"]
+            assert state["fc.bias"].dtype == np.float32
+            np.testing.assert_array_equal(state["fc.bias"], [t, t + 0.5, t + 1.0])
+            assert state["bn.num_batches_tracked"].dtype == np.int64
+            assert state["bn.num_batches_tracked"].shape == ()
+            assert int(state["bn.num_batches_tracked"]) == 10 * t
+        assert [(k.key, k.shape, k.dtype) for k in run.model_keys] == [
+            ("fc.weight", (3, 4), "float32"),
+            ("fc.bias", (3,), "float32"),
+            ("conv.weight", (2, 1, 2, 2), "float32"),
+            ("attn.in_proj_weight", (6, 2), "float32"),
+            ("h.c_proj.weight", (3, 3), "float32"),
+            ("bn.num_batches_tracked", (), "int64"),
+            ("head.weight", (3, 4), "float32"),
+        ]
+        assert dict(run.state_index.tied) == {"head.weight": "fc.weight"}
+
+
+def test_reference_state_reads_back_with_plain_h5py():
+    """FORMAT.md's recipe, without basis_stability: the index, then a slice of a packed row."""
+    with h5py.File(REFERENCE, "r") as f:
+        n = len(f["snapshots"])
+        index = json.loads(f["state/index"][:].tobytes())
+        assert f["state/float32"].shape == (n + 1, 3)  # the half-written row is there
+        rows = {d: f[f"state/{d}"][n - 1] for d in ("float32", "int64")}
+        assert f["state/int64"].dtype == np.int64
+        got = {}
+        for e in index["entries"]:
+            size = int(np.prod(e["shape"]))
+            got[e["key"]] = rows[e["dtype"]][e["offset"] : e["offset"] + size].reshape(e["shape"])
+    np.testing.assert_array_equal(got["fc.bias"], np.float32([2, 2.5, 3]))
+    assert got["bn.num_batches_tracked"] == 20
+
+
+def test_the_format_1_2_reference_still_reads_and_validates():
+    """A 1.2 file has no /state and no `orientation`: it reads as it always did."""
+    with open_run(REFERENCE_1_2) as run:
+        assert run.format_version == "1.2"
+        assert run.n_snapshots == 3
+        assert run.layer_names == ["fc", "conv", "attn.in_proj"]
+        for info in run.layers:
+            assert info.orientation == "out_in"
+            for t in range(3):
+                np.testing.assert_array_equal(
+                    run.layer(info.name).original(t), expected_param(info.orig_shape, t)
+                )
+        np.testing.assert_array_equal(run.steps, [0, 10, 20])
+        assert run.state_keys == [] and run.state(0) == {} and run.model_keys is None
+        assert len(run.events()) == 2
+    report = validate_run(REFERENCE_1_2)
+    assert report.ok, [str(f) for f in report.findings]
+    assert [(f.level, f.where) for f in report.findings] == [("info", "/layers/fc")]
 
 
 def test_a_format_1_0_file_without_events_still_reads_and_validates(tmp_path):
@@ -93,7 +150,10 @@ def test_validator_rejects_events_that_are_not_json_objects(tmp_path):
 def test_reference_file_validates_and_reports_the_half_written_row():
     report = validate_run(REFERENCE)
     assert report.ok, [str(f) for f in report.findings]
-    assert [(f.level, f.where) for f in report.findings] == [("info", "/layers/fc")]
+    assert [(f.level, f.where) for f in report.findings] == [
+        ("info", "/layers/fc"),
+        ("info", "/state/float32"),
+    ]
 
 
 def test_spec_json_in_checkpoints_spec_is_the_one_the_package_uses():
@@ -151,6 +211,23 @@ BREAKAGES = {
         "has 2 snapshots but /snapshots commits 3",
     ),
     "no snapshots dataset": (lambda f: f.__delitem__("snapshots"), "missing dataset"),
+    "state rows short": (
+        lambda f: f["state/int64"].resize(2, axis=0),
+        "has 2 snapshots but /snapshots commits 3",
+    ),
+    "state dataset gone": (lambda f: f["state"].__delitem__("int64"), "is missing"),
+    "state index not JSON": (
+        lambda f: f["state/index"].__setitem__(0, ord("[")),
+        "not a state index",
+    ),
+    "state row of another width": (
+        lambda f: (
+            f["state"].__delitem__("float32"),
+            f["state"].create_dataset("float32", shape=(3, 4), maxshape=(None, 4), dtype="f4"),
+        ),
+        "the index says float32 rows of 3",
+    ),
+    "state removed": (lambda f: f.__delitem__("state"), "fail their checksum"),
     "not tall": (lambda f: _replace_fc(f, shape=(3, 3, 4), chunks=(1, 3, 4)), "is not tall"),
 }
 

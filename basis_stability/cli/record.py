@@ -30,6 +30,12 @@ from ._options import _training_options, check_output
 @click.option("--exclude", multiple=True, help="Layer name glob (or re:REGEX) to drop.")
 @click.option("--types", multiple=True, help="Layer kinds: linear, conv*, mha, embedding, ...")
 @click.option(
+    "--no-biases",
+    is_flag=True,
+    help="Record the matrices only: not the biases, norm weights and buffers (running "
+    "statistics) that make an exported snapshot a complete state dict.",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
@@ -66,6 +72,7 @@ def record(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     types: tuple[str, ...],
+    no_biases: bool,
     output: Path | None,
     force: bool,
     checkpoints: str | None,
@@ -76,10 +83,12 @@ def record(
     """Train a built-in model and snapshot its layers into a run file.
 
     With no options: the cnn on scikit-learn's digits for 40 epochs, a snapshot of the initial
-    weights and one after every epoch. With --from-checkpoints 'ckpts/epoch_*.pt' (quote it), the
-    snapshots come from existing state dicts (.pt or .safetensors), ordered by the epoch/step in
-    their names (epoch=3-step=120) or their own epoch/global_step entries, else by name; the
-    file -> epoch/step table is printed first.
+    weights and one after every epoch. Each snapshot holds the layer matrices and (unless
+    --no-biases) the biases, norm weights and buffers, so that `bstab export` gives a complete
+    state dict. With --from-checkpoints 'ckpts/epoch_*.pt' (quote it), the snapshots come from
+    existing state dicts (.pt or .safetensors), ordered by the epoch/step in their names
+    (epoch=3-step=120) or their own epoch/global_step entries, else by name; the file ->
+    epoch/step table is printed first (those runs hold the matrices only).
 
     \b
     Examples:
@@ -91,7 +100,11 @@ def record(
     from ..record import RecordConfig
 
     rec_cfg = RecordConfig(
-        include=include or None, exclude=exclude or None, types=types or None, dtype=dtype
+        include=include or None,
+        exclude=exclude or None,
+        types=types or None,
+        dtype=dtype,
+        biases=not no_biases,
     )
     stem = f"{model}-{dataset}-seed{seed}" if checkpoints is None else "checkpoints"
     if not list_only:  # an existing --output is the writer's to refuse (or --force to replace)

@@ -75,7 +75,8 @@ def validate(run_path: Path) -> None:
     "layers",
     metavar="PATTERN",
     multiple=True,
-    help="Layer name glob to export (quote it); repeatable. Default: every layer.",
+    help="Layer name glob to export (quote it), with its module's bias; repeatable. Default: "
+    "every layer and all the stored state.",
 )
 @click.option(
     "--dtype",
@@ -99,8 +100,11 @@ def export(
 
     The keys are the parameter names (features.0.weight), the tensors have the parameters' own
     shapes and the dtype the run stored (bfloat16 included), so the file is a state dict that
-    tools which read safetensors files or torch state dicts accept, e.g. to load into the model
-    (model.load_state_dict(safetensors.torch.load_file(path), strict=False)) and analyse it.
+    tools which read safetensors files or torch state dicts accept. With the matrices come the
+    biases, norm weights and buffers the run stores (recorded by default, not with
+    --no-biases): when every >= 2-D parameter was recorded, the file is the model's complete
+    state dict (model.load_state_dict(safetensors.torch.load_file(path)) accepts it); otherwise
+    a second line names the keys it lacks (also in the file's metadata, missing_keys).
     A .pt file is a plain dict of tensors (torch.load(path, weights_only=True)).
 
     \b
@@ -129,3 +133,6 @@ def export(
         f"Wrote {result.path}: snapshot {result.snapshot} (epoch {result.epoch:g}, "
         f"step {result.step}), {result.n_tensors} tensors, {_size(result.n_bytes)}"
     )
+    line = result.missing_line()
+    if line is not None:
+        click.echo(line)

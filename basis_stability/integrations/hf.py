@@ -61,7 +61,7 @@ class RecordTrainerCallback(_tf.TrainerCallback):
         mode: ``create`` (refuse an existing run), ``overwrite`` or ``append``; a resumed
             ``train()`` always appends.
         **record: :class:`~basis_stability.record.RecordConfig` fields (``include``,
-            ``exclude``, ``types``, ``dtype``, ``initial``, ``metadata``).
+            ``exclude``, ``types``, ``dtype``, ``initial``, ``metadata``, ``biases``).
     """
 
     def __init__(

@@ -60,7 +60,7 @@ class RecordCallback(_pl.Callback):
         mode: ``create`` (refuse an existing run), ``overwrite`` or ``append``; a fit resumed
             from a checkpoint always appends.
         **record: :class:`~basis_stability.record.RecordConfig` fields (``include``,
-            ``exclude``, ``types``, ``dtype``, ``initial``, ``metadata``).
+            ``exclude``, ``types``, ``dtype``, ``initial``, ``metadata``, ``biases``).
 
     Snapshots are stamped with the global step and the epoch (``current_epoch + 1`` at epoch
     end; fractional for step schedules) and carry the scalar ``trainer.callback_metrics``.

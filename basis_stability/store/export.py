@@ -4,15 +4,22 @@ The keys are the parameters' own names (``features.0.weight``), the tensors have
 own shapes and, by default, the dtype the run stored them in, bit for bit (bfloat16 included), so
 tools that read safetensors files or torch state dicts can analyse a run's weights directly.
 
+With the matrices come the biases, norm weights and buffers the run stores with each snapshot
+(format 1.3, ``RecordConfig.biases``), so the export of a run that recorded every >= 2-D
+parameter is the model's complete state dict at that snapshot: ``load_state_dict(strict=True)``
+accepts it. Keys the run lacks are named (a warning, and ``missing_keys`` in the metadata).
+
 Example:
     >>> path = export_snapshot("runs/cnn.h5", snapshot=-1)  # doctest: +SKIP
     >>> from safetensors.torch import load_file  # doctest: +SKIP
-    >>> model.load_state_dict(load_file(path), strict=False)  # doctest: +SKIP
+    >>> model.load_state_dict(load_file(path))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
+import logging
 import math
 import os
 import tempfile
@@ -23,7 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, NoEligibleLayersError, RunExistsError, expected
+from . import state as st
 from .reader import LayerInfo, LayerSnapshots, Run, open_run
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "pt")
 DTYPES = ("stored", "float32")
@@ -42,6 +52,25 @@ class SnapshotExport:
     format: str
     n_tensors: int
     n_bytes: int  # size of the written file
+    missing: list[str] | None = None  # the model's state-dict keys not written; None: unknown
+
+    def missing_line(self) -> str | None:
+        """One sentence on what the file lacks, or None when it is the complete state dict."""
+        if self.missing is None:
+            return (
+                "The run does not list its model's state-dict keys (recorded before format 1.3, "
+                "or imported from checkpoints), so biases and buffers may be missing from the "
+                "export; load it with strict=False."
+            )
+        if not self.missing:
+            return None
+        shown = ", ".join(self.missing[:10])
+        more = f" and {len(self.missing) - 10} more" if len(self.missing) > 10 else ""
+        return (
+            f"Missing {len(self.missing)} of the model's state-dict keys (not recorded): "
+            f"{shown}{more}; load it with strict=False, or record them (every >= 2-D layer "
+            "selected, biases on)."
+        )
 
 
 class _StoredSnapshots(LayerSnapshots):
@@ -187,6 +216,60 @@ def _check_output(out: Path, run_path: Path, force: bool) -> None:
         )
 
 
+def _module(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def _state_selected(run: Run, infos: list[LayerInfo], subset: bool) -> list[st.StateEntry]:
+    """The state entries to export: all of them, or with a layer subset those of the selected
+    layers' own modules (``up.bias`` with layer ``up``)."""
+    entries = list(run.state_index.entries)
+    if not subset:
+        return entries
+    modules = {_module(info.param_name) for info in infos}
+    return [e for e in entries if _module(e.key) in modules]
+
+
+def _state_tensor(arr: np.ndarray, entry: st.StateEntry, dtype: str):
+    """A stored state entry -> a torch tensor of its own dtype (``float32``: half widened)."""
+    import torch
+
+    # np.require, not np.ascontiguousarray: that one makes a 0-D entry 1-D
+    arr = np.require(arr.astype(arr.dtype.newbyteorder("="), copy=False), requirements="C")
+    if entry.dtype == "bfloat16":
+        tensor = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    elif entry.dtype == "bool":
+        tensor = torch.from_numpy(arr).to(torch.bool)
+    else:
+        tensor = torch.from_numpy(arr)
+    if dtype == "float32" and entry.dtype in ("float16", "bfloat16"):
+        tensor = tensor.float()
+    return tensor
+
+
+def _complete(run: Run, tensors: dict, subset_modules: set[str] | None) -> list[str] | None:
+    """Add the tied keys and the empty tensors the run implies; return the model's keys still
+    missing (None when the run does not list them), and put ``tensors`` in state-dict order."""
+    import torch
+
+    for alias, owner in run.state_index.tied.items():
+        if owner in tensors and alias not in tensors:
+            tensors[alias] = tensors[owner].clone()  # one tensor under two keys, as in the model
+    model = run.model_keys
+    if model is None:
+        return None
+    for key in model:
+        empty = key.shape is not None and math.prod(key.shape) == 0 and key.dtype in st.DTYPES
+        wanted = subset_modules is None or _module(key.key) in subset_modules
+        if empty and wanted and key.key not in tensors:
+            tensors[key.key] = torch.empty(key.shape, dtype=getattr(torch, key.dtype))
+    order = {key.key: i for i, key in enumerate(model)}
+    ordered = sorted(tensors.items(), key=lambda item: order.get(item[0], len(order)))
+    tensors.clear()
+    tensors.update(ordered)
+    return [key.key for key in model if key.key not in tensors]
+
+
 def _metadata(run: Run, run_path: Path, t: int, dtype: str, infos: list[LayerInfo]) -> dict:
     from .. import __version__
 
@@ -278,7 +361,17 @@ def _export(
             else:
                 raw = _StoredSnapshots(run, info).original(t)
                 tensors[info.param_name] = _stored_tensor(raw, info.storage_dtype)
+        subset = len(infos) < len(run.layers)
+        entries = _state_selected(run, infos, subset)
+        values = run.state(t, stored=True) if entries else {}
+        for entry in entries:
+            tensors[entry.key] = _state_tensor(values[entry.key], entry, dtype)
+        modules = {_module(info.param_name) for info in infos} if subset else None
+        missing = _complete(run, tensors, modules)
         metadata = _metadata(run, run_path, t, dtype, infos)
+        metadata["complete"] = "unknown" if missing is None else str(not missing).lower()
+        if missing is not None:
+            metadata["missing_keys"] = json.dumps(missing)
 
     if fmt_name == "safetensors":
         from safetensors.torch import save_file
@@ -299,6 +392,7 @@ def _export(
         format=fmt_name,
         n_tensors=len(tensors),
         n_bytes=out.stat().st_size,
+        missing=missing,
     )
 
 
@@ -323,13 +417,20 @@ def export_snapshot(
         dtype: ``stored`` (default; the run's storage dtype, bit for bit, bfloat16 included) or
             ``float32`` (half precision widened exactly).
         layers: layer-name globs (fnmatch; the parameter name matches too) to export only some
-            layers; every glob must match a layer.
+            layers, with the biases and buffers of their own modules (``up.bias`` with ``up``);
+            every glob must match a layer. Such an export is partial by design.
         force: overwrite an existing ``out_path``.
 
     The keys are the parameters' names in the model (``features.0.weight``), the tensors have the
-    parameters' own shapes. A ``.safetensors`` file carries the run path, snapshot index, step,
-    epoch, storage dtype and package version as string metadata; a ``.pt`` file is a plain dict of
-    tensors (``torch.load(path, weights_only=True)`` reads it) and nothing else.
+    parameters' own shapes. With the matrices come the biases, norm weights and buffers the run
+    stores (format 1.3), each in its own dtype, exactly (``dtype="float32"`` widens half
+    precision ones), and a tied key (a head sharing an embedding's tensor) under both names, so
+    a run that recorded every >= 2-D parameter exports the model's complete state dict. Keys of
+    the model the run lacks (biases off, unrecorded layers) are logged as a warning. A
+    ``.safetensors`` file carries the run path, snapshot index, step, epoch, storage dtype,
+    package version, ``complete`` (``true``, ``false`` or ``unknown`` for runs that do not list
+    their model's keys) and ``missing_keys`` (a JSON list) as string metadata; a ``.pt`` file is
+    a plain dict of tensors (``torch.load(path, weights_only=True)`` reads it) and nothing else.
 
     Returns:
         The path written (via a temporary file beside it, moved into place).
@@ -341,4 +442,8 @@ def export_snapshot(
         RunExistsError: ``out_path`` exists and ``force`` is false (it is left untouched).
         RunFileError: the run cannot be read.
     """
-    return _export(run_path, out_path, snapshot, format, dtype, layers, force).path
+    result = _export(run_path, out_path, snapshot, format, dtype, layers, force)
+    line = result.missing_line()
+    if line is not None:
+        log.warning("%s: %s", result.path, line)
+    return result.path

@@ -60,6 +60,7 @@ def event_bytes() -> int:
 _NAME_ESCAPES = {"%": "%25", "/": "%2F"}
 NAMES_ENCODED_SINCE = (1, 2)
 CHECKSUMS_SINCE = (1, 2)  # every dataset carries HDF5's fletcher32 filter
+STATE_SINCE = (1, 3)  # biases and buffers in /state, covered by the metadata digest
 
 
 def encode_name(name: str) -> str:

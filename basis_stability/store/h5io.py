@@ -27,6 +27,7 @@ from pathlib import Path
 import h5py
 
 from ..errors import RunFileError
+from . import format as fmt
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 SWMR_READ_ATTEMPTS = 20  # about 0.1 s of back-off in all: plenty for a live writer's flush
@@ -188,8 +189,9 @@ def _canonical(value: object) -> object:
 
 
 def metadata_digest(f: h5py.File) -> str:
-    """SHA-256 of a run's names and attributes: the root attributes, and each layer's stored
-    name and attributes, in order (format 1.2).
+    """SHA-256 of a run's names and attributes: the root attributes, each layer's stored name
+    and attributes, in order (format 1.2), and since format 1.3 the names and attributes of
+    ``/state`` and its members (``null`` when the run has no ``/state``).
 
     HDF5 checksums object headers, but attributes and link names that spill into a fractal heap
     are not checksummed: a flipped byte there renamed a parameter silently. This digest, written
@@ -203,5 +205,23 @@ def metadata_digest(f: h5py.File) -> str:
         [name, {k: _canonical(v) for k, v in sorted(group[name].attrs.items())}]
         for name in (group if isinstance(group, h5py.Group) else ())
     ]
-    text = json.dumps({"root": root, "layers": layers}, sort_keys=True, default=str)
+    doc: dict[str, object] = {"root": root, "layers": layers}
+    if fmt.at_least(_canonical(f.attrs.get("format_version", "")), fmt.STATE_SINCE):
+        doc["state"] = _group_digest(f.get("state"))
+    text = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _group_digest(group: object) -> object:
+    """A group's attributes and each member's name and attributes, in order (None: absent)."""
+    if group is None:
+        return None
+    if not isinstance(group, h5py.Group):
+        return f"not a group: {type(group).__name__}"
+    members = []
+    for name in group:
+        link = group.get(name, getlink=True)
+        obj = group.get(name) if isinstance(link, h5py.HardLink) else None
+        attrs = {k: _canonical(v) for k, v in sorted(obj.attrs.items())} if obj is not None else {}
+        members.append([name, type(link).__name__, attrs])
+    return {"attrs": {k: _canonical(v) for k, v in sorted(group.attrs.items())}, "members": members}

@@ -4,6 +4,7 @@ Example:
     >>> with open_run("run.h5") as run:  # doctest: +SKIP
     ...     print(run.layer_names, run.n_snapshots)
     ...     w_last = run.layer("features.0")[-1]  # (m, n) float32, one chunk read
+    ...     biases = run.state(-1)  # {"features.0.bias": (32,) float32, ...} (format 1.3)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from ..errors import ConfigError, DamagedRunError, RunFileError
 from . import format as fmt
+from . import state as st
 from .h5io import (
     has_signature,
     metadata_digest,
@@ -126,6 +128,7 @@ class Run:
         self.layers: list[LayerInfo] = _layer_infos(path, file, self.n_snapshots)
         self._by_name = {info.name: info for info in self.layers}
         self._config = _parse_config(path, self.attrs.get("config", "{}"))
+        self._state: _StateData | None = None  # /state, read and checked on first use
         version = str(self.attrs.get("format_version", ""))
         if fmt.at_least(version, (1, 1)) and "events" not in file:
             raise _damaged(path, "`/events` is missing (format 1.1 and later have it)")
@@ -177,6 +180,76 @@ class Run:
     def layer(self, name: str) -> LayerSnapshots:
         """The lazily-read snapshots of one layer."""
         return LayerSnapshots(self, self.info(name))
+
+    # ------------------------------------------------------------------ state (format 1.3)
+    @property
+    def state_index(self) -> st.StateIndex:
+        """What ``/state/index`` says: the stored entries, the model's state-dict keys and
+        ties (an empty index for a run without ``/state``). Read and checked on first use.
+
+        Raises:
+            DamagedRunError: ``/state`` contradicts itself or the file, or fails its checksum.
+        """
+        return self._state_data().index
+
+    @property
+    def state_keys(self) -> list[str]:
+        """The state-dict keys each snapshot stores besides the matrices (biases, buffers)."""
+        return [e.key for e in self.state_index.entries]
+
+    @property
+    def model_keys(self) -> list[st.ModelKey] | None:
+        """Every key of the recorded model's ``state_dict()`` with its shape and dtype; None
+        when the run does not say (recorded before format 1.3, or imported from checkpoints)."""
+        model = self.state_index.model
+        return None if model is None else list(model)
+
+    def state_index_bytes(self) -> bytes:
+        """``/state/index`` exactly as stored (empty for a run without ``/state``)."""
+        return self._state_data().raw
+
+    def state_row(self, dtype: str, t: int) -> np.ndarray:
+        """Snapshot ``t`` (non-negative, committed) of the packed ``/state/<dtype>`` row,
+        exactly as stored, checksum verified.
+
+        Raises:
+            DamagedRunError: the row fails its checksum or was never written.
+        """
+        ds = self._state_data().values[dtype]
+        what = f"state {dtype} snapshot {t}"
+        if not chunk_written(ds, t):
+            raise DamagedRunError(
+                f"{self.path}: {what} has no data in the file (its chunk was never written, "
+                "e.g. a disk filled up); the file is damaged. Re-record it or restore a copy."
+            )
+        return read_checked(ds, t, self.path, what)
+
+    def state(self, t: int, stored: bool = False) -> dict[str, np.ndarray]:
+        """The small state of snapshot ``t`` (negative counts from the end): ``{key: array}``
+        in state-dict order, each in its own shape and dtype, exactly as recorded.
+
+        Args:
+            t: the snapshot index.
+            stored: give bfloat16 entries as their raw uint16 bits and bool ones as uint8 (as
+                stored) instead of float32 (widened exactly) and bool.
+
+        Returns:
+            An empty dict for a run without state (``--no-biases``, or older than format 1.3).
+        """
+        n = self.n_snapshots
+        if not -n <= t < n:
+            raise IndexError(f"snapshot {t} out of range for {n} snapshots of {self.path}")
+        out: dict[str, np.ndarray] = {}
+        for dtype, group, _ in self.state_index.layout():
+            row = self.state_row(dtype, t % n)
+            values = row if stored else st.decode(row, dtype)
+            out.update(st.unpack(values, group))
+        return {e.key: out[e.key] for e in self.state_index.entries}
+
+    def _state_data(self) -> _StateData:
+        if self._state is None:
+            self._state = _load_state(self.path, self._file, self.n_snapshots)
+        return self._state
 
     # ------------------------------------------------------------------ indices
     def _index(self) -> np.ndarray:
@@ -277,6 +350,9 @@ class Run:
             ds.refresh()
         for info in self.layers:
             self.dataset(info.name).refresh()
+        if self._state is not None:
+            for ds in self._state.values.values():
+                ds.refresh()
         before, self.n_snapshots = self.n_snapshots, len(self._tables["snapshots"])
         return self.n_snapshots - before
 
@@ -322,12 +398,12 @@ def read_checked(ds: h5py.Dataset, sel: Any, path: Path, what: str) -> np.ndarra
 
 
 def chunk_written(ds: h5py.Dataset, t: int) -> bool:
-    """Whether row ``t`` of a one-row-per-chunk layer dataset has data in the file (an unwritten
-    chunk reads as zeros without any error)."""
+    """Whether row ``t`` of a one-row-per-chunk dataset (a layer, a state row) has data in the
+    file (an unwritten chunk reads as zeros without any error)."""
     if ds.chunks is None or ds.chunks[0] != 1:
         return True  # not the writer's layout: nothing to tell
     try:
-        return ds.id.get_chunk_info_by_coord((t, 0, 0)).byte_offset is not None
+        return ds.id.get_chunk_info_by_coord((t,) + (0,) * (ds.ndim - 1)).byte_offset is not None
     except (OSError, RuntimeError, ValueError):
         return False
 
@@ -352,6 +428,44 @@ def _parse_config(path: Path, text: Any) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise _damaged(path, "the root attribute `config` is not a JSON object")
     return config
+
+
+@dataclass(frozen=True)
+class _StateData:
+    index: st.StateIndex
+    values: dict[str, h5py.Dataset]  # dtype -> (rows, N) packed rows
+    raw: bytes
+
+
+def _load_state(path: Path, file: h5py.File, n_snapshots: int) -> _StateData:
+    """``/state`` checked like the layers: a readable index that agrees with its datasets,
+    rows for every committed snapshot, no more declared bytes than the file holds."""
+    group = file.get(st.GROUP)
+    if group is None:
+        return _StateData(st.StateIndex(), {}, b"")
+    try:
+        ds = st.index_dataset(group)
+    except ValueError as exc:
+        raise _damaged(path, str(exc)) from None
+    raw = read_checked(ds, slice(None), path, "the state index `/state/index`").tobytes()
+    try:
+        index = st.StateIndex.from_json(raw)
+        values = st.value_datasets(group, index)
+    except ValueError as exc:
+        raise _damaged(path, f"`/state` is inconsistent: {exc}") from None
+    declared = sum(ds.dtype.itemsize * ds.shape[1] for ds in values) * n_snapshots
+    if declared > os.path.getsize(path):
+        raise _damaged(
+            path,
+            f"its state declares {declared:,} bytes of committed snapshots but the file holds "
+            f"{os.path.getsize(path):,} bytes",
+        )
+    for ds in values:
+        if ds.shape[0] < n_snapshots:
+            raise _damaged(
+                path, f"`{ds.name}` holds {ds.shape[0]} rows for {n_snapshots} snapshots"
+            )
+    return _StateData(index, {dtype: ds for (dtype, _, _), ds in zip(index.layout(), values)}, raw)
 
 
 _LAYER_ATTRS = ("param_name", "kind", "orig_shape", "transposed", "storage_dtype")

@@ -54,6 +54,26 @@ def _coverage_line(coverage: object) -> list[str]:
     return [line]
 
 
+def _state_line(run: Run) -> list[str]:
+    """The ``state`` line (format 1.3): the biases and buffers stored, and what an export of a
+    snapshot lacks (no line for a run older than 1.3, which does not say)."""
+    index = run.state_index
+    if not index.entries and index.model is None:
+        return []
+    values = sum(e.size for e in index.entries)
+    line = (
+        f"state      {len(index.entries)} biases/buffers per snapshot ({values:,} values)"
+        if index.entries
+        else "state      none (recorded with biases off)"
+    )
+    missing = index.missing({info.param_name for info in run.layers}) or []
+    if not missing:
+        return [line + ": an export is the complete state dict"]
+    shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+    total = len(index.model or ())
+    return [f"{line}: an export lacks {len(missing)} of {total} state-dict keys: {shown}"]
+
+
 def nonfinite_counts(run: Run) -> dict[str, int]:
     """Per layer, how many committed snapshots hold a NaN or an Inf (reads every snapshot)."""
     counts = {}
@@ -91,6 +111,7 @@ def summarize(path: str | os.PathLike, scan: bool = True) -> str:
                 flag = f"  {bad[info.name]} snapshot(s) !" if bad[info.name] else "  none"
             lines.append(f"  {info.name:{width}s}  {info.kind:9s} {mat:>11s}  {orig:18s}{flag}")
         lines += _coverage_line(run.config.get("coverage"))
+        lines += _state_line(run)
         skipped = run.config.get("skipped") or []
         if skipped:
             lines.append(f"skipped    {len(skipped)} layer(s) at recording:")

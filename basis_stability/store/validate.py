@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import ConfigError, RunFileError
 from ..registry import ORIENTATIONS, OUT_IN, tall_shape
 from . import format as fmt
+from . import state as st
 from .h5io import (
     DIGEST_ATTR,
     has_signature,
@@ -250,8 +251,9 @@ def _check_layer(
 
 
 def _check_finite(
-    report: ValidationReport, where: str, ds: h5py.Dataset, storage: str, n: int
+    report: ValidationReport, where: str, ds: h5py.Dataset, storage: str, n: int, decode=None
 ) -> None:
+    """Read every committed row (which verifies its checksum); warn of NaN/Inf values."""
     bad = []
     for t in range(n):
         if not chunk_written(ds, t):
@@ -262,8 +264,11 @@ def _check_finite(
         except (OSError, RuntimeError) as exc:
             report.add("error", where, f"snapshot {t} cannot be read ({_reason(exc)})")
             continue
-        mat = fmt.decode(raw, storage) if storage in fmt.STORAGE_DTYPES else raw
-        if not np.isfinite(mat).all():
+        if decode is not None:
+            mat = decode(raw)
+        else:
+            mat = fmt.decode(raw, storage) if storage in fmt.STORAGE_DTYPES else raw
+        if mat.dtype.kind == "f" and not np.isfinite(mat).all():
             bad.append(t)
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
@@ -282,11 +287,14 @@ def _check_checksums(report: ValidationReport, f: h5py.File) -> None:
     version = str(_plain(f.attrs.get("format_version", "")))
     # the format's own datasets only: HDF5's visititems crashed on a damaged file's links
     names = ["snapshots", "events", "metrics/names", "metrics/values"]
-    layers = f.get("layers")
-    if isinstance(layers, h5py.Group):
-        names += [
-            f"layers/{k}" for k in layers if isinstance(layers.get(k, getlink=True), h5py.HardLink)
-        ]
+    for group_name in ("layers", st.GROUP):
+        group = f.get(group_name)
+        if isinstance(group, h5py.Group):
+            names += [
+                f"{group_name}/{k}"
+                for k in group
+                if isinstance(group.get(k, getlink=True), h5py.HardLink)
+            ]
     unchecked = [
         name for name in names if isinstance(f.get(name), h5py.Dataset) and not f[name].fletcher32
     ]
@@ -352,6 +360,86 @@ def _check_layers(report: ValidationReport, f: h5py.File, spec: dict, n: int) ->
         _check_layer(report, name, obj, spec, n, _live_count(f, n))
 
 
+def _check_state(report: ValidationReport, f: h5py.File, spec: dict, n: int) -> None:
+    """``/state`` (format 1.3, optional): its index, and each dtype's rows like a layer's."""
+    group = f.get(spec["state"]["path"])
+    if group is None:
+        return
+    try:
+        index_ds = st.index_dataset(group)
+    except ValueError as exc:
+        report.add("error", "/state", str(exc))
+        return
+    try:
+        raw = index_ds[:]
+        index = st.StateIndex.from_json(raw.tobytes())
+    except (OSError, RuntimeError) as exc:
+        report.add("error", "/state/index", f"cannot be read ({_reason(exc)})")
+        return
+    except ValueError as exc:
+        report.add("error", "/state/index", str(exc))
+        return
+    layout = index.layout()
+    known = {st.INDEX, *(dtype for dtype, _, _ in layout)}
+    for name in group:
+        if name not in known:
+            report.add("warning", f"/state/{name}", "is not in the state index; readers ignore it")
+    size = os.path.getsize(f.filename)
+    declared = sum(width * st.h5_dtype(dtype).itemsize for dtype, _, width in layout) * n
+    if declared > size:
+        report.add(
+            "error",
+            "/state",
+            f"declares {declared:,} bytes of committed snapshots in a {size:,}-byte file",
+        )
+        return
+    for dtype, _, width in layout:
+        _check_state_values(report, group, spec, dtype, width, n, _live_count(f, n))
+
+
+def _check_state_values(
+    report: ValidationReport,
+    group: h5py.Group,
+    spec: dict,
+    dtype: str,
+    width: int,
+    n: int,
+    n_now: int,
+) -> None:
+    where = f"/state/{dtype}"
+    if not isinstance(group.get(dtype, getlink=True), h5py.HardLink):
+        report.add("error", where, "is missing (the state index lists entries of this dtype)")
+        return
+    ds = group.get(dtype)
+    if not isinstance(ds, h5py.Dataset) or ds.ndim != spec["state"]["values"]["ndim"]:
+        report.add("error", where, "should be a (T, N) dataset of packed state rows")
+        return
+    for key, rule in spec["state"]["values"]["attributes"].items():
+        _check_attr(report, where, ds.attrs, key, rule)
+    if _plain(ds.attrs.get("dtype", dtype)) != dtype:
+        report.add("error", where, f"attribute `dtype` is {_plain(ds.attrs['dtype'])!r}")
+    if ds.dtype != st.h5_dtype(dtype) or ds.shape[1] != width:
+        report.add(
+            "error",
+            where,
+            f"holds {ds.dtype} rows of {ds.shape[1]} values; the index says "
+            f"{st.h5_dtype(dtype)} rows of {width}",
+        )
+        return
+    if ds.chunks != (1, width):
+        report.add("warning", where, f"chunks {ds.chunks}, expected one snapshot per chunk")
+    if ds.maxshape[0] is not None:
+        report.add("error", where, "is not extendable along snapshots")
+    rows = ds.shape[0]
+    if rows < n:
+        report.add("error", where, f"has {rows} snapshots but /snapshots commits {n}")
+    elif rows == n + 1:
+        report.add("info", where, "holds a half-written last snapshot that readers ignore")
+    elif rows > n_now + 1:
+        report.add("error", where, f"has {rows} rows for {n_now} committed snapshots")
+    _check_finite(report, where, ds, dtype, min(rows, n), lambda raw: st.decode(raw, dtype))
+
+
 def validate_run(path: str | os.PathLike) -> ValidationReport:
     """Check ``path`` against the format description; never raises for a bad file.
 
@@ -412,3 +500,4 @@ def _validate_open(report: ValidationReport, f: h5py.File, spec: dict) -> None:
     _attempt(report, f, lambda: _check_events(report, f, spec), "/events")
     _check_checksums(report, f)
     _check_layers(report, f, spec, n)
+    _check_state(report, f, spec, n)

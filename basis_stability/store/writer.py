@@ -5,8 +5,9 @@ Crash safety comes from three rules, each measured on these machines:
 1. the file is written in SWMR mode (``libver="latest"``, every dataset created before
    ``swmr_mode = True``), which keeps it consistent on disk at every instant and lets other
    processes read it live;
-2. a snapshot is committed by growing ``/snapshots`` *after* all its layer rows and metrics are
-   written, and the file is flushed after every snapshot; readers use ``len(/snapshots)``;
+2. a snapshot is committed by growing ``/snapshots`` *after* all its layer rows, its state
+   rows (biases and buffers, format 1.3) and metrics are written, and the file is flushed after
+   every snapshot; readers use ``len(/snapshots)``;
 3. a new file is built under a temporary name and linked into place only when complete, so a kill
    during creation never leaves a half-made run under the user's path.
 """
@@ -38,6 +39,7 @@ from ..errors import (
 )
 from ..views import LayerView
 from . import format as fmt
+from . import state as st
 from .h5io import write_digest
 from .lock import WriterLock, other_openers
 
@@ -127,7 +129,12 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _create_skeleton(f: h5py.File, layers: Sequence[LayerView], attrs: Mapping[str, Any]) -> None:
+def _create_skeleton(
+    f: h5py.File,
+    layers: Sequence[LayerView],
+    attrs: Mapping[str, Any],
+    state: st.StateIndex | None = None,
+) -> None:
     for key, value in attrs.items():
         f.attrs[key] = _fixed(value)
     group = f.create_group("layers", track_order=True)
@@ -140,6 +147,8 @@ def _create_skeleton(f: h5py.File, layers: Sequence[LayerView], attrs: Mapping[s
         ds.attrs["transposed"] = bool(view.transposed)
         ds.attrs["orientation"] = _fixed(view.orientation)
         ds.attrs["storage_dtype"] = _fixed(attrs["storage_dtype"])
+    if state is not None:
+        st.create_group(f, state)
     _table_datasets(f)
     write_digest(f)  # last: it covers every name and attribute above
 
@@ -186,8 +195,11 @@ class RunWriter:
         encode = fmt.encode_name if _names_encoded(f) else str
         self._datasets = [f["layers"][encode(v.name)] for v in self.layers]
         self._layouts = [(ds.shape[1:], ds.dtype) for ds in self._datasets]  # (m, n), dtype
+        self.state = _state_index(f)
+        group = f.get(st.GROUP)
+        self._state_ds = st.value_datasets(group, self.state) if group is not None else []
         self._snapshot_bytes = sum(
-            ds.dtype.itemsize * int(np.prod(ds.shape[1:])) for ds in self._datasets
+            ds.dtype.itemsize * int(np.prod(ds.shape[1:])) for ds in self._datasets + self._state_ds
         )
         self._index = f["snapshots"]
         self._names_ds = f["metrics/names"]
@@ -208,8 +220,13 @@ class RunWriter:
         storage_dtype: str = "float32",
         config: Mapping[str, Any] | None = None,
         force: bool = False,
+        state: st.StateIndex | None = None,
     ) -> RunWriter:
         """Create a new run file; refuses to replace an existing one unless ``force``.
+
+        ``state`` (format 1.3) declares the small state-dict entries every snapshot stores
+        (biases, norm weights, buffers) and the model's state-dict keys; see
+        :func:`basis_stability.store.state.plan`. None: the run has no ``/state``.
 
         Raises:
             RunExistsError: the file exists and ``force`` is False.
@@ -224,13 +241,14 @@ class RunWriter:
         _make_parent(path)
         lock = WriterLock.acquire(path, "overwrite" if force else "create")
         try:
-            return cls._create_locked(path, layers, lock, model_class, storage_dtype, config, force)
+            attrs = _root_attrs(model_class, storage_dtype, config or {})
+            return cls._create_locked(path, layers, lock, attrs, state, force)
         except BaseException:
             lock.release()
             raise
 
     @classmethod
-    def _create_locked(cls, path, layers, lock, model_class, storage_dtype, config, force):
+    def _create_locked(cls, path, layers, lock, attrs, state, force):
         if path.exists() and not force:  # appeared while we took the lock
             raise _exists(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -239,7 +257,7 @@ class RunWriter:
         except OSError as exc:
             raise _write_error(path, "create", exc) from None
         try:
-            _create_skeleton(f, layers, _root_attrs(model_class, storage_dtype, config or {}))
+            _create_skeleton(f, layers, attrs, state)
             f.flush()
             f.swmr_mode = True
             if force:
@@ -271,6 +289,7 @@ class RunWriter:
         layers: Sequence[LayerView],
         keep: int | None = None,
         step: int | None = None,
+        state: Sequence[st.StateEntry] | None = None,
     ) -> RunWriter:
         """Re-open a run to append after its last complete snapshot.
 
@@ -288,17 +307,20 @@ class RunWriter:
                 recorded is lost, and then they are dropped from the run.
             step: with ``keep``, the checkpoint's optimizer step: events after it are dropped
                 (default: the last kept snapshot's step).
+            state: the small state-dict entries the model being recorded has (keys, dtypes,
+                shapes); when the run stores state, they must be the run's. None: not checked
+                (then :meth:`append` must still be given the run's :attr:`state` rows).
 
         Raises:
             RunLockedError: another process is writing the run.
-            RunMismatchError: the run holds a different layer set or shapes.
+            RunMismatchError: the run holds a different layer set or shapes, or other state.
         """
         path = Path(path)
         if keep is not None and (isinstance(keep, bool) or keep < 0):
             raise ConfigError(expected("keep", "a snapshot count >= 0", keep, "Use e.g. 1."))
         lock = WriterLock.acquire(path, "append to")
         try:
-            f = _open_for_append(path, layers, lock)
+            f = _open_for_append(path, layers, lock, state)
             try:
                 f, committed = _roll_back(f, path, keep, step)
                 _truncate_to(f, committed)
@@ -320,12 +342,13 @@ class RunWriter:
         step: int = -1,
         epoch: float = float("nan"),
         metrics: Mapping[str, float] | None = None,
+        state: Mapping[str, np.ndarray] | Iterable[np.ndarray] | None = None,
     ) -> int:
         """Write one snapshot and commit it.
 
-        The layer rows and metrics are written and flushed first; only then is the snapshot
-        committed (``/snapshots`` grown) and flushed again, so a committed snapshot's data is
-        always in the file.
+        The layer rows, state rows and metrics are written and flushed first; only then is the
+        snapshot committed (``/snapshots`` grown) and flushed again, so a committed snapshot's
+        data, its state included, is always in the file.
 
         Args:
             matrices: one array per layer, in layer order, each of the layer's tall shape and of
@@ -334,6 +357,10 @@ class RunWriter:
             step: the optimizer step, -1 when unknown.
             epoch: the (possibly fractional) epoch, NaN when unknown.
             metrics: scalar metrics of this snapshot.
+            state: required when the run stores state (:attr:`state` has entries): either
+                ``{key: array}`` of every entry (in the on-disk dtype: bfloat16 as uint16 bits,
+                bool as uint8), or one packed 1-D row per dtype in ``state.layout()`` order
+                (what the recorder passes, a generator too).
 
         Returns:
             The index of the snapshot written.
@@ -344,10 +371,17 @@ class RunWriter:
         """
         self._check_usable()
         t = self.n_snapshots
+        if self._state_ds and state is None:
+            raise ConfigError(
+                f"Expected the state rows of snapshot {t} ({len(self.state.entries)} entries: "
+                f"biases, buffers) but got none: {self.path} stores them with every snapshot. "
+                "Pass state={key: array}, or record with the Recorder, which does."
+            )
         self._check_space(t)
         try:
             row = self._metric_row(metrics or {})  # may grow /metrics/names: a write too
             self._write_rows(t, matrices, row)
+            self._write_state(t, state)
             self._f.flush()  # the data reaches the file before the commit below
             entry = np.array(
                 [(step, epoch, time.perf_counter() - self._t0, time.time())],
@@ -379,6 +413,31 @@ class RunWriter:
             if self._values_ds.shape != (t + 1, len(self.metric_names)):
                 self._values_ds.resize((t + 1, len(self.metric_names)))
             self._values_ds[t] = row
+
+    def _write_state(self, t: int, state: Mapping[str, np.ndarray] | Iterable | None) -> None:
+        """Write the state rows of snapshot ``t`` (in the same data phase as the layers)."""
+        if not self._state_ds:
+            return
+        layout = self.state.layout()
+        if isinstance(state, Mapping):
+            try:
+                state = [st.pack(group, state, dtype) for dtype, group, _ in layout]
+            except KeyError as exc:
+                raise ConfigError(
+                    f"Expected state entry {exc.args[0]!r} in snapshot {t} of {self.path} "
+                    "but it is missing; every snapshot stores the run's state entries."
+                ) from None
+            except ValueError as exc:
+                raise ConfigError(f"{exc}. The model changed since the run began.") from None
+        for ds, (dtype, _, width), arr in zip(self._state_ds, layout, state, strict=True):
+            if arr.shape != (width,) or arr.dtype != ds.dtype:  # exact: no silent casts
+                raise ConfigError(
+                    f"Expected the {dtype} state row of {self.path} to be {width} values of "
+                    f"{ds.dtype} but got {arr.dtype} {arr.shape}. The model changed since the "
+                    "run began."
+                )
+            ds.id.set_extent((t + 1, width))
+            ds.write_direct(np.ascontiguousarray(arr), dest_sel=np.s_[t])
 
     def _check_usable(self) -> None:
         if self._failed is not None:
@@ -564,16 +623,27 @@ def _committed_count(path: Path) -> int | str:
         return "all"
 
 
-def _open_for_append(path: Path, layers: Sequence[LayerView], lock: WriterLock) -> h5py.File:
-    """Open a run for writing under its lock: layers checked, a dead writer's file recovered."""
+def _open_for_append(
+    path: Path,
+    layers: Sequence[LayerView],
+    lock: WriterLock,
+    state: Sequence[st.StateEntry] | None = None,
+) -> h5py.File:
+    """Open a run for writing under its lock: layers and state checked, a dead writer's file
+    recovered."""
     from .reader import open_run
 
     with open_run(path) as run:  # validates format, version and readability
         recorded = {info.name: info.shape for info in run.layers}
         layouts = {info.name: (info.transposed, info.orientation) for info in run.layers}
+        stored = {e.key: (e.dtype, e.shape) for e in run.state_index.entries}
     wanted = {v.name: v.shape for v in layers}
     if recorded != wanted:
         raise RunMismatchError(_mismatch_message(path, recorded, wanted))
+    if stored and state is not None:
+        offered = {e.key: (e.dtype, e.shape) for e in state}
+        if offered != stored:
+            raise RunMismatchError(_state_mismatch_message(path, stored, offered))
     flipped = [v.name for v in layers if layouts[v.name] != (v.transposed, v.orientation)]
     if flipped:  # same shapes, other layout (a square (in, out) weight): appending would mix them
         raise RunMismatchError(
@@ -624,7 +694,9 @@ def _roll_back(
 
 
 def _truncate_to(f: h5py.File, committed: int) -> None:
-    for ds in f["layers"].values():
+    group = f.get(st.GROUP)
+    values = st.value_datasets(group, _state_index(f)) if group is not None else []
+    for ds in [*f["layers"].values(), *values]:
         if ds.shape[0] != committed:
             ds.resize(committed, axis=0)
     values = f["metrics/values"]
@@ -648,6 +720,33 @@ def _mismatch_message(path: Path, recorded: dict, wanted: dict) -> str:
         + "; ".join(parts)
         + "). Record into a new file, or select the same layers."
     )
+
+
+def _state_mismatch_message(path: Path, stored: dict, offered: dict) -> str:
+    missing = sorted(set(stored) - set(offered))
+    extra = sorted(set(offered) - set(stored))
+    changed = sorted(k for k in set(stored) & set(offered) if stored[k] != offered[k])
+    parts = []
+    if missing:
+        parts.append(f"in the run but not in the model: {', '.join(missing[:10])}")
+    if extra:
+        parts.append(f"in the model but not in the run: {', '.join(extra[:10])}")
+    for k in changed[:10]:
+        (d0, s0), (d1, s1) = stored[k], offered[k]
+        parts.append(f"{k} was {d0} {s0} and is now {d1} {s1}")
+    return (
+        f"Cannot resume {path}: the model's biases and buffers do not match the recorded state ("
+        + "; ".join(parts)
+        + "). Record into a new file, or resume with the model the run was recorded from."
+    )
+
+
+def _state_index(f: h5py.File) -> st.StateIndex:
+    """The run's ``/state/index`` (an empty index when the run has no ``/state``)."""
+    group = f.get(st.GROUP)
+    if group is None:
+        return st.StateIndex()
+    return st.StateIndex.from_json(st.index_dataset(group)[:].tobytes())
 
 
 def _event_step(row: bytes) -> float | None:
@@ -773,6 +872,8 @@ def _copy_run(run: Any, out: h5py.File) -> None:
             new[t] = read_checked(ds, t, run.path, f"layer {stored} snapshot {t}")
         for key, value in ds.attrs.items():
             new.attrs[key] = value
+    if st.GROUP in src:
+        _copy_state(run, out)
     names = src["metrics/names"][:]
     _table_datasets(
         out,
@@ -781,3 +882,21 @@ def _copy_run(run: Any, out: h5py.File) -> None:
         names=names,
         values=src["metrics/values"][:n, : len(names)],
     )
+
+
+def _copy_state(run: Any, out: h5py.File) -> None:
+    """The committed rows of ``/state`` (format 1.3), names and attributes kept."""
+    index = run.state_index  # checked by the reader
+    src = run.h5[st.GROUP]
+    group = st.create_group(out, index, raw=run.state_index_bytes())
+    for key, value in src.attrs.items():
+        group.attrs[key] = value
+    for key, value in src[st.INDEX].attrs.items():
+        group[st.INDEX].attrs[key] = value
+    for dtype, _, _ in index.layout():
+        new = group[dtype]
+        new.resize(run.n_snapshots, axis=0)
+        for t in range(run.n_snapshots):  # a damaged row is a DamagedRunError
+            new[t] = run.state_row(dtype, t)
+        for key, value in src[dtype].attrs.items():
+            new.attrs[key] = value

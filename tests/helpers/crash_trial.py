@@ -20,7 +20,7 @@ import numpy as np
 
 HELPER = Path(__file__).with_name("record_forever.py")
 sys.path.insert(0, str(HELPER.parent))
-from record_forever import DEFAULT_SIZES, layer_value  # noqa: E402
+from record_forever import DEFAULT_SIZES, bias_value, layer_value  # noqa: E402
 
 START_TIMEOUT_S = 120.0  # importing torch on a busy 2-core machine can take a while
 
@@ -200,12 +200,14 @@ def check_snapshots(path: Path, n: int, sizes: str = DEFAULT_SIZES, first_metric
 
 
 def check_open_run(run, ts, sizes: str = DEFAULT_SIZES, first_metric: int = 1) -> None:
-    """Assert snapshots ``ts`` of an open run: weights, step, epoch and metric ``t``."""
+    """Assert snapshots ``ts`` of an open run: weights, biases (the state each committed
+    snapshot must hold), step, epoch and metric ``t``."""
     dims = [int(s) for s in sizes.split(",")]
     shapes = [(max(a, b), min(a, b)) for a, b in zip(dims[:-1], dims[1:])]
     assert [(info.name, info.shape) for info in run.layers] == [
         (str(i), shape) for i, shape in enumerate(shapes)
     ]
+    assert run.state_keys == [f"{i}.bias" for i in range(len(shapes))]
     ts = list(ts)
     steps, epochs = run.steps, run.epochs
     metrics = run.metrics_array()
@@ -222,3 +224,8 @@ def check_open_run(run, ts, sizes: str = DEFAULT_SIZES, first_metric: int = 1) -
                 f"snapshot {t}, layer {info.name}: {bad} of {mat.size} values differ from "
                 f"{want} (e.g. {mat.ravel()[np.argmax(mat.ravel() != want)]})"
             )
+        state = run.state(t)
+        for i in range(len(shapes)):
+            bias, want = state[f"{i}.bias"], np.float32(bias_value(t, i))
+            assert bias.shape == (dims[i + 1],) and bias.dtype == np.float32
+            assert np.count_nonzero(bias != want) == 0, f"snapshot {t}: bias {i} is {bias[:3]}"

@@ -8,6 +8,9 @@ exactly the undamaged file's results (inspect's text, the analysis tables, the e
 or exit non-zero with one ``Error:`` line: never a traceback, never "Unexpected", never a number
 that differs without an error. A hang shows as the caller's timeout; ``case N`` lines on stderr
 say where it was. The last stdout line is a JSON summary.
+
+A tenth of the flips are aimed at the chunks of ``/state`` (format 1.3: the biases, a small share
+of the file that random flips seldom reach), whose values the export writes.
 """
 
 from __future__ import annotations
@@ -59,12 +62,30 @@ def run_all(path: Path, out: Path) -> dict[str, tuple[int, object]]:
     return results
 
 
-def damage(data: bytes, rng: random.Random) -> tuple[str, bytes]:
+def state_chunks(path: Path) -> list[tuple[int, int]]:
+    """``(byte offset, size)`` of every chunk under ``/state`` (the index and the value rows)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        datasets = [f["state"][name] for name in f.get("state", {})]
+        return [
+            (info.byte_offset, info.size)
+            for ds in datasets
+            for info in map(ds.id.get_chunk_info, range(ds.id.get_num_chunks()))
+        ]
+
+
+def damage(data: bytes, rng: random.Random, targets=()) -> tuple[str, bytes]:
     kind = rng.random()
     if kind < 0.3:
         n = rng.randrange(0, len(data))
         return f"truncate to {n}", data[:n]
     out = bytearray(data)
+    if targets and kind > 0.93:  # a bit of a /state chunk
+        offset, size = rng.choice(targets)
+        pos = offset + rng.randrange(size)
+        out[pos] ^= 1 << rng.randrange(8)
+        return f"flip a state bit at {pos}", bytes(out)
     flips = []
     for _ in range(rng.randint(1, 3)):
         region = 8192 if rng.random() < 0.5 else len(data)  # metadata lives near the start
@@ -97,6 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.workdir
     clean = make_run(work / "clean.h5")
+    targets = state_chunks(clean)
     if args.crashed:
         crash = "import h5py,os,sys; f=h5py.File(sys.argv[1],'r+',libver='latest'); "
         subprocess.run([sys.executable, "-c", crash + "f.swmr_mode=True; os._exit(0)", str(clean)])
@@ -107,7 +129,7 @@ def main() -> None:
     failures, errors, slowest = [], 0, 0.0
     path = work / "damaged.h5"
     for case in range(args.cases):
-        what, damaged = damage(data, rng)
+        what, damaged = damage(data, rng, targets)
         path.write_bytes(damaged)
         print(f"case {case}: {what}", file=sys.stderr, flush=True)
         start = time.monotonic()

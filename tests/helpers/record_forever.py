@@ -1,12 +1,16 @@
 """Record deterministic snapshots of a small model until killed (or ``--count`` snapshots).
 
-Snapshot ``t`` holds, in layer ``i``, every weight equal to ``float32(t + i / 10)``, with
+Snapshot ``t`` holds, in layer ``i``, every weight equal to ``float32(t + i / 10)`` and every
+bias (stored in ``/state``, format 1.3) equal to ``float32(t + i / 10 + 0.05)``, with
 ``step = t``, ``epoch = t`` and the metric ``t = t``; so a reader can check every committed
-snapshot exactly. Run by the crash and SWMR tests (and ``benchmarks/crash_soak.py``)::
+snapshot exactly, its state included. Run by the crash and SWMR tests (and
+``benchmarks/crash_soak.py``)::
 
     python record_forever.py RUN.h5 [--sizes 512,512,384,256] [--count N] [--interval S]
     python record_forever.py RUN.h5 --mode append --start K --count N
     python record_forever.py RUN.h5 --die-inside T   # SIGKILL itself halfway through snapshot T
+    python record_forever.py RUN.h5 --die-before-state T   # SIGKILL after T's layer rows
+    python record_forever.py RUN.h5 --die-before-commit T  # SIGKILL once T's rows are all written
     python record_forever.py RUN.h5 --count N --hold # after N snapshots, wait for a stdin line
 
 Protocol on stdout (one line each, flushed):
@@ -42,10 +46,16 @@ def layer_value(t: int, i: int) -> float:
     return t + i / 10
 
 
+def bias_value(t: int, i: int) -> float:
+    """What every bias entry of layer ``i`` holds in snapshot ``t`` (before float32 rounding)."""
+    return t + i / 10 + 0.05
+
+
 @torch.no_grad()
 def set_weights(model: nn.Sequential, t: int) -> None:
     for i, layer in enumerate(model):
         layer.weight.fill_(layer_value(t, i))
+        layer.bias.fill_(bias_value(t, i))
 
 
 def say(line: str) -> None:
@@ -72,6 +82,29 @@ def die_inside(rec, snapshot: int, after_layers: int = 2) -> list[int]:
     return current
 
 
+def die_around_state(rec, snapshot: int, before: bool) -> list[int]:
+    """Make ``rec`` SIGKILL its own process in snapshot ``snapshot``, with what is written so far
+    flushed: right before its state rows (every layer row written), or right after them (just
+    before the commit, ``/snapshots`` grown)."""
+    current = [-1]
+    writer = rec._writer
+    write_state = writer._write_state
+
+    def die() -> None:
+        writer._f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def dying_write_state(t, state):
+        if current[0] == snapshot and before:
+            die()
+        write_state(t, state)
+        if current[0] == snapshot:
+            die()
+
+    writer._write_state = dying_write_state
+    return current
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path")
@@ -81,6 +114,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=0, help="snapshots to write; 0: forever")
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between snapshots")
     parser.add_argument("--die-inside", type=int, default=-1, help="SIGKILL inside snapshot T")
+    parser.add_argument(
+        "--die-before-state", type=int, default=-1, help="SIGKILL before snapshot T's state"
+    )
+    parser.add_argument(
+        "--die-before-commit", type=int, default=-1, help="SIGKILL before snapshot T's commit"
+    )
     parser.add_argument("--hold", action="store_true", help="stay open until a line on stdin")
     args = parser.parse_args()
 
@@ -90,6 +129,9 @@ def main() -> None:
     set_weights(model, 0)  # the initial snapshot (create mode) is snapshot 0
     rec = Recorder(model, args.path, mode=args.mode)
     current = die_inside(rec, args.die_inside) if args.die_inside >= 0 else [-1]
+    for snapshot, before in ((args.die_before_state, True), (args.die_before_commit, False)):
+        if snapshot >= 0:
+            current = die_around_state(rec, snapshot, before)
     say(f"ready {rec.n_snapshots}")
     t = args.start
     while args.count == 0 or t < args.start + args.count:
