@@ -531,3 +531,56 @@ def test_an_export_of_a_format_1_2_run_says_it_cannot_tell_what_is_missing(tmp_p
     with safe_open(out, framework="pt") as f:
         assert f.metadata()["complete"] == "unknown" and "missing_keys" not in f.metadata()
     assert sorted(load_file(out)) == ["attn.in_proj_weight", "conv.weight", "fc.weight"]
+
+
+def test_inspect_says_what_a_snapshot_holds_besides_its_matrices(tmp_path):
+    record(tmp_path / "all.h5", cnn)
+    record(tmp_path / "none.h5", mlp, biases=False)
+    lines = {}
+    for name in ("all", "none"):
+        result = bstab("inspect", tmp_path / f"{name}.h5", "--no-scan")
+        assert result.exit_code == 0, result.output
+        (lines[name],) = [ln for ln in result.output.splitlines() if ln.startswith("state")]
+    assert lines["all"] == (
+        "state      15 biases/buffers per snapshot (92 values): exports are complete state dicts"
+    )
+    assert lines["none"] == (
+        "state      none (recorded with biases off): exports lack 3 of 6 state-dict keys: "
+        "1.bias, 3.bias, 5.bias"
+    )
+    result = bstab("inspect", SPEC_DIR / "reference_v1.2.h5", "--no-scan")
+    assert result.exit_code == 0 and "\nstate " not in result.output  # 1.2 does not say
+
+
+def test_the_writer_refuses_a_snapshot_without_the_runs_state(tmp_path):
+    from basis_stability.store import RunWriter
+    from basis_stability.store import state as st
+    from basis_stability.views import LayerView
+
+    views = [LayerView.of("fc", "fc.weight", "linear", (3, 4))]
+    index = st.plan([("fc.bias", "float32", (3,))])
+    with RunWriter.create(tmp_path / "w.h5", views, model_class="M", state=index) as writer:
+        mats = [np.ones((4, 3), np.float32)]
+        with pytest.raises(ConfigError, match="state rows of snapshot 0"):
+            writer.append(iter(mats))
+        with pytest.raises(ConfigError, match="float32 \\(3,\\)"):
+            writer.append(iter(mats), state={"fc.bias": np.ones(3, np.float64)})
+        writer.append(iter(mats), state={"fc.bias": np.arange(3, dtype=np.float32)})
+    with open_run(tmp_path / "w.h5") as run:
+        assert run.n_snapshots == 1
+        np.testing.assert_array_equal(run.state(0)["fc.bias"], [0, 1, 2])
+
+
+def test_an_empty_buffer_is_recreated_by_the_export(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    model[0].register_buffer("mask", torch.zeros(0, dtype=torch.int32))
+    with Recorder(model, tmp_path / "run.h5"):
+        pass
+    with open_run(tmp_path / "run.h5") as run:
+        assert run.state_keys == ["0.bias"]  # nothing to store for the empty buffer
+    state = torch.load(export_snapshot(tmp_path / "run.h5", tmp_path / "s.pt"))
+    assert state["0.mask"].shape == (0,) and state["0.mask"].dtype == torch.int32
+    nn.Sequential(nn.Linear(3, 2)).load_state_dict(
+        {k: v for k, v in state.items() if k != "0.mask"}, strict=True
+    )

@@ -68,10 +68,10 @@ def _state_line(run: Run) -> list[str]:
     )
     missing = index.missing({info.param_name for info in run.layers}) or []
     if not missing:
-        return [line + ": an export is the complete state dict"]
+        return [line + ": exports are complete state dicts"]
     shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
     total = len(index.model or ())
-    return [f"{line}: an export lacks {len(missing)} of {total} state-dict keys: {shown}"]
+    return [f"{line}: exports lack {len(missing)} of {total} state-dict keys: {shown}"]
 
 
 def nonfinite_counts(run: Run) -> dict[str, int]:
