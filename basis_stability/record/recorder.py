@@ -425,7 +425,7 @@ class Recorder:
             return writer
         cov = self.coverage
         plan = self.state_plan
-        state = st.plan([e for e in plan.entries if self.config.biases], plan.model, plan.tied)
+        state = st.plan(plan.entries if self.config.biases else [], plan.model, plan.tied)
         self._use_state(state)
         cfg = {
             **asdict(self.config),
