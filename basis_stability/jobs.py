@@ -12,8 +12,8 @@ import torch
 
 from .errors import ConfigError, RunExistsError, RunFileError, RunLockedError, expected
 from .record import RecordConfig, Recorder, every_epoch, parse_schedule
-from .train.loop import TrainConfig, fit, make_optimizer
-from .zoo import build_model, load_dataset
+from .train.loop import HEADLINE, TrainConfig, fit, make_optimizer
+from .zoo import build_model, check_pair, load_dataset
 
 
 @dataclass
@@ -28,12 +28,46 @@ class RecordJob:
     device: str = "cpu"
 
 
+def headline(history: list[dict[str, float]], task: str = "classification", unit: str = "") -> str:
+    """The last epoch's headline metric as text: ``val_acc 0.975`` or ``val_mse 0.00217 ...``.
+
+    A regression's MSE is in the dataset's target units (standardised for co2); with ``unit``
+    the validation RMSE in the original units follows, e.g. ``(standardised; RMSE 0.60 ppm)``.
+
+    Example:
+        >>> headline([{"val_acc": 0.975}])
+        'val_acc 0.9750'
+    """
+    name = HEADLINE[task]
+    last = history[-1]
+    if name == "val_acc":
+        return f"val_acc {last[name]:.4f}"
+    text = f"val_mse {last[name]:.4g}"
+    if unit and "val_rmse_orig" in last:
+        text += f" (standardised; RMSE {last['val_rmse_orig']:.3g} {unit})"
+    return text
+
+
 @dataclass
 class RecordResult:
+    """What :func:`run_record_job` did. ``task`` and ``unit`` come from the dataset."""
+
     path: Path
     history: list[dict[str, float]]
     n_snapshots: int
     n_layers: int
+    task: str = "classification"
+    unit: str = ""
+
+    @property
+    def metric(self) -> tuple[str, float]:
+        """``(name, value)`` of the headline metric: ``val_acc`` or ``val_mse``, last epoch."""
+        name = HEADLINE[self.task]
+        return name, self.history[-1][name]
+
+    def summary(self) -> str:
+        """The headline metric as text, see :func:`headline`."""
+        return headline(self.history, self.task, self.unit)
 
 
 T = TypeVar("T")
@@ -116,8 +150,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build(job: RecordJob) -> tuple[torch.nn.Module, object]:
-    """The job's dataset and freshly initialised model."""
+    """The job's dataset and freshly initialised model.
+
+    Raises:
+        ConfigError: a model of one task on a dataset of another (``forecaster`` on digits,
+            ``mlp`` on co2), before anything is loaded.
+    """
     check_seed(job.train.seed)
+    check_pair(job.model, job.dataset)
     data = load_dataset(job.dataset, seed=job.train.seed)
     torch.manual_seed(job.train.seed)
     model = build_model(job.model, data.input_shape, data.num_classes, seed=job.train.seed)
@@ -136,6 +176,7 @@ def run_record_job(
         "job": {
             "model": job.model,
             "dataset": job.dataset,
+            "task": data.task,
             "schedule": job.schedule,
             "device": job.device,
             "steps_per_epoch": steps_per_epoch,
@@ -173,7 +214,9 @@ def run_record_job(
             on_loss=on_loss,
             progress=progress,
         )
-        return RecordResult(Path(path), history, rec.n_snapshots, len(rec.views))
+        return RecordResult(
+            Path(path), history, rec.n_snapshots, len(rec.views), data.task, data.unit
+        )
 
 
 # ---------------------------------------------------------------------------- OIALR training
@@ -207,6 +250,8 @@ class TrainJob:
 
 @dataclass
 class TrainResult:
+    """What :func:`run_train_job` did. ``task`` and ``unit`` come from the dataset."""
+
     run_path: Path
     export_path: Path | None
     history: list[dict[str, float]]
@@ -215,6 +260,18 @@ class TrainResult:
     factorised_share: float
     events: list[dict]
     export: object | None = None
+    task: str = "classification"
+    unit: str = ""
+
+    @property
+    def metric(self) -> tuple[str, float]:
+        """``(name, value)`` of the headline metric: ``val_acc`` or ``val_mse``, last epoch."""
+        name = HEADLINE[self.task]
+        return name, self.history[-1][name]
+
+    def summary(self) -> str:
+        """The headline metric as text, see :func:`headline`."""
+        return headline(self.history, self.task, self.unit)
 
 
 def parse_steps(text: str | None, arg: str, steps_per_epoch: int) -> int | None:
@@ -368,6 +425,7 @@ def run_train_job(
         "job": {
             "kind": "train",
             **{k: v for k, v in asdict(job).items() if k != "train"},
+            "task": data.task,
             "train": asdict(job.train),
             "steps_per_epoch": steps_per_epoch,
         }
@@ -399,6 +457,8 @@ def run_train_job(
         oialr.trainable_share() if oialr else 1.0,
         oialr.factorised_share() if oialr else 1.0,
         oialr.events if oialr else [],
+        task=data.task,
+        unit=data.unit,
     )
     if oialr is not None:
         oialr.close()

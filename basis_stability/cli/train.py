@@ -99,6 +99,7 @@ def train(
     Examples:
       bstab train
       bstab train --mode full --model vit-tiny
+      bstab train --model forecaster --dataset co2 --epochs 30
       bstab train --delay 7 --interval 5 --beta 0.15
       bstab train --plan runs/cnn-digits-seed0-analysis/plan.json
       bstab train --preset reference --delay 250steps --interval 100steps --beta 0.15
@@ -157,10 +158,9 @@ def train(
         )
 
     result = run(output) if output else jobs.at_free_path(stem, run)
-    last = result.history[-1]
     tail = f", model {result.export_path}" if result.export_path else ""
     click.echo(
-        f"val_acc {last['val_acc']:.4f} | trainable {result.trainable_share:.1%} of the "
+        f"{result.summary()} | trainable {result.trainable_share:.1%} of the "
         f"full-rank model ({result.factorised_share:.1%} of the factorised layers) | "
         f"{result.seconds:.1f} s | run {result.run_path}{tail}"
     )

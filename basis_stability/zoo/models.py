@@ -1,7 +1,9 @@
-"""Built-in models sized for 2 CPU cores: ``mlp``, ``cnn`` and ``vit-tiny``.
+"""Built-in models sized for 2 CPU cores: ``mlp``, ``cnn``, ``vit-tiny`` and ``forecaster``.
 
-Each adapts to 1-D ``(C, L)`` or 2-D ``(C, H, W)`` inputs, so the same names work on digits
-(8x8 images) and MNIST-1D (length-40 signals).
+The classifiers adapt to 1-D ``(C, L)`` or 2-D ``(C, H, W)`` inputs, so the same names work on
+digits (8x8 images) and MNIST-1D (length-40 signals). ``forecaster`` is a regression model for
+``(1, L)`` series windows (the co2 dataset). :data:`TASKS` gives each model's task, and
+:func:`check_pair` refuses a model on a dataset of another task.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, expected
+from .datasets import CLASSIFICATION, REGRESSION
+from .datasets import TASKS as DATASET_TASKS
 
 
 def mlp(input_shape: Sequence[int], num_classes: int, width: int = 256) -> nn.Module:
@@ -94,18 +98,100 @@ class ViTTiny(nn.Module):
         return self.head(self.norm(self.blocks(tokens))[:, 0])
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "vit-tiny": ViTTiny}
+class Forecaster(nn.Module):
+    """A small transformer forecaster: ``(B, 1, L)`` past values -> ``(B, horizon)`` future.
+
+    Each time step is embedded by a Linear layer and given a learned position; ``depth``
+    ``nn.TransformerEncoderLayer`` blocks (so attention is ``nn.MultiheadAttention``) mix the
+    steps; a Linear head maps the flattened tokens to the ``horizon`` outputs. The window's
+    last value is subtracted from the inputs and added back to the outputs (the model learns
+    the change from the last observation, so a trend beyond the training range is no
+    extrapolation for it), a simplified form of the instance normalisation of later
+    forecasters; Autoformer handles trend with its series decomposition instead.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        horizon: int,
+        dim: int = 32,
+        depth: int = 2,
+        heads: int = 4,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 2 or input_shape[0] != 1:
+            raise ConfigError(
+                expected(
+                    "input_shape",
+                    "(1, L): one series of L steps",
+                    tuple(input_shape),
+                    "The forecaster takes windows of one series, e.g. --dataset co2.",
+                )
+            )
+        length = input_shape[1]
+        self.embed = nn.Linear(1, dim)
+        self.pos_embed = nn.Parameter(torch.randn(1, length, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(length * dim, horizon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = x[:, 0, -1:]  # (B, 1)
+        steps = (x[:, 0] - last).unsqueeze(-1)  # (B, L, 1)
+        tokens = self.blocks(self.embed(steps) + self.pos_embed)
+        return self.head(self.norm(tokens).flatten(1)) + last
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "vit-tiny": ViTTiny,
+    "forecaster": Forecaster,
+}
+TASKS: dict[str, str] = {
+    "mlp": CLASSIFICATION,
+    "cnn": CLASSIFICATION,
+    "vit-tiny": CLASSIFICATION,
+    "forecaster": REGRESSION,
+}
+
+
+def _either(names: list[str]) -> str:
+    return " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+
+
+def check_pair(model: str, dataset: str) -> None:
+    """Refuse a built-in model on a built-in dataset of another task (before loading either).
+
+    Unknown names pass: :func:`build_model` and :func:`load_dataset` name the valid ones.
+    """
+    model_task, data_task = TASKS.get(model), DATASET_TASKS.get(dataset)
+    if model_task is None or data_task is None or model_task == data_task:
+        return
+    models = _either([m for m, t in TASKS.items() if t == data_task])
+    datasets = _either([d for d, t in DATASET_TASKS.items() if t == model_task])
+    raise ConfigError(
+        f"Expected a {data_task} model for --dataset {dataset} but got --model {model}, a "
+        f"{model_task} model. Use --model {models} with --dataset {dataset}, or --dataset "
+        f"{datasets} with --model {model}."
+    )
 
 
 def build_model(
     name: str, input_shape: Sequence[int], num_classes: int, seed: int = 0
 ) -> nn.Module:
-    """Build a built-in model with weights drawn from ``seed``."""
+    """Build a built-in model with weights drawn from ``seed``.
+
+    ``num_classes`` is the number of outputs: classes, or the horizon of the forecaster.
+    """
     if name not in MODELS:
         raise ConfigError(
             expected("model", f"one of {', '.join(MODELS)}", name, "cnn is the default.")
         )
-    if len(input_shape) not in (2, 3):
+    if len(input_shape) not in (2, 3):  # the forecaster checks its own (1, L)
         raise ConfigError(
             expected(
                 "input_shape",
