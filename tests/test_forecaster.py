@@ -217,6 +217,7 @@ def test_cli_train_oialr_reports_mse_and_factorises_attention(tmp_path):
         names = run.metric_names
         assert "val_mse" in names and "val_acc" not in names
         assert any(n.startswith("rank/blocks.") and "self_attn" in n for n in names), names
+        assert "rank/head" in names, names  # dim x horizon: within the aspect limit
         mse = run.metrics_array()[-1, names.index("val_mse")]
     assert mse == pytest.approx(float(match["mse"]), rel=1e-3)
     assert Path(tmp_path / "train-factorized.pt").exists()

@@ -102,12 +102,15 @@ class Forecaster(nn.Module):
     """A small transformer forecaster: ``(B, 1, L)`` past values -> ``(B, horizon)`` future.
 
     Each time step is embedded by a Linear layer and given a learned position; ``depth``
-    ``nn.TransformerEncoderLayer`` blocks (so attention is ``nn.MultiheadAttention``) mix the
-    steps; a Linear head maps the flattened tokens to the ``horizon`` outputs. The window's
-    last value is subtracted from the inputs and added back to the outputs (the model learns
-    the change from the last observation, so a trend beyond the training range is no
-    extrapolation for it), a simplified form of the instance normalisation of later
-    forecasters; Autoformer handles trend with its series decomposition instead.
+    pre-norm ``nn.TransformerEncoderLayer`` blocks (so attention is ``nn.MultiheadAttention``)
+    mix the steps; a Linear head maps the last step's token (the forecast origin) to the
+    ``horizon`` outputs. The head is ``dim`` x ``horizon``, so OIALR may factorise it too (a
+    head on all flattened tokens would be ``L * dim`` wide, beyond the aspect limit). The
+    window's last value is subtracted from the inputs and added back to the outputs: the model
+    learns the change from the last observation, so a trend beyond the training range is no
+    extrapolation for it (a simplified instance normalisation; Autoformer handles trend with
+    its series decomposition instead). The head starts small, so the first forecasts are close
+    to repeating the last value. About 19k parameters at the defaults.
     """
 
     def __init__(
@@ -136,13 +139,16 @@ class Forecaster(nn.Module):
         )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(length * dim, horizon)
+        self.head = nn.Linear(dim, horizon)
+        with torch.no_grad():  # starts close to the repeat-the-last-value forecast (not at it:
+            self.head.weight.mul_(0.01)  # a zero matrix would have no singular bases)
+            self.head.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = x[:, 0, -1:]  # (B, 1)
         steps = (x[:, 0] - last).unsqueeze(-1)  # (B, L, 1)
         tokens = self.blocks(self.embed(steps) + self.pos_embed)
-        return self.head(self.norm(tokens).flatten(1)) + last
+        return self.head(self.norm(tokens)[:, -1]) + last
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
