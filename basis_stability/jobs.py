@@ -225,9 +225,11 @@ class TrainJob:
     """A built-in training run, full-rank or OIALR (what ``bstab train`` runs).
 
     ``delay`` and ``interval`` are epochs (``"10"``, ``"2.5"``) or steps (``"250steps"``).
-    With none of ``delay``, ``beta`` and ``plan`` given, OIALR runs in auto mode (``bstab``
-    preset) or with delay = training/6 and beta = 0.15 (``reference`` preset, which has no auto
-    mode). ``preset="reference"`` is :meth:`OIALRConfig.reference`; ``moments``, ``keep_first``
+    ``auto`` None (default): with none of ``delay``, ``beta`` and ``plan`` given, OIALR runs in
+    auto mode (``bstab`` preset) or with delay = training/6 and beta = 0.15 (``reference``
+    preset, which has no auto mode). ``auto=False`` never runs auto mode: with the ``bstab``
+    preset it needs ``delay``, ``beta`` or ``plan``. ``auto=True`` takes none of them.
+    ``preset="reference"`` is :meth:`OIALRConfig.reference`; ``moments``, ``keep_first``
     and ``keep_last`` left None take the preset's (``reset``, False, False for ``bstab``;
     ``slice``, False, True for ``reference``), so pass ``moments=None`` with the reference
     preset to get its optimizer-state handling.
@@ -246,11 +248,14 @@ class TrainJob:
     preset: str = "bstab"
     keep_first: bool | None = None
     keep_last: bool | None = None
+    auto: bool | None = None
 
 
 @dataclass
 class TrainResult:
-    """What :func:`run_train_job` did. ``task`` and ``unit`` come from the dataset."""
+    """What :func:`run_train_job` did. ``task`` and ``unit`` come from the dataset;
+    ``never_converted`` is the line of an auto run that ended full-rank (see
+    :meth:`~basis_stability.train.oialr.OIALR.never_converted_summary`), else None."""
 
     run_path: Path
     export_path: Path | None
@@ -262,6 +267,7 @@ class TrainResult:
     export: object | None = None
     task: str = "classification"
     unit: str = ""
+    never_converted: str | None = None
 
     @property
     def metric(self) -> tuple[str, float]:
@@ -310,6 +316,36 @@ def parse_steps(text: str | None, arg: str, steps_per_epoch: int) -> int | None:
     return round(value)
 
 
+def auto_mode(job: TrainJob) -> bool:
+    """Whether the job's OIALR runs in auto mode; its ``auto``, ``preset``, ``delay``, ``beta``
+    and ``plan`` checked against each other first (before any work).
+
+    Raises:
+        ConfigError: ``auto=True`` with the reference preset or with a delay, beta or plan;
+            ``auto=False`` with the ``bstab`` preset and none of them (nothing to train by).
+    """
+    given = job.delay is not None or job.beta is not None or job.plan is not None
+    reference = job.preset == "reference"
+    if job.auto not in (None, True, False):
+        raise ConfigError(expected("auto", "None, True or False", job.auto, "None picks."))
+    if job.auto and reference:
+        raise ConfigError(
+            "Expected --preset bstab with --auto but got --preset reference: the reference "
+            "has no auto mode. Drop --auto (and give --delay/--beta), or drop --preset reference."
+        )
+    if job.auto and given:
+        raise ConfigError(
+            "--auto chooses delay and beta itself; drop --delay/--beta/--plan or --auto."
+        )
+    if job.auto is False and not given and not reference:
+        raise ConfigError(
+            "Expected --delay, --beta or --plan with --no-auto but got none of them, so there "
+            "is no fixed schedule to train by. Give e.g. --delay 5 --beta 0.15 (or --plan "
+            "plan.json), or drop --no-auto for auto mode."
+        )
+    return job.auto is not False and not given and not reference
+
+
 def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
     """The OIALR settings the job asks for: explicit values, a plan.json, or auto."""
     from .lowrank.surgery import FactorizeConfig
@@ -320,6 +356,7 @@ def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
         raise ConfigError(
             expected("preset", " or ".join(PRESETS), job.preset, "bstab is the default.")
         )
+    auto = auto_mode(job)
     total = steps_per_epoch * job.train.epochs
     reference = job.preset == "reference"
     keep = {
@@ -367,7 +404,7 @@ def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
                 "--interval", "at least one step", job.interval, "Use e.g. --interval 5 (epochs)."
             )
         )
-    if job.delay is None and job.beta is None and not reference:
+    if auto:
         return OIALRConfig(
             auto=True,
             interval=interval,
@@ -398,6 +435,9 @@ def check_plan_matches(plan, model: torch.nn.Module) -> None:
             f"({plan.model_class}: {detail}). Analyse a run of this model "
             "and pass its plan, or drop --plan."
         )
+
+
+NEVER_CONVERTED_FIX = "train longer (--epochs), or give --delay and --beta"
 
 
 def run_train_job(
@@ -448,6 +488,13 @@ def run_train_job(
         history = fit(
             model, data, job.train, optimizer, on_epoch_end=on_epoch_end, progress=progress
         )
+        events = list(oialr.events) if oialr else []
+        never = oialr.never_converted_summary(NEVER_CONVERTED_FIX) if oialr else None
+        if never is not None:  # an auto run that ended full-rank: say so, in the run too
+            record = {"step": oialr.steps, "event": "never-converted", "message": never}
+            record.update({k: v for k, v in oialr.never_converted().items() if k != "steps"})
+            rec.log_event(record)
+            events.append(record)
     seconds = time.perf_counter() - start
     result = TrainResult(
         Path(run_path),
@@ -456,9 +503,10 @@ def run_train_job(
         seconds,
         oialr.trainable_share() if oialr else 1.0,
         oialr.factorised_share() if oialr else 1.0,
-        oialr.events if oialr else [],
+        events,
         task=data.task,
         unit=data.unit,
+        never_converted=never,
     )
     if oialr is not None:
         oialr.close()

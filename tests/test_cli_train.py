@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.cli import assert_clean_failure, bstab
+from helpers.cli import assert_clean_failure, bstab, one_error_line
 
 from basis_stability import open_run
 
@@ -51,6 +51,32 @@ def test_train_auto_prints_one_summary_and_records_the_run(tmp_path):
     assert share == pytest.approx(float(summary["share"]) / 100, abs=1e-3)
     exported = torch.load(model_path, weights_only=False)
     assert exported(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    # ... and it says so, with the steps a check needs (36 steps < 6 checks of 12), in the run too
+    lines = [line for line in result.output.splitlines() if "never converted" in line]
+    assert lines == [
+        "OIALR auto mode never converted in 36 steps: no stability check ran (the first needs "
+        "72 steps, lag 5 + 1 checks of 12 steps; converting needs at least 84 steps); "
+        "train longer (--epochs), or give --delay and --beta"
+    ]
+    with open_run(out) as run:
+        events = run.events()
+    assert events[-1]["event"] == "never-converted" and events[-1]["message"] == lines[0]
+    assert events[-1]["step"] == 36 and events[-1]["checks"] == 0
+
+
+def test_auto_run_that_checks_but_never_converts_prints_the_last_stable_share(tmp_path):
+    out = tmp_path / "run.h5"
+    result = bstab("train", *FAST, "--epochs", "7", "--lr", "0.5", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert float(_summary(result.output)["share"]) == 100.0, "the run converted: raise --lr"
+    with open_run(out) as run:
+        events = run.events()
+    checks = [e for e in events if e["event"] == "check"]
+    assert [e["step"] for e in checks] == [72, 84]  # lag 5: from the 6th epoch on
+    (line,) = [line for line in result.output.splitlines() if "never converted" in line]
+    assert f"last stable share {checks[-1]['stable_share']:.2f} " in line
+    assert "after 2 checks; it needs 0.90 for 2 checks in a row at S >= 0.99" in line
+    assert events[-1]["event"] == "never-converted" and events[-1]["message"] == line
 
 
 def test_train_full_mode(tmp_path):
@@ -76,6 +102,29 @@ def test_train_with_explicit_delay_beta_interval_cuts_ranks(tmp_path):
     assert np.isnan(ranks[0]) and ranks[-1] < 256  # full-rank at first, cut by the end
     assert np.all(np.diff(ranks[~np.isnan(ranks)]) <= 0)
     assert values[-1, names.index("trainable_share")] == pytest.approx(share / 100, abs=1e-3)
+
+
+def test_no_auto_without_delay_or_beta_is_an_error_not_a_silent_auto_run(tmp_path):
+    out = tmp_path / "x.h5"
+    result = bstab("train", *FAST, "--epochs", "3", "--no-auto", "-o", out)
+    line = one_error_line(result)
+    for name in ("--no-auto", "--delay", "--beta", "--plan", "drop --no-auto"):
+        assert name in line, line
+    assert not out.exists()
+
+
+def test_no_auto_with_delay_and_beta_trains_the_fixed_schedule(tmp_path):
+    out = tmp_path / "fixed.h5"
+    args = ("--epochs", "3", "--no-auto", "--delay", "5steps", "--beta", "0.2")
+    result = bstab("train", *FAST, *args, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "never converted" not in result.output
+    with open_run(out) as run:
+        events = run.events()
+    kinds = [e["event"] for e in events]
+    assert "check" not in kinds and "auto-decision" not in kinds
+    convert = next(e for e in events if e["event"] == "convert")
+    assert convert["step"] == 5 and convert["beta"] == 0.2
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -252,3 +253,74 @@ def test_auto_mode_excludes_a_rank_deficient_layer_from_the_share_and_names_it()
     assert check["excluded_count"] == 1 and list(check["excluded"]) == ["2"]
     assert "rank" in check["excluded"]["2"]
     assert oialr.phase == "low-rank"
+
+
+# ---------------------------------------------------------------------------- never converted
+def _numbers(line: str) -> dict[str, float]:
+    """The numbers of a never-converted line, by the words before them."""
+    pattern = (
+        r"in (?P<steps>\d+) steps: last stable share (?P<last>[0-9.]+) \(best (?P<best>[0-9.]+), "
+        r"mean S (?P<mean>[0-9.]+), streak (?P<streak>\d+)\) after (?P<checks>\d+) checks; it "
+        r"needs (?P<share>[0-9.]+) for (?P<patience>\d+) checks in a row at S >= (?P<tau>[0-9.]+) "
+        r"\(lag (?P<lag>\d+) checks of (?P<every>\d+) steps\)"
+    )
+    match = re.search(pattern, line)
+    assert match, line
+    return {k: float(v) for k, v in match.groupdict().items()}
+
+
+def test_auto_mode_that_never_converts_says_so_with_the_last_checks_numbers():
+    plan = PlanConfig(tau=0.99, share=0.9)
+    cfg = OIALRConfig(auto=True, beta=None, check_every=1, lag=1, patience=2, plan=plan)
+    model, optimizer, oialr = _make(cfg, lr=0.0)
+    assert "no stability check ran" in oialr.never_converted_summary()
+    for step in range(1, 7):  # the head always moves; the middle layer too at the last step
+        with torch.no_grad():
+            model[4].weight.add_(torch.randn_like(model[4].weight))
+            if step == 6:
+                model[2].weight.add_(torch.randn_like(model[2].weight))
+        _run(model, optimizer, oialr, 1)
+    checks = [e for e in oialr.events if e["event"] == "check"]
+    assert len(checks) == 5 and oialr.phase == "full"
+    line = oialr.never_converted_summary()
+    assert "\n" not in line and line.startswith("OIALR auto mode never converted in 6 steps")
+    got = _numbers(line)
+    last = checks[-1]
+    assert got["last"] == pytest.approx(last["stable_share"], abs=0.005)
+    assert got["mean"] == pytest.approx(last["mean_S"], abs=0.0005)
+    assert got["streak"] == last["streak"] == 0 and got["checks"] == 5 and got["steps"] == 6
+    best = max(e["stable_share"] for e in checks)
+    assert got["best"] == pytest.approx(best, abs=0.005) and best > last["stable_share"] + 0.1
+    assert (got["share"], got["tau"], got["patience"]) == (0.9, 0.99, 2)
+    assert (got["lag"], got["every"]) == (1, 1)
+    assert oialr.never_converted()["best_share"] == best
+    assert line.endswith("or give delay and beta")
+    assert oialr.never_converted_summary(fix="use --delay").endswith("; use --delay")
+
+
+def test_never_converted_before_any_check_names_the_steps_a_check_needs():
+    cfg = OIALRConfig(auto=True, beta=None, check_every=5, lag=2, patience=2)
+    model, optimizer, oialr = _make(cfg)
+    _run(model, optimizer, oialr, 14)  # the first check comes at step 15: 3 checks of 5 steps
+    assert not [e for e in oialr.events if e["event"] == "check"]
+    line = oialr.never_converted_summary()
+    assert line.startswith("OIALR auto mode never converted in 14 steps: no stability check ran")
+    assert "the first needs 15 steps" in line and "converting needs at least 20 steps" in line
+    assert oialr.never_converted() == {
+        "steps": 14, "checks": 0, "tau": 0.99, "needed_share": 0.9, "patience": 2, "lag": 2,
+        "check_every": 5, "first_check_step": 15,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("auto", [True, False])
+def test_never_converted_is_none_after_conversion_and_with_a_fixed_delay(auto):
+    if auto:
+        cfg = OIALRConfig(auto=True, beta=None, check_every=1, lag=1, patience=1)
+        model, optimizer, oialr = _make(cfg, lr=0.0)  # still weights: stable at once
+        _run(model, optimizer, oialr, 3)
+        assert oialr.phase == "low-rank"
+    else:
+        model, optimizer, oialr = _make(OIALRConfig(delay=100, interval=5, beta=0.1))
+        _run(model, optimizer, oialr, 3)
+        assert oialr.phase == "full"
+    assert oialr.never_converted() is None and oialr.never_converted_summary() is None

@@ -27,7 +27,7 @@ from ._options import _training_options, check_output
     "--auto/--no-auto",
     default=None,
     help="Pick delay and beta from stability measured while training (the default "
-    "when neither --delay, --beta nor --plan is given).",
+    "when neither --delay, --beta nor --plan is given). --no-auto needs one of them.",
 )
 @click.option(
     "--preset",
@@ -107,15 +107,6 @@ def train(
     from .. import jobs
     from ..train import TrainConfig
 
-    if auto and preset == "reference":
-        raise click.UsageError(
-            "Expected --preset bstab with --auto but got --preset reference: the reference "
-            "has no auto mode. Drop --auto (and give --delay/--beta), or drop --preset reference."
-        )
-    if auto and (delay is not None or beta is not None or plan_path is not None):
-        raise click.UsageError(
-            "--auto chooses delay and beta itself; drop --delay/--beta/--plan or --auto."
-        )
     if plan_path is not None and (delay is not None or beta is not None):
         raise click.UsageError("--plan already sets delay and beta; drop --delay/--beta.")
     if beta is not None and not 0 < beta < 1:
@@ -129,8 +120,6 @@ def train(
         from ..recommend import Plan
 
         Plan.from_json(plan_path)  # a bad plan fails before any work
-    stem = f"train-{mode}-{model}-{dataset}-seed{seed}"
-    check_output(output or jobs.default_run_path(stem))  # an existing file: the writer refuses it
     job = jobs.TrainJob(
         model,
         dataset,
@@ -145,7 +134,12 @@ def train(
         preset,
         keep_first,
         keep_last,
+        auto=auto,
     )
+    if mode == "oialr":
+        jobs.auto_mode(job)  # --auto/--no-auto against the schedule options, before any work
+    stem = f"train-{mode}-{model}-{dataset}-seed{seed}"
+    check_output(output or jobs.default_run_path(stem))  # an existing file: the writer refuses it
 
     def run(path: Path) -> jobs.TrainResult:
         export = path.with_name(path.stem + "-factorized.pt") if mode == "oialr" else None
@@ -166,3 +160,5 @@ def train(
     )
     if result.export is not None:
         click.echo(f"export: {result.export}")
+    if result.never_converted is not None:
+        click.echo(result.never_converted, err=True)

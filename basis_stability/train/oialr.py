@@ -516,6 +516,70 @@ class OIALR:
         """``{layer name: k}`` of the converted layers, in registration order ({} before)."""
         return {n: factor_of(m).rank for n, m in self.layers.items()}
 
+    def never_converted(self) -> dict[str, Any] | None:
+        """Auto mode's numbers while it has not converted; None after conversion or when not auto.
+
+        Always ``steps``, ``checks`` (stability checks logged) and the rule (``tau``,
+        ``needed_share``, ``patience``, ``lag``, ``check_every``). After a check: the last one's
+        ``stable_share``, ``streak`` and ``mean_S``, and the ``best_share`` seen. Before any
+        (training shorter than ``lag + 1`` checks): ``first_check_step``, the steps it needs.
+        """
+        cfg = self.cfg
+        if not cfg.auto or self.converted_at is not None:
+            return None
+        checks = [e for e in self.events if e["event"] == "check"]
+        numbers: dict[str, Any] = {
+            "steps": self.steps,
+            "checks": len(checks),
+            "tau": cfg.plan.tau,
+            "needed_share": cfg.plan.share,
+            "patience": cfg.patience,
+            "lag": cfg.lag,
+            "check_every": cfg.check_every,
+        }
+        if not checks:
+            numbers["first_check_step"] = cfg.check_every * (cfg.lag + 1)
+            return numbers
+        last = checks[-1]
+        numbers.update(
+            stable_share=last["stable_share"],
+            best_share=max(e["stable_share"] for e in checks),
+            streak=last["streak"],
+            mean_S=last["mean_S"],
+        )
+        return numbers
+
+    def never_converted_summary(self, fix: str | None = None) -> str | None:
+        """One line on an auto run that has not converted (None otherwise, see
+        :meth:`never_converted`): its last and best stable share and what the rule needs.
+
+        ``fix`` replaces the closing advice (e.g. with command-line option names).
+
+        Example:
+            >>> oialr.never_converted_summary()  # doctest: +SKIP
+            'OIALR auto mode never converted in 240 steps: last stable share 0.62 (best 0.70, ...'
+        """
+        n = self.never_converted()
+        if n is None:
+            return None
+        head = f"OIALR auto mode never converted in {n['steps']} steps: "
+        every, lag = n["check_every"], n["lag"]
+        if n["checks"] == 0:
+            least = every * (lag + n["patience"])
+            fix = fix or "train longer, lower lag or check_every, or give delay and beta"
+            return head + (
+                f"no stability check ran (the first needs {n['first_check_step']} steps, lag "
+                f"{lag} + 1 checks of {every} steps; converting needs at least {least} steps); "
+                f"{fix}"
+            )
+        fix = fix or "train longer, lower tau or share (PlanConfig), or give delay and beta"
+        return head + (
+            f"last stable share {n['stable_share']:.2f} (best {n['best_share']:.2f}, mean S "
+            f"{n['mean_S']:.3f}, streak {n['streak']}) after {n['checks']} checks; it needs "
+            f"{n['needed_share']:.2f} for {n['patience']} checks in a row at "
+            f"S >= {n['tau']:g} (lag {lag} checks of {every} steps); {fix}"
+        )
+
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         """What a checkpoint must hold to resume this controller (JSON-able).
