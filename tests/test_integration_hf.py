@@ -33,6 +33,7 @@ from transformers import (  # noqa: E402
 import basis_stability as bs  # noqa: E402
 from basis_stability.integrations.hf import OIALRTrainer, RecordTrainerCallback  # noqa: E402
 from basis_stability.lowrank.layers import LowRankLinear  # noqa: E402
+from basis_stability.recommend import PlanConfig  # noqa: E402
 from basis_stability.train.oialr import OIALRConfig  # noqa: E402
 
 N_TRAIN, BATCH = 64, 16
@@ -416,3 +417,31 @@ def test_oialr_rollback_keeps_each_decision_once(tmp_path):
     with bs.open_run(backup) as run:
         assert run.events() == abandoned
         assert run.steps.tolist() == [0, 4, 8, 12]
+
+
+@pytest.mark.parametrize("auto", [True, False])
+def test_oialr_trainer_warns_when_auto_mode_never_converted(tmp_path, caplog, auto):
+    # auto with lag 1: checks at steps 2, 3, 4, ... but tau 1 is out of reach for moving bases
+    plan = PlanConfig(tau=1.0)
+    config = (
+        OIALRConfig(auto=True, beta=None, check_every=1, lag=1, plan=plan)
+        if auto
+        else OIALRConfig(delay=2, interval=INTERVAL, beta=0.3)
+    )
+    trainer = OIALRTrainer(
+        _model(4),
+        _args(tmp_path / "out", 1, eval_strategy="no"),
+        train_dataset=Tokens(N_TRAIN, 0),
+        oialr_config=config,
+    )
+    with caplog.at_level("WARNING", logger="basis_stability"):
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if "never converted" in r.getMessage()]
+    if not auto:
+        assert lines == [] and trainer.oialr.phase == "low-rank"
+        return
+    checks = [e for e in trainer.oialr.events if e["event"] == "check"]
+    assert len(checks) == STEPS_PER_EPOCH - 1 and trainer.oialr.phase == "full"
+    assert lines == [trainer.oialr.never_converted_summary()]
+    assert f"in {STEPS_PER_EPOCH} steps: last stable share " in lines[0]
+    assert f"last stable share {checks[-1]['stable_share']:.2f} " in lines[0]

@@ -482,3 +482,22 @@ def test_oialr_callback_refuses_multi_process_trainers():
     with pytest.raises(ConfigError, match="single-process"):
         callback.setup(SimpleNamespace(world_size=2), Net(), "fit")
     callback.setup(SimpleNamespace(world_size=2), Net(), "validate")  # only fit matters
+
+
+@pytest.mark.parametrize("auto", [True, False])
+def test_oialr_callback_warns_when_auto_mode_never_converted(tmp_path, caplog, auto):
+    # auto: the first check needs lag + 1 = 6 checks of 4 steps; 2 epochs are 8 steps
+    config = OIALRConfig(auto=True, beta=None, check_every=4, lag=5) if auto else _oialr_config()
+    torch.manual_seed(9)
+    oc = OIALRCallback(config)
+    with caplog.at_level("WARNING", logger="basis_stability"):
+        _trainer(tmp_path, [oc], max_epochs=2).fit(Net(), _data(0), _data(1))
+    lines = [r.getMessage() for r in caplog.records if "never converted" in r.getMessage()]
+    if not auto:
+        assert lines == [] and oc.oialr.phase == "low-rank"
+        return
+    assert lines == [oc.oialr.never_converted_summary()] and oc.oialr.phase == "full"
+    assert lines[0].startswith(
+        "OIALR auto mode never converted in 8 steps: no stability check ran (the first needs "
+        "24 steps"
+    )

@@ -147,8 +147,13 @@ class _OIALRStep(_tf.TrainerCallback):
             (folder / OIALR_STATE_NAME).write_text(json.dumps(oialr.state(), indent=1))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any):
-        if self.trainer.oialr is not None:
-            self.trainer.oialr.close()
+        oialr = self.trainer.oialr
+        if oialr is None:
+            return
+        line = oialr.never_converted_summary()
+        if line is not None:  # an auto run that ended full-rank
+            log.warning("%s", line)
+        oialr.close()
 
 
 class OIALRTrainer(_tf.Trainer):
@@ -162,7 +167,9 @@ class OIALRTrainer(_tf.Trainer):
         recorder: a :class:`RecordTrainerCallback` (also pass it in ``callbacks``) to store every
             OIALR decision in the run's ``/events``.
 
-    After ``train()``, ``trainer.oialr`` holds the controller (ranks, trainable share, events).
+    After ``train()``, ``trainer.oialr`` holds the controller (ranks, trainable share, events);
+    an auto run that ended before conversion logs one warning line saying so (see
+    :meth:`~basis_stability.train.oialr.OIALR.never_converted_summary`).
     """
 
     def __init__(

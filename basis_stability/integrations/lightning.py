@@ -142,6 +142,9 @@ class OIALRCallback(_pl.Callback):
             run's ``/events``.
         filter_fn: ``(name, module) -> bool``, the last word on which layers are factorised.
 
+    An auto run whose training ends before conversion logs one warning line saying so (see
+    :meth:`~basis_stability.train.oialr.OIALR.never_converted_summary`).
+
     The LightningModule must build its optimizer from ``self.parameters()`` in
     ``configure_optimizers`` (one optimizer). Lightning calls ``configure_optimizers`` once, so
     a learning-rate scheduler keeps working: the optimizer object and its groups stay the same,
@@ -217,6 +220,12 @@ class OIALRCallback(_pl.Callback):
         self._last_step = trainer.global_step
         if self.oialr.step():  # keep the optimizer's order = a fresh one's, for checkpoints
             match_model_order(trainer.optimizers[0], pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """An auto run that ends full-rank says so (last stable share, what would convert)."""
+        line = self.oialr.never_converted_summary() if self.oialr is not None else None
+        if line is not None:
+            log.warning("%s", line)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.oialr is not None:
