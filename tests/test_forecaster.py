@@ -183,11 +183,6 @@ def test_record_job_reports_mse(tmp_path):
         assert any(layer.name.startswith("blocks.") for layer in run.layers)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli/record.py prints last['val_acc']; it should print result.summary() "
-    "(basis_stability/jobs.py) - see the issue 12.7 report",
-)
 def test_cli_record_reports_mse(tmp_path):
     out = tmp_path / "rec.h5"
     result = bstab(

@@ -135,10 +135,9 @@ def record(
         )
 
     result = run(output) if output else jobs.at_free_path(stem, run)
-    last = result.history[-1]
     click.echo(
         f"Recorded {result.n_snapshots} snapshots of {result.n_layers} layers "
-        f"(final val_acc {last['val_acc']:.3f}) to {result.path}"
+        f"(final {result.summary()}) to {result.path}"
     )
     click.echo(f"Next: bstab inspect {result.path}")
 
