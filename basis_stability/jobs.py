@@ -373,37 +373,16 @@ def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
         return OIALRConfig(delay=delay, interval=interval, beta=beta, factorize=factorize, **common)
 
     if job.plan is not None:
-        plan = Plan.from_json(job.plan)
-        check_plan_matches(plan, model)
-        if plan.delay_step is None and plan.delay_epoch is None:
-            raise ConfigError(
-                f"The plan {job.plan} has no delay (its run never stabilised): "
-                "train with --auto or give --delay."
-            )
-        delay = (
-            plan.delay_step
-            if plan.delay_step is not None
-            else round(plan.delay_epoch * steps_per_epoch)
+        check_plan_matches(Plan.from_json(job.plan), model)  # with the CLI's fix
+        given = {}
+        if job.interval is not None:  # --interval replaces the plan's
+            given["interval"] = _interval_steps(job, steps_per_epoch)
+        preset = {"preset": "reference", **keep} if reference else {}
+        factorize = {} if reference else {"factorize": FactorizeConfig(**keep)}
+        return OIALRConfig.from_plan(
+            job.plan, steps_per_epoch, **preset, **factorize, **given, **common
         )
-        interval = plan.interval_steps or round((plan.interval_epochs or 5) * steps_per_epoch)
-        if interval < 1:  # a validated plan has interval_epochs > 0, but it may round to 0 steps
-            raise ConfigError(
-                expected(
-                    "interval_epochs",
-                    f"at least one step ({1 / steps_per_epoch:.3g} epochs) here",
-                    plan.interval_epochs,
-                    f"Edit {job.plan} or re-run `bstab analyze` with a larger --lag.",
-                )
-            )
-        return fixed(delay, interval, plan.beta)
-    interval = parse_steps(job.interval, "--interval", steps_per_epoch)
-    interval = 5 * steps_per_epoch if interval is None else interval  # 0 is an error, not unset
-    if interval < 1:
-        raise ConfigError(
-            expected(
-                "--interval", "at least one step", job.interval, "Use e.g. --interval 5 (epochs)."
-            )
-        )
+    interval = _interval_steps(job, steps_per_epoch)
     if auto:
         return OIALRConfig(
             auto=True,
@@ -419,22 +398,25 @@ def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
     return fixed(delay, interval, 0.15 if job.beta is None else job.beta)
 
 
-def check_plan_matches(plan, model: torch.nn.Module) -> None:
-    """A plan names the layers (and tall shapes) of the run it came from; they must exist here."""
-    from .views import select_layers
-
-    here = {v.name: list(v.shape) for v in select_layers(model).views}
-    missing = [n for n in plan.layers if n not in here]
-    reshaped = [n for n in plan.layers if n in here and list(plan.layers[n]) != here[n]]
-    if missing or reshaped:
-        detail = ", ".join(
-            missing[:4] + [f"{n} {plan.layers[n]} vs {here[n]}" for n in reshaped[:4]]
-        )
+def _interval_steps(job: TrainJob, steps_per_epoch: int) -> int:
+    """``--interval`` in steps (5 epochs when not given); under one step is an error."""
+    interval = parse_steps(job.interval, "--interval", steps_per_epoch)
+    interval = 5 * steps_per_epoch if interval is None else interval  # 0 is an error, not unset
+    if interval < 1:
         raise ConfigError(
-            f"Expected a plan.json for this model but it is for another "
-            f"({plan.model_class}: {detail}). Analyse a run of this model "
-            "and pass its plan, or drop --plan."
+            expected(
+                "--interval", "at least one step", job.interval, "Use e.g. --interval 5 (epochs)."
+            )
         )
+    return interval
+
+
+def check_plan_matches(plan, model: torch.nn.Module) -> None:
+    """A plan names the layers (and tall shapes) of the run it came from; they must exist here
+    (:func:`basis_stability.recommend.check_plan_matches`, with the CLI's fix)."""
+    from .recommend import check_plan_matches as matches
+
+    matches(plan, model, "Analyse a run of this model and pass its plan, or drop --plan.")
 
 
 NEVER_CONVERTED_FIX = "train longer (--epochs), or give --delay and --beta"

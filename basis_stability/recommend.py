@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError, expected
+from .lowrank.surgery import FactorizeConfig, eligible_by_shape
 
 PLAN_VERSION = 1
 
@@ -82,6 +83,11 @@ class Plan:
     evidence: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
+    # the recorded layers OIALR keeps dense (name -> why): beta, ranks and the expected share
+    # are over the others, the layers it factorises
+    excluded_layers: dict[str, str] = field(default_factory=dict)
+    # the analysis paired unevenly spaced snapshots by a lag in snapshots (its warning is a note)
+    uneven_spacing: bool = False
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -152,6 +158,11 @@ _PLAN_FIELDS: dict[str, tuple[str, Any]] = {
         "a list of strings",
         lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
     ),
+    "excluded_layers": (
+        "an object of layer name -> reason",
+        lambda v: isinstance(v, dict) and all(isinstance(r, str) for r in v.values()),
+    ),
+    "uneven_spacing": ("true or false", lambda v: isinstance(v, bool)),
 }
 
 
@@ -343,20 +354,29 @@ class Interval:
 
     @classmethod
     def of_snapshots(cls, lag: int, index: pd.DataFrame) -> Interval:
-        """A lag in snapshots: its span in epochs and steps from the first snapshot on."""
+        """A lag in snapshots: the elapsed epochs and steps of its pairs ``(b - lag, b)``, the
+        median over the pairs whose two times are known (one number for evenly spaced
+        snapshots; a summary for uneven ones, which the analysis warns about)."""
         if len(index) <= lag:
             return cls(lag, lag, None, None)
-        ends = index.iloc[[0, lag]]
-        epochs, steps = ends["epoch"].to_numpy(np.float64), ends["step"].to_numpy(np.int64)
-        span_epochs = float(epochs[1] - epochs[0]) if (epochs >= 0).all() else math.nan
-        span_steps = int(steps[1] - steps[0]) if (steps >= 0).all() else 0
-        # unknown (NaN, -1) or not advancing: None, as a plan.json interval must be positive
-        return cls(
-            lag,
-            lag,
-            span_epochs if span_epochs > 0 else None,
-            span_steps if span_steps > 0 else None,
-        )
+        spans: list[float | None] = []
+        for column in ("epoch", "step"):
+            t = index[column].to_numpy(np.float64)
+            a, b = t[:-lag], t[lag:]
+            ok = np.isfinite(a) & np.isfinite(b) & (a >= 0) & (b >= 0)
+            span = float(np.median(b[ok] - a[ok])) if ok.any() else math.nan
+            # unknown (NaN, -1) or not advancing: None, as a plan.json interval must be positive
+            spans.append(span if span > 0 else None)
+        epochs, steps = spans
+        return cls(lag, lag, epochs, None if steps is None else max(1, round(steps)))
+
+
+def excluded_layers_note(excluded: dict[str, str]) -> str:
+    """The note naming the recorded layers a plan leaves out because OIALR keeps them dense."""
+    return (
+        "beta, ranks and the expected share are over the layers OIALR factorises; kept dense "
+        "(excluded): " + "; ".join(f"{n}: {r}" for n, r in excluded.items())
+    )
 
 
 def make_plan(
@@ -367,24 +387,53 @@ def make_plan(
     lag: int | Interval,
     model_class: str,
     cfg: PlanConfig,
+    kinds: dict[str, str] | None = None,
+    factorize: FactorizeConfig | None = None,
+    uneven_spacing: str | None = None,
 ) -> tuple[Plan, pd.DataFrame]:
     """Apply both rules. ``spectra[t][layer]`` gives singular values; ``index`` has epoch/step.
 
     ``lag`` is the lag in snapshots of the network's pairs, or the :class:`Interval` the analysis
-    measured for a lag in time.
+    measured for a lag in time. ``kinds`` (layer -> registry kind, as the run file stores it;
+    ``linear`` where not given) and ``factorize`` (auto mode's defaults where None) decide which
+    layers OIALR will factorise (:func:`~basis_stability.lowrank.surgery.eligible_by_shape`):
+    beta, the ranks and the expected share are over those; the others are named in
+    ``excluded_layers``. ``uneven_spacing`` is the analysis' warning about unevenly spaced
+    snapshots paired by a lag in snapshots, kept as a note.
 
     Returns:
-        The plan and the beta curve it was chosen from.
+        The plan and the beta curve it was chosen from (over the factorised layers).
     """
     interval = lag if isinstance(lag, Interval) else Interval.of_snapshots(lag, index)
+    factorize = factorize or FactorizeConfig()
+    kinds = kinds or {}
+    chosen, skipped = eligible_by_shape(
+        [(name, kinds.get(name, "linear"), shape) for name, shape in shapes.items()], factorize
+    )
+    excluded = dict(skipped)
+    notes = []
+    if not chosen:  # nothing to factorise: the rules over every layer rather than over none
+        chosen = list(shapes)
+        notes.append(
+            "no recorded layer is one OIALR would factorise ("
+            + "; ".join(f"{n}: {r}" for n, r in skipped)
+            + "); beta and the expected share are over every recorded layer"
+        )
+    elif excluded:
+        notes.append(excluded_layers_note(excluded))
+    used = {name: shapes[name] for name in chosen}
     delay, why = choose_delay(network, cfg.share)
     at = delay if delay is not None else max(spectra)  # the latest complete spectra
-    curve = beta_curve(spectra[at], shapes, cfg.betas)
+    at_spectra = {name: spectra[at][name] for name in used}
+    curve = beta_curve(at_spectra, used, cfg.betas)
     beta, beta_why = choose_beta(curve, cfg)
-    ranks = _ranks_at(spectra[at], beta)  # the curve's own rule, so the share matches it
-    share = sum(r * r for r in ranks.values()) / sum(m * n for m, n in shapes.values())
-    notes = [] if delay is not None else [why + f"; beta and ranks are from snapshot {at}"]
+    ranks = _ranks_at(at_spectra, beta)  # the curve's own rule, so the share matches it
+    share = sum(r * r for r in ranks.values()) / sum(m * n for m, n in used.values())
+    if delay is None:
+        notes.insert(0, why + f"; beta and ranks are from snapshot {at}")
     notes += excluded_notes(network)
+    if uneven_spacing:
+        notes.append(uneven_spacing)
     at_delay = network[network["snapshot"] == at]
     plan = Plan(
         model_class=model_class,
@@ -406,6 +455,12 @@ def make_plan(
                 "target_share": cfg.target_share,
                 "why": beta_why,
             },
+            "factorize": {
+                "aspect_rule": factorize.aspect_rule,
+                "aspect_limit": factorize.aspect_limit,
+                "keep_first": factorize.keep_first,
+                "keep_last": factorize.keep_last,
+            },
         },
         evidence={
             "stable_share": [
@@ -415,9 +470,38 @@ def make_plan(
             "stable_share_at_delay": float(at_delay["stable_share"].iloc[0])
             if len(at_delay)
             else None,
-            "kept_energy": {n: kept_energy(s, ranks[n]) for n, s in spectra[at].items()},
+            "kept_energy": {n: kept_energy(s, ranks[n]) for n, s in at_spectra.items()},
             "spectra_snapshot": at,
         },
         notes=notes,
+        excluded_layers={n: r for n, r in excluded.items() if n not in ranks},
+        uneven_spacing=uneven_spacing is not None,
     )
     return plan, curve
+
+
+def check_plan_matches(
+    plan: Plan,
+    model: Any,
+    fix: str = "Analyse a run of this model and pass its plan.json.",
+) -> None:
+    """A plan names the layers (and tall shapes) of the run it came from; they must exist in
+    ``model`` (an ``nn.Module``) with the same tall shapes.
+
+    Raises:
+        ConfigError: naming ``plan``, ``model``, up to four differing layers, and ``fix``.
+    """
+    from .views import select_layers
+
+    here = {v.name: list(v.shape) for v in select_layers(model).views}
+    missing = [n for n in plan.layers if n not in here]
+    reshaped = [n for n in plan.layers if n in here and list(plan.layers[n]) != here[n]]
+    if missing or reshaped:
+        detail = ", ".join(
+            [f"{n} missing" for n in missing[:4]]
+            + [f"{n} {plan.layers[n]} vs {here[n]}" for n in reshaped[:4]]
+        )
+        raise ConfigError(
+            f"Expected `plan` to be a plan.json for `model` ({type(model).__name__}) but it "
+            f"is for another ({plan.model_class}: {detail}). {fix}"
+        )

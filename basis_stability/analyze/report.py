@@ -19,7 +19,15 @@ import torch
 
 from .. import _dist
 from ..errors import ConfigError, RunFileError, expected
-from ..recommend import Interval, Plan, PlanConfig, excluded_notes, first_lasting, make_plan
+from ..recommend import (
+    Interval,
+    Plan,
+    PlanConfig,
+    excluded_layers_note,
+    excluded_notes,
+    first_lasting,
+    make_plan,
+)
 from ..store.reader import LayerInfo, Run, open_run
 from .engine import CacheDamagedError, EngineConfig, SVDCache, fill_cache
 from .lag import Lag, LagPairs, known_times, lag_pairs
@@ -412,9 +420,11 @@ def _build(
         else _network(pd.DataFrame(columns=["pair"]), shapes, plan_cfg.tau)
     )
     plan, curve = _plan(
-        network, spectra_by_t, shapes, index, _interval(pairing, index), run, plan_cfg
+        network, spectra_by_t, shapes, index, _interval(pairing, index), run, plan_cfg, pairing
     )
     notes += excluded_notes(network)
+    if plan is not None and plan.excluded_layers:
+        notes.append(excluded_layers_note(plan.excluded_layers))
     if plan is None:
         notes.append(_no_plan_note(spectra_by_t, shapes, cache.cfg.svd == "approx"))
     if plan is not None and len(ranks):
@@ -488,13 +498,26 @@ def _interval(pairing: LagPairs, index: pd.DataFrame) -> int | Interval:
     return Interval(pairing.lag.given, snapshots, epochs, None if steps is None else round(steps))
 
 
-def _plan(network, spectra_by_t, shapes, index, lag, run, cfg):
+def _plan(network, spectra_by_t, shapes, index, lag, run, cfg, pairing):
+    """The plan, with beta and the expected share over the layers OIALR would factorise (from
+    the recorded kinds and tall shapes, auto mode's eligibility), or None without full spectra."""
     complete = [t for t, d in spectra_by_t.items() if len(d) == len(shapes)]
     if not complete or not sum(m * n for m, n in shapes.values()):
         return None, pd.DataFrame(columns=["beta", "trainable_share", "min_energy", "mean_energy"])
     usable = network[network["snapshot"].isin(complete)]
     by_t = {t: spectra_by_t[t] for t in complete}
-    return make_plan(usable, by_t, shapes, index, lag, run.model_class, cfg)
+    kinds = {info.name: info.kind for info in run.layers}
+    return make_plan(
+        usable,
+        by_t,
+        shapes,
+        index,
+        lag,
+        run.model_class,
+        cfg,
+        kinds=kinds,
+        uneven_spacing=pairing.warning,
+    )
 
 
 def _summary(run: Run, stab: pd.DataFrame, ranks: pd.DataFrame, tau: float) -> pd.DataFrame:

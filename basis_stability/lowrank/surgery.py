@@ -85,20 +85,78 @@ def _by_name(name: str, patterns: Sequence[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
-def _reason(name: str, module: nn.Module, cfg: FactorizeConfig) -> str | None:
-    """Why a factorisable ``module`` stays full-rank under ``cfg``, or None."""
+def _name_reason(name: str, cfg: FactorizeConfig) -> str | None:
     if cfg.exclude and _by_name(name, cfg.exclude):
         return "excluded by name"
     if cfg.include and not _by_name(name, cfg.include):
         return "not included by name"
-    if cfg.aspect_rule == "reference":
-        return _reference_reason(module, cfg.aspect_limit)
-    entry = lookup(module)
-    if entry.kind_of(module) == "linear":
-        (m, n), _ = tall_shape(module.weight.shape, entry.matrices_of(module)[0].orientation)
-        if m / n > cfg.aspect_limit:
-            return f"aspect ratio {m}/{n} = {m / n:.1f} > {cfg.aspect_limit:g}"
     return None
+
+
+def shape_reason(
+    name: str, kind: str, shape: Sequence[int], cfg: FactorizeConfig | None = None
+) -> str | None:
+    """Why a layer of this registry ``kind`` and tall ``shape`` (m, n) stays full-rank under
+    ``cfg``'s name and aspect rules, or None: the rules :func:`factorize_` applies, from what a
+    run file stores (so an offline plan and the live controller agree).
+
+    An ``embedding`` has no low-rank form. What only the module can tell (a grouped or padded
+    convolution, a tied weight, the reference rule's convolution fan-in) is not decided here.
+
+    Example:
+        >>> shape_reason("head", "linear", (256, 10))
+        'aspect ratio 256/10 = 25.6 > 10'
+        >>> shape_reason("fc1", "linear", (64, 32)) is None
+        True
+    """
+    cfg = cfg or FactorizeConfig()
+    why = _name_reason(name, cfg)
+    if why is not None:
+        return why
+    if kind == "embedding":
+        return "an embedding has no low-rank form (a lookup table)"
+    if kind != "linear":
+        return None
+    m, n = max(shape), min(shape)
+    if cfg.aspect_rule == "reference":
+        if n > m / cfg.aspect_limit:
+            return None
+        return f"min dimension {n} <= {m}/{cfg.aspect_limit:g} (the reference's Linear rule)"
+    if m / n > cfg.aspect_limit:
+        return f"aspect ratio {m}/{n} = {m / n:.1f} > {cfg.aspect_limit:g}"
+    return None
+
+
+def eligible_by_shape(
+    layers: Sequence[tuple[str, str, Sequence[int]]], cfg: FactorizeConfig | None = None
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """The names of the ``(name, kind, tall shape)`` layers :func:`factorize_` would convert
+    (in the given order, which ``keep_first``/``keep_last`` count in), and the skipped ones with
+    their reasons: :func:`shape_reason` per layer, then ``keep_first`` and ``keep_last``."""
+    cfg = cfg or FactorizeConfig()
+    chosen, skipped = [], []
+    for name, kind, shape in layers:
+        why = shape_reason(name, kind, shape, cfg)
+        if why is None:
+            chosen.append(name)
+        else:
+            skipped.append((name, why))
+    if chosen and cfg.keep_first:
+        skipped.append((chosen.pop(0), KEPT_FIRST))
+    if chosen and cfg.keep_last:
+        skipped.append((chosen.pop(), KEPT_LAST))
+    return chosen, skipped
+
+
+def _reason(name: str, module: nn.Module, cfg: FactorizeConfig) -> str | None:
+    """Why a factorisable ``module`` stays full-rank under ``cfg``, or None."""
+    if cfg.aspect_rule == "reference":
+        return _name_reason(name, cfg) or _reference_reason(module, cfg.aspect_limit)
+    entry = lookup(module)
+    kind, shape = entry.kind_of(module), (1, 1)
+    if kind == "linear":  # the only kind whose shape decides
+        shape, _ = tall_shape(module.weight.shape, entry.matrices_of(module)[0].orientation)
+    return shape_reason(name, kind, shape, cfg)
 
 
 def _reference_reason(module: nn.Module, limit: float) -> str | None:

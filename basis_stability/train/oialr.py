@@ -28,6 +28,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,7 @@ from ..lowrank.surgery import (
     kept_all_message,
     low_rank_layers,
 )
-from ..recommend import PlanConfig, beta_curve, choose_beta
+from ..recommend import Plan, PlanConfig, beta_curve, check_plan_matches, choose_beta
 from ..registry import tall_matrix
 from ..views import unwrap_model
 
@@ -114,6 +115,84 @@ class OIALRConfig:
     first_cut: str = "one_interval_later"
     progressive: float | None = None
     preset: str = "bstab"
+
+    @classmethod
+    def from_plan(
+        cls,
+        plan: Plan | str | Path,
+        steps_per_epoch: int | None = None,
+        model: nn.Module | None = None,
+        **overrides: Any,
+    ) -> OIALRConfig:
+        """The fixed schedule a plan (``bstab analyze``'s ``plan.json``) prescribes, in steps.
+
+        The delay is the plan's ``delay_step`` and the interval its ``interval_steps``: optimizer
+        steps elapsed in the recorded run, not snapshot indices. A plan that records only epochs
+        is converted with ``steps_per_epoch`` (``round(epochs * steps_per_epoch)``); beta is the
+        plan's. A plan whose snapshots were unevenly spaced and paired by a lag in snapshots logs
+        a warning (its interval is a median over pairs that spanned different times).
+
+        Args:
+            plan: a :class:`~basis_stability.recommend.Plan` or the path of its plan.json.
+            steps_per_epoch: optimizer steps per epoch of *this* training, for a plan in epochs.
+            model: when given, the plan's layers (names and tall shapes) must be this model's.
+            overrides: other fields (``total_steps``, ``moments``, ``factorize``...), or
+                ``delay``/``interval``/``beta`` to replace the plan's; ``preset="reference"``
+                builds :meth:`reference` with the plan's numbers.
+
+        Raises:
+            ConfigError: a plan with no delay (its run was not stable yet), a delay or interval
+                in epochs without ``steps_per_epoch`` (or in neither steps nor epochs), an
+                interval under one step, a plan for another ``model``: each naming the argument,
+                its value and the fix.
+
+        Example:
+            >>> cfg = OIALRConfig.from_plan("plan.json", len(loader))  # doctest: +SKIP
+        """
+        source = plan
+        if not isinstance(plan, Plan):
+            plan = Plan.from_json(plan)
+        where = f"the plan {source}" if isinstance(source, (str, Path)) else "the plan"
+        if steps_per_epoch is not None and (
+            isinstance(steps_per_epoch, bool)
+            or not isinstance(steps_per_epoch, int)
+            or steps_per_epoch < 1
+        ):
+            raise ConfigError(
+                expected(
+                    "steps_per_epoch",
+                    "a positive integer (optimizer steps per epoch)",
+                    steps_per_epoch,
+                    "Pass len(train_loader) (divided by gradient accumulation), or None.",
+                )
+            )
+        if model is not None:
+            check_plan_matches(
+                plan,
+                model,
+                "Analyse a run of this model and pass its plan.json, or pass the model the "
+                "plan was recorded for.",
+            )
+        preset = overrides.pop("preset", "bstab")
+        delay = overrides.pop("delay", None)
+        interval = overrides.pop("interval", None)
+        beta = overrides.pop("beta", plan.beta)
+        if delay is None:
+            delay = _plan_steps(plan, "delay", steps_per_epoch, where)
+        if interval is None:
+            interval = _plan_steps(plan, "interval", steps_per_epoch, where)
+        if plan.uneven_spacing and isinstance(plan.rules.get("delay", {}).get("lag"), int):
+            log.warning(
+                "%s was measured on unevenly spaced snapshots with a lag in snapshots, so its "
+                "interval (%s steps) summarises pairs that spanned different times; re-run "
+                "`bstab analyze` with a lag in time (e.g. --lag 5ep or --lag 200steps) for an "
+                "interval that means one elapsed time",
+                where[0].upper() + where[1:],
+                interval,
+            )
+        if preset == "reference":
+            return cls.reference(delay, interval, beta, **overrides)
+        return cls(delay=delay, interval=interval, beta=beta, preset=preset, **overrides)
 
     @classmethod
     def reference(
@@ -242,6 +321,56 @@ class OIALRConfig:
         if not 0 < self.max_cut <= 1:
             raise ConfigError(expected("max_cut", "in (0, 1]", self.max_cut, "0.5 halves at most."))
         check_policy(self.moments)
+
+
+def _plan_steps(plan: Plan, what: str, steps_per_epoch: int | None, where: str) -> int:
+    """A plan's ``delay`` or ``interval`` in optimizer steps: its steps, else its epochs times
+    ``steps_per_epoch`` (see :meth:`OIALRConfig.from_plan`)."""
+    if what == "delay":
+        steps, epochs, field_name = plan.delay_step, plan.delay_epoch, "delay_epoch"
+        if plan.delay_snapshot is None and steps is None and epochs is None:
+            raise ConfigError(
+                f"Expected a plan with a delay but {where} has delay_snapshot=None: its run was "
+                "not stable yet ("
+                + str(plan.rules.get("delay", {}).get("why", "no delay"))
+                + "). Train the recorded run longer and analyse it again, pass delay=... "
+                "(--delay), or use auto mode (OIALRConfig(auto=True), bstab train --auto)."
+            )
+    else:
+        steps, epochs, field_name = plan.interval_steps, plan.interval_epochs, "interval_epochs"
+    if steps is not None:
+        return steps
+    if epochs is None:
+        snapshots = plan.delay_snapshot if what == "delay" else plan.interval_snapshots
+        raise ConfigError(
+            f"Expected the plan's {what} in steps or epochs but {where} has only "
+            f"{what}_snapshot{'s' if what == 'interval' else ''}={snapshots} (its run recorded "
+            f"neither steps nor epochs there, or was too short for the lag). Pass {what}=... "
+            f"in optimizer steps (--{what}), or record the run with steps and analyse it again."
+        )
+    if steps_per_epoch is None:
+        raise ConfigError(
+            expected(
+                "steps_per_epoch",
+                f"an integer to convert the plan's {field_name}={epochs:g} into steps",
+                None,
+                f"{where[0].upper() + where[1:]} records its {what} only in epochs: pass "
+                "steps_per_epoch=len(train_loader), or "
+                f"{what}=... in optimizer steps.",
+            )
+        )
+    converted = round(epochs * steps_per_epoch)
+    if what == "interval" and converted < 1:
+        raise ConfigError(
+            expected(
+                field_name,
+                f"at least one step ({1 / steps_per_epoch:.3g} epochs at steps_per_epoch="
+                f"{steps_per_epoch})",
+                epochs,
+                "Pass interval=... in steps, or re-run `bstab analyze` with a larger --lag.",
+            )
+        )
+    return converted
 
 
 def _stable_share(values: dict[str, float], shapes: dict[str, tuple], tau: float) -> float:
