@@ -68,7 +68,9 @@ def test_analyze_prints_the_table_and_writes_tables_plan_and_plots(run_path: Pat
     np.testing.assert_allclose(summary["final_S"], api.summary["final_S"], rtol=1e-12)
     plan = Plan.from_json(out / "plan.json")
     assert plan == api.plan
-    assert set(plan.ranks) == set(names)
+    # ranks are for the layers OIALR factorises; the 256x10 head (ratio 25.6 > 10) is named
+    assert set(plan.ranks) | set(plan.excluded_layers) == set(names)
+    assert list(plan.excluded_layers) == ["5"]
     written = int(result.output.split("wrote ")[1].split()[0])
     assert written == len([p for p in out.iterdir() if p.name != MANIFEST])
     assert set(json.loads((out / MANIFEST).read_text())["files"]) == {

@@ -498,7 +498,7 @@ def _interval(pairing: LagPairs, index: pd.DataFrame) -> int | Interval:
     return Interval(pairing.lag.given, snapshots, epochs, None if steps is None else round(steps))
 
 
-def _plan(network, spectra_by_t, shapes, index, lag, run, cfg, pairing):
+def _plan(network, spectra_by_t, shapes, index, lag, run, cfg, pairing=None):
     """The plan, with beta and the expected share over the layers OIALR would factorise (from
     the recorded kinds and tall shapes, auto mode's eligibility), or None without full spectra."""
     complete = [t for t, d in spectra_by_t.items() if len(d) == len(shapes)]
@@ -516,7 +516,7 @@ def _plan(network, spectra_by_t, shapes, index, lag, run, cfg, pairing):
         run.model_class,
         cfg,
         kinds=kinds,
-        uneven_spacing=pairing.warning,
+        uneven_spacing=pairing.warning if pairing is not None else None,
     )
 
 
