@@ -48,16 +48,12 @@ def headline(history: list[dict[str, float]], task: str = "classification", unit
     return text
 
 
-@dataclass
-class RecordResult:
-    """What :func:`run_record_job` did. ``task`` and ``unit`` come from the dataset."""
+class _Headline:
+    """The headline metric of a job result with ``history``, ``task`` and ``unit``."""
 
-    path: Path
     history: list[dict[str, float]]
-    n_snapshots: int
-    n_layers: int
-    task: str = "classification"
-    unit: str = ""
+    task: str
+    unit: str
 
     @property
     def metric(self) -> tuple[str, float]:
@@ -68,6 +64,18 @@ class RecordResult:
     def summary(self) -> str:
         """The headline metric as text, see :func:`headline`."""
         return headline(self.history, self.task, self.unit)
+
+
+@dataclass
+class RecordResult(_Headline):
+    """What :func:`run_record_job` did. ``task`` and ``unit`` come from the dataset."""
+
+    path: Path
+    history: list[dict[str, float]]
+    n_snapshots: int
+    n_layers: int
+    task: str = "classification"
+    unit: str = ""
 
 
 T = TypeVar("T")
@@ -252,7 +260,7 @@ class TrainJob:
 
 
 @dataclass
-class TrainResult:
+class TrainResult(_Headline):
     """What :func:`run_train_job` did. ``task`` and ``unit`` come from the dataset;
     ``never_converted`` is the line of an auto run that ended full-rank (see
     :meth:`~basis_stability.train.oialr.OIALR.never_converted_summary`), else None."""
@@ -268,16 +276,6 @@ class TrainResult:
     task: str = "classification"
     unit: str = ""
     never_converted: str | None = None
-
-    @property
-    def metric(self) -> tuple[str, float]:
-        """``(name, value)`` of the headline metric: ``val_acc`` or ``val_mse``, last epoch."""
-        name = HEADLINE[self.task]
-        return name, self.history[-1][name]
-
-    def summary(self) -> str:
-        """The headline metric as text, see :func:`headline`."""
-        return headline(self.history, self.task, self.unit)
 
 
 def parse_steps(text: str | None, arg: str, steps_per_epoch: int) -> int | None:
