@@ -411,3 +411,11 @@ def test_recorder_run_without_steps_refuses_a_lag_in_steps(tmp_path: Path):
     with pytest.raises(ConfigError, match="records no steps") as info:
         analyze(path, AnalysisConfig(lag="20steps"), NO_CACHE)
     assert "Pass " in str(info.value) and "ep or a number of snapshots" in str(info.value)
+
+
+def test_an_infinite_lag_is_refused_as_not_finite_not_as_not_positive():
+    from basis_stability.analyze.lag import Lag
+    from basis_stability.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"`lag` to be finite but got '1e309ep'"):
+        Lag.parse("1e309ep")

@@ -85,8 +85,10 @@ class Lag:
     def _checked(cls, number: float, unit: str, given: object, name: str) -> Lag:
         if unit not in _SUFFIXES:
             raise ConfigError(expected(name, _WANTED, given, "Use snapshots, epochs or steps."))
-        if not (math.isfinite(number) and number > 0):
+        if not number > 0:  # NaN fails here too
             raise ConfigError(expected(name, "positive", given, "Use e.g. 5, 5ep or 200steps."))
+        if not math.isfinite(number):
+            raise ConfigError(expected(name, "finite", given, "Use e.g. 5, 5ep or 200steps."))
         if unit == "epochs":
             return cls(float(number), unit)
         if number != int(number):
