@@ -263,7 +263,9 @@ class TrainJob:
 class TrainResult(_Headline):
     """What :func:`run_train_job` did. ``task`` and ``unit`` come from the dataset;
     ``never_converted`` is the line of an auto run that ended full-rank (see
-    :meth:`~basis_stability.train.oialr.OIALR.never_converted_summary`), else None."""
+    :meth:`~basis_stability.train.oialr.OIALR.never_converted_summary`), else None;
+    ``kept_dense`` the line naming layers kept dense because their factors would not pay
+    (:meth:`~basis_stability.train.oialr.OIALR.dense_summary`), else None."""
 
     run_path: Path
     export_path: Path | None
@@ -276,6 +278,7 @@ class TrainResult(_Headline):
     task: str = "classification"
     unit: str = ""
     never_converted: str | None = None
+    kept_dense: str | None = None
 
 
 def parse_steps(text: str | None, arg: str, steps_per_epoch: int) -> int | None:
@@ -487,6 +490,7 @@ def run_train_job(
         task=data.task,
         unit=data.unit,
         never_converted=never,
+        kept_dense=oialr.dense_summary() if oialr else None,
     )
     if oialr is not None:
         oialr.close()

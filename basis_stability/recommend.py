@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError, expected
+from .lowrank.rules import factors_pay, trainable_entries
 from .lowrank.surgery import FactorizeConfig, eligible_by_shape
 
 PLAN_VERSION = 1
@@ -288,11 +289,25 @@ def _ranks_at(spectra: dict[str, np.ndarray], beta: float) -> dict[str, int]:
     return {name: int((s >= beta * s[0]).sum()) if s[0] > 0 else 0 for name, s in spectra.items()}
 
 
+def expected_share(ranks: dict[str, int], shapes: dict[str, tuple[int, int]]) -> float:
+    """Trainable share after OIALR of layers cut to ``ranks``: ``k^2`` each, or ``m n`` for a
+    layer whose factors would not pay (it stays dense, as the controller keeps it)."""
+    total = sum(m * n for m, n in shapes.values())
+    kept = sum(
+        trainable_entries(r if factors_pay(r, *shapes[name]) else None, *shapes[name])
+        for name, r in ranks.items()
+    )
+    return kept / total
+
+
 def beta_curve(
     spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], betas: tuple[float, ...]
 ) -> pd.DataFrame:
-    """Trainable share and kept energy for each candidate beta, from one snapshot's spectra."""
-    total = sum(m * n for m, n in shapes.values())
+    """Trainable share and kept energy for each candidate beta, from one snapshot's spectra.
+
+    The share is the controller's: a layer whose beta rank would not pay as thin factors
+    (``k (m + n) >= m n``) stays dense and counts all its entries (:func:`expected_share`).
+    """
     rows = []
     for beta in betas:
         ranks = _ranks_at(spectra, beta)
@@ -300,7 +315,7 @@ def beta_curve(
         rows.append(
             {
                 "beta": beta,
-                "trainable_share": sum(r * r for r in ranks.values()) / total,
+                "trainable_share": expected_share(ranks, shapes),
                 "min_energy": float(np.nanmin(energies)),
                 "mean_energy": float(np.nanmean(energies)),
             }
@@ -428,7 +443,13 @@ def make_plan(
     curve = beta_curve(at_spectra, used, cfg.betas)
     beta, beta_why = choose_beta(curve, cfg)
     ranks = _ranks_at(at_spectra, beta)  # the curve's own rule, so the share matches it
-    share = sum(r * r for r in ranks.values()) / sum(m * n for m, n in used.values())
+    share = expected_share(ranks, used)
+    dense = [n for n, r in ranks.items() if not factors_pay(r, *used[n])]
+    if dense:
+        notes.append(
+            f"at beta {beta:g} the factors of {', '.join(dense)} would not pay (k (m + n) >= "
+            "m n): OIALR keeps them dense, and the expected share counts them whole"
+        )
     if delay is None:
         notes.insert(0, why + f"; beta and ranks are from snapshot {at}")
     notes += excluded_notes(network)

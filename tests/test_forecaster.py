@@ -165,7 +165,7 @@ def test_short_training_beats_the_naive_forecasts():
     torch.manual_seed(0)
     model = build_model("forecaster", data.input_shape, data.num_classes, seed=0)
     history = fit(model, data, TrainConfig(epochs=3, seed=0), progress=False)
-    assert set(history[-1]) == {"loss", "mse", "val_loss", "val_mse", "val_rmse_orig"}
+    assert set(history[-1]) == {"loss", "mse", "val_loss", "val_mse", "val_rmse_orig", "lr"}
     val = history[-1]["val_mse"]
     assert val < 0.5 * last_value and val < seasonal, (val, last_value, seasonal)
     assert history[-1]["val_rmse_orig"] == pytest.approx(np.sqrt(val) * data.scale)
@@ -197,7 +197,7 @@ def test_cli_train_oialr_reports_mse_and_factorises_attention(tmp_path):
     out = tmp_path / "train.h5"
     result = bstab(
         "train", "--model", "forecaster", "--dataset", "co2", "--epochs", "3", "--delay", "1",
-        "--interval", "1", "--beta", "0.3", "--batch-size", "128", "--no-progress", "-o", out,
+        "--interval", "1", "--beta", "0.5", "--batch-size", "128", "--no-progress", "-o", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if x.startswith("val_"))

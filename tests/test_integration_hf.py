@@ -337,7 +337,9 @@ def test_oialr_trainer_converts_updates_and_checkpoints_its_state(tmp_path):
     assert trainer.state.global_step == 12
 
     lowrank = {n for n, m in trainer.model.named_modules() if isinstance(m, LowRankLinear)}
-    assert len(lowrank) >= 12  # attention and FFN projections of both layers
+    dense = set(trainer.oialr.dense_layers())  # beta 0.3 keeps too many values there to pay
+    assert dense and lowrank and not dense & lowrank  # both kinds: resume must rebuild both
+    assert len(lowrank | dense) >= 12  # attention and FFN projections of both layers
     assert lowrank == set(trainer.oialr.ranks())
     assert "classifier" not in lowrank  # tall (32, 2): aspect 16 > 10 stays dense
     _check_optimizer(trainer)
@@ -353,8 +355,10 @@ def test_oialr_trainer_converts_updates_and_checkpoints_its_state(tmp_path):
         if step < DELAY:
             assert state["converted_at"] is None and state["ranks"] == {}
         else:
-            assert state["converted_at"] == DELAY and set(state["ranks"]) == lowrank
-    assert state["ranks"] == trainer.oialr.ranks()
+            assert state["converted_at"] == DELAY
+            # every eligible layer is low-rank or kept dense; an update may move it across
+            assert set(state["ranks"]) | set(state["dense"]) == lowrank | dense
+    assert state["ranks"] == trainer.oialr.ranks() and set(state["dense"]) == dense
 
 
 def test_oialr_trainer_resumes_after_conversion(tmp_path):

@@ -283,7 +283,8 @@ DELAY, INTERVAL = 6, 4
 
 
 def _oialr_config() -> OIALRConfig:
-    return OIALRConfig(delay=DELAY, interval=INTERVAL, beta=0.3)
+    # every layer factorised whatever its rank (the callback's mechanics, not the pay rule)
+    return OIALRConfig(delay=DELAY, interval=INTERVAL, beta=0.3, dense_when_larger=False)
 
 
 class AroundConversion(L.Callback):

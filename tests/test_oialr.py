@@ -64,12 +64,16 @@ def test_ranks_never_grow_respect_the_floor_and_cut_at_most_half():
         _run(model, optimizer, oialr, 1)
         history.append(oialr.ranks())
     n = {name: factor_of(m).tall_shape[1] for name, m in oialr.layers.items()}
+    tall = {name: factor_of(m).tall_shape for name, m in oialr.layers.items()}
     start = {name: min(factor_of(m).tall_shape) for name, m in oialr.layers.items()}
     assert history[0] == start  # k = n at conversion (n <= m on the tall matrix)
     for before, after in zip(history, history[1:]):
         for name, k in after.items():
+            m_, n_ = tall[name]
+            paying = (m_ * n_ - 1) // (m_ + n_)  # the largest k with k (m + n) < m n
             assert k <= before[name]  # never grows
-            assert k >= math.ceil(before[name] / 2)  # at most half of k per update
+            # at most half of k per update, or down to the largest rank whose factors pay
+            assert k >= min(math.ceil(before[name] / 2), paying)
             assert k >= max(1, int(0.25 * n[name]))  # the floor
     final = history[-1]
     assert final == {name: max(1, int(0.25 * n[name])) for name in final}  # beta 0.95 hits it
@@ -90,7 +94,8 @@ def test_default_floor_is_one_percent_of_n_and_at_least_one():
 
 # ---------------------------------------------------------------------------- shares
 def test_trainable_and_factorised_share_by_hand():
-    model, optimizer, oialr = _make(OIALRConfig(delay=1, interval=1, beta=0.5))
+    cfg = OIALRConfig(delay=1, interval=1, beta=0.5, dense_when_larger=False)
+    model, optimizer, oialr = _make(cfg)
     full = (6 * 8 + 8) + (8 * 8 + 8) + (8 * 3 + 3)  # 155
     assert oialr.full_rank_trainable == full
     assert oialr.trainable_share() == 1.0 and oialr.factorised_share() == 1.0

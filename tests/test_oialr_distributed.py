@@ -74,7 +74,8 @@ def _train(rank: int, folder: str) -> None:
         model = _model()
         ddp = DistributedDataParallel(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        oialr = OIALR(ddp, opt, OIALRConfig(delay=DELAY, interval=INTERVAL, beta=BETA))
+        cfg = OIALRConfig(delay=DELAY, interval=INTERVAL, beta=BETA, dense_when_larger=False)
+        oialr = OIALR(ddp, opt, cfg)
 
         gen = torch.Generator().manual_seed(100 + rank)  # rank-specific data
         x = torch.randn(STEPS * BATCH, 1, 6, 6, generator=gen)

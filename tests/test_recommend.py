@@ -74,6 +74,12 @@ KEPT_A = {4: 1.0, 3: 21 / 21.25, 2: 20 / 21.25, 1: 16 / 21.25}
 KEPT_B = {2: 11.25 / 11.3125, 1: 9 / 11.3125}
 
 
+def _kept(r: int, m: int, n: int) -> int:
+    """Trainable entries after OIALR: r^2, or all m n when r (m + n) >= m n (it stays dense):
+    a (10, 4) pays up to rank 2, b (5, 3) only at rank 1."""
+    return r * r if r * (m + n) < m * n else m * n
+
+
 def test_beta_curve_by_hand():
     curve = beta_curve(SPECTRA, SHAPES, BETAS)
     assert list(curve.columns) == ["beta", "trainable_share", "min_energy", "mean_energy"]
@@ -81,7 +87,8 @@ def test_beta_curve_by_hand():
     for row in curve.itertuples():
         r_a, r_b = RANKS[row.beta]
         e = (KEPT_A[r_a], KEPT_B[r_b])
-        assert row.trainable_share == pytest.approx((r_a**2 + r_b**2) / 55, rel=1e-12)
+        share = (_kept(r_a, 10, 4) + _kept(r_b, 5, 3)) / 55
+        assert row.trainable_share == pytest.approx(share, rel=1e-12)
         assert row.min_energy == pytest.approx(min(e), rel=1e-12)
         assert row.mean_energy == pytest.approx(sum(e) / 2, rel=1e-12)
 
@@ -92,8 +99,9 @@ def test_beta_curve_by_hand():
         ("energy", 0.9, 0.3, "largest beta keeping >= 90%"),  # min energy 0.941 at 0.3
         ("energy", 0.95, 0.2, "largest beta keeping >= 95%"),  # 0.988 at 0.2, 0.941 at 0.3
         ("energy", 0.999, 0.1, "no beta keeps"),  # 0.9945 at best: the smallest beta
-        ("share", 0.25, 0.2, "smallest beta with trainable share <= 25%"),  # 13/55 = 0.236
-        ("share", 0.1, 0.6, "smallest beta"),  # 8/55 = 0.145 > 0.1 >= 2/55
+        # (4 + 15)/55 = 0.345 at 0.3: b's rank 2 would not pay, it counts whole; 55/55 at 0.2
+        ("share", 0.4, 0.3, "smallest beta with trainable share <= 40%"),
+        ("share", 0.1, 0.6, "smallest beta"),  # 19/55 > 0.1 >= 2/55
         ("share", 0.01, 0.6, "no beta reaches"),  # 2/55 at best: the largest beta
     ],
 )
@@ -129,9 +137,10 @@ def test_make_plan_fields():
     assert (plan.interval_snapshots, plan.interval_epochs, plan.interval_steps) == (2, 1.0, 50)
     assert plan.beta == 0.3  # scaling a spectrum changes no ratio
     assert plan.ranks == {"a": 2, "b": 2}
-    assert plan.expected_trainable_share == pytest.approx((4 + 4) / (40 + 15))
+    assert plan.expected_trainable_share == pytest.approx((4 + 15) / (40 + 15))  # b dense
     assert plan.layers == {"a": [10, 4], "b": [5, 3]}
-    assert plan.model_class == "Toy" and plan.notes == []
+    assert plan.model_class == "Toy" and len(plan.notes) == 1
+    assert "the factors of b would not pay" in plan.notes[0]
     assert plan.evidence["spectra_snapshot"] == 4
     assert plan.evidence["stable_share_at_delay"] == 0.95
     assert plan.evidence["kept_energy"] == pytest.approx({"a": 20 / 21.25, "b": 11.25 / 11.3125})
@@ -145,7 +154,8 @@ def test_make_plan_without_a_delay_uses_the_latest_spectra_and_says_so():
     plan, _ = make_plan(network, _spectra([0, 1, 2]), SHAPES, _index(3), 1, "Toy", PlanConfig())
     assert plan.delay_snapshot is plan.delay_epoch is plan.delay_step is None
     assert plan.evidence["spectra_snapshot"] == 2
-    assert len(plan.notes) == 1 and "snapshot 2" in plan.notes[0]
+    assert len(plan.notes) == 2 and "snapshot 2" in plan.notes[0]
+    assert "would not pay" in plan.notes[1]  # beta 0.15 keeps rank 2 of b (5, 3)
 
 
 def test_make_plan_unknown_steps_and_epochs_are_none():

@@ -138,4 +138,20 @@ _TRAINING_OPTIONS = [
         default="adamw",
         show_default=True,
     ),
+    click.option(
+        "--warmup",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        show_default=True,
+        metavar="EPOCHS",
+        help="Linear learning-rate warm-up over the first EPOCHS epochs (fractions allowed).",
+    ),
+    click.option(
+        "--lr-schedule",
+        type=click.Choice(["constant", "cosine"]),
+        default="constant",
+        show_default=True,
+        help="After warm-up: constant, or cosine decay to 0 by the last step (the paper's "
+        "recipe, with --warmup).",
+    ),
 ]

@@ -75,6 +75,8 @@ def train(
     batch_size: int,
     lr: float,
     optimizer: str,
+    warmup: float,
+    lr_schedule: str,
     delay: str | None,
     interval: str | None,
     beta: float | None,
@@ -123,7 +125,15 @@ def train(
     job = jobs.TrainJob(
         model,
         dataset,
-        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed),
+        TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            seed=seed,
+            warmup=warmup,
+            lr_schedule=lr_schedule,
+        ),
         mode,
         delay,
         interval,
@@ -162,3 +172,5 @@ def train(
         click.echo(f"export: {result.export}")
     if result.never_converted is not None:
         click.echo(result.never_converted, err=True)
+    if result.kept_dense is not None:
+        click.echo(result.kept_dense, err=True)

@@ -150,9 +150,9 @@ class _OIALRStep(_tf.TrainerCallback):
         oialr = self.trainer.oialr
         if oialr is None:
             return
-        line = oialr.never_converted_summary()
-        if line is not None:  # an auto run that ended full-rank
-            log.warning("%s", line)
+        for line in (oialr.never_converted_summary(), oialr.dense_summary()):
+            if line is not None:  # an auto run that ended full-rank; layers kept dense
+                log.warning("%s", line)
         oialr.close()
 
 

@@ -222,10 +222,13 @@ class OIALRCallback(_pl.Callback):
             match_model_order(trainer.optimizers[0], pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """An auto run that ends full-rank says so (last stable share, what would convert)."""
-        line = self.oialr.never_converted_summary() if self.oialr is not None else None
-        if line is not None:
-            log.warning("%s", line)
+        """An auto run that ends full-rank says so (last stable share, what would convert), and
+        layers kept dense because their factors would not pay are named."""
+        if self.oialr is None:
+            return
+        for line in (self.oialr.never_converted_summary(), self.oialr.dense_summary()):
+            if line is not None:
+                log.warning("%s", line)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.oialr is not None:

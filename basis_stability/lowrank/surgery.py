@@ -351,23 +351,95 @@ def rebuild_low_rank(
 ) -> SurgeryReport:
     """Give a dense ``model`` the low-rank layers of a checkpoint taken after conversion.
 
-    The layers are factorised as :func:`factorize_` would and cut to the checkpoint's ``ranks``
-    (layer name -> k); their values are placeholders until the checkpoint's weights are loaded.
+    The layers named in ``ranks`` (layer name -> k) are factorised and cut to k; every other
+    layer stays dense (OIALR keeps a layer dense whose factors would not pay). Their values are
+    placeholders until the checkpoint's weights are loaded.
 
     Raises:
         ConfigError: a layer of ``ranks`` is not factorisable in this model (another model or
             other eligibility options than the checkpoint's).
     """
-    report = factorize_(model, config, filter_fn)
-    missing = sorted(set(ranks) - set(report.converted))
+    chosen, skipped = eligible_layers(model, config or FactorizeConfig(), filter_fn)
+    eligible = {name for name, _ in chosen}
+    missing = sorted(set(ranks) - eligible)
     if missing:
         raise ConfigError(
             f"Expected the checkpoint's low-rank layers {missing} to be factorisable in this "
             "model but they are not. Resume with the same model and factorisation options."
         )
+    # only the checkpoint's layers: an eligible layer it does not name stayed dense there
+    report = SurgeryReport(skipped=skipped)
+    for name in sorted(ranks, key=lambda n: n.count(".")):  # attention before its out_proj
+        old_weight, module = factorize_layer_(model, name)
+        report.converted[name] = module
+        report.swapped.append((old_weight, module))
     for name, module in report.converted.items():
         factor = factor_of(module)
-        k = int(ranks.get(name, factor.rank))
+        k = int(ranks[name])
         if k < factor.rank:
             factor.rotate_and_truncate_(k)
     return report
+
+
+def factorize_layer_(model: nn.Module, name: str) -> tuple[nn.Parameter, nn.Module]:
+    """Factorise the one layer ``name`` exactly (eligibility already decided by the caller).
+
+    Returns:
+        ``(old dense weight, new low-rank module)``, for optimizer surgery.
+    """
+    bare = unwrap_model(model)
+    module = bare.get_submodule(name)
+    entry = lookup(module)
+    if entry is None or entry.low_rank or entry.factorize is None:
+        raise ConfigError(
+            f"Expected {name} to be a dense layer the registry can factorise but it is "
+            f"{type(module).__name__}. Pass the name of a dense Linear, convolution or attention."
+        )
+    old_weight = getattr(module, entry.matrices_of(module)[0].attr)
+    with torch.no_grad():
+        new = entry.factorize(module)
+    _set(bare, name, new)
+    return old_weight, new
+
+
+def densify_layer_(model: nn.Module, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """Turn the one low-rank layer ``name`` back into its dense type while training.
+
+    Unlike :func:`densify_`, every parameter but the weight is the same Parameter object (the
+    optimizer keeps the bias and its state); the new dense weight ``U S Vh`` is trainable.
+
+    Returns:
+        ``(old S, new dense weight)``, for optimizer surgery.
+    """
+    bare = unwrap_model(model)
+    module = bare.get_submodule(name)
+    if not isinstance(module, LOW_RANK_TYPES):
+        raise ConfigError(
+            f"Expected {name} to be a low-rank layer but it is {type(module).__name__}."
+        )
+    old = factor_of(module).S
+    with torch.no_grad():
+        if isinstance(module, LowRankMultiheadAttention):
+            dense = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
+            nn.Module.__init__(dense)
+            dense.__dict__.update(
+                {
+                    k: v
+                    for k, v in module.__dict__.items()
+                    if k not in ("_parameters", "_buffers", "_modules")
+                }
+            )
+            dense._buffers.update(module._buffers)
+            dense._modules.update({k: v for k, v in module._modules.items() if k != "in_proj"})
+            weight = nn.Parameter(module.in_proj.dense().detach().clone())
+            dense._parameters["in_proj_weight"] = weight
+            dense._parameters.update(module._parameters)
+            # nn.MultiheadAttention registers in_proj_weight first: keep its parameter order
+            order = ["in_proj_weight"] + [k for k in dense._parameters if k != "in_proj_weight"]
+            dense._parameters = {k: dense._parameters[k] for k in order}
+        else:
+            dense = module.to_dense()
+            dense.bias = module.bias  # the same Parameter: the optimizer keeps it
+            weight = dense.weight
+    _set(bare, name, dense)
+    return old, weight

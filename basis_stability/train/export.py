@@ -26,6 +26,7 @@ from ..lowrank.layers import (
     filled,
     linear_factors,
 )
+from ..lowrank.rules import factors_pay
 from ..lowrank.surgery import low_rank_layers
 from ..registry import lookup
 from ..views import unwrap_model
@@ -51,8 +52,7 @@ def _thin_linear(layer: LowRankLinear | LowRankConv1D) -> nn.Sequential:
 
 def _pair_is_smaller(factor) -> bool:
     """Whether two thin layers (k (m + n) entries) hold fewer entries than the dense m x n."""
-    m, n = factor.tall_shape
-    return factor.rank * (m + n) < m * n
+    return factors_pay(factor.rank, *factor.tall_shape)
 
 
 def _thin_conv(layer: LowRankConv) -> nn.Module:

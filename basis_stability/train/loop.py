@@ -20,11 +20,17 @@ from ..errors import ConfigError, expected
 from ..zoo.datasets import CLASSIFICATION, REGRESSION, Dataset
 
 _OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of :func:`fit`."""
+    """Hyper-parameters of :func:`fit`.
+
+    ``warmup`` (epochs, may be fractional) ramps the learning rate linearly from ``lr / w`` to
+    ``lr`` over its first w steps; ``lr_schedule="cosine"`` then decays it to 0 along a half
+    cosine by the last step (the paper's recipe); see :func:`lr_factor`.
+    """
 
     epochs: int = 40
     batch_size: int = 64
@@ -33,8 +39,32 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 0
+    warmup: float = 0.0
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if (
+            isinstance(self.warmup, bool)
+            or not isinstance(self.warmup, (int, float))
+            or not 0 <= self.warmup < self.epochs
+        ):
+            raise ConfigError(
+                expected(
+                    "warmup",
+                    f"epochs in [0, {self.epochs}) (shorter than training)",
+                    self.warmup,
+                    "Use e.g. 2 (epochs of linear warm-up), or 0 for none.",
+                )
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                expected(
+                    "lr_schedule",
+                    " or ".join(LR_SCHEDULES),
+                    self.lr_schedule,
+                    "cosine decays the learning rate to 0 by the last step.",
+                )
+            )
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -60,6 +90,30 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         )
     klass = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return klass(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup_steps: int, schedule: str = "constant") -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based) of ``total``.
+
+    Warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps. After it,
+    ``constant`` is 1 and ``cosine`` is ``(1 + cos(pi * t)) / 2`` with ``t`` running from 0 at
+    the first step after warm-up to 1 at step ``total`` (so the last step's factor is just
+    above 0).
+
+    Example:
+        >>> [round(lr_factor(s, 10, 2, "cosine"), 3) for s in (0, 1, 2, 9)]
+        [0.5, 1.0, 1.0, 0.038]
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(total - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
+
+
+def steps_per_epoch(samples: int, batch_size: int) -> int:
+    return math.ceil(samples / batch_size)
 
 
 #: the metric that sums up a run of each task (the last epoch's value is the headline)
@@ -134,8 +188,9 @@ def fit(
     ``loss``, ``acc`` (training, running means), ``val_loss`` and ``val_acc`` for a
     classification dataset; ``loss``, ``mse`` (training, running means), ``val_loss``,
     ``val_mse`` and ``val_rmse_orig`` for a regression one (``data.task``), see the module
-    docstring. ``on_loss(batch_loss)`` after each backward pass, just before
-    ``optimizer.step()``.
+    docstring, and ``lr``, the learning rate of the epoch's last step. ``on_loss(batch_loss)``
+    after each backward pass, just before ``optimizer.step()``. ``cfg.warmup`` and
+    ``cfg.lr_schedule`` set every param group's rate before each step (:func:`lr_factor`).
     """
     from tqdm.auto import tqdm
 
@@ -146,6 +201,12 @@ def fit(
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
+    per_epoch = steps_per_epoch(len(data.x_train), cfg.batch_size)
+    total, warmup_steps = per_epoch * cfg.epochs, round(cfg.warmup * per_epoch)
+    scheduled = warmup_steps > 0 or cfg.lr_schedule != "constant"
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    step = 0
     bar = tqdm(range(1, cfg.epochs + 1), desc="training", unit="epoch", disable=not progress)
     model.train()
     for epoch in bar:
@@ -161,7 +222,12 @@ def fit(
             batch_loss = loss.item()
             if on_loss is not None:
                 on_loss(batch_loss)
+            if scheduled:
+                factor = lr_factor(step, total, warmup_steps, cfg.lr_schedule)
+                for group in optimizer.param_groups:  # OIALR swaps tensors, groups stay
+                    group["lr"] = group["initial_lr"] * factor
             optimizer.step()
+            step += 1
             loss_sum += batch_loss * len(idx)
             if not regression:
                 correct += _hits(out, yb)
@@ -174,6 +240,7 @@ def fit(
                 "val_loss": val_loss,
                 "val_mse": val_metric,
                 "val_rmse_orig": math.sqrt(val_metric) * data.scale,
+                "lr": optimizer.param_groups[0]["lr"],
             }
         else:
             metrics = {
@@ -181,6 +248,7 @@ def fit(
                 "acc": correct / len(order),
                 "val_loss": val_loss,
                 "val_acc": val_metric,
+                "lr": optimizer.param_groups[0]["lr"],
             }
         history.append(metrics)
         headline = HEADLINE[task]

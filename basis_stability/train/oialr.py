@@ -45,11 +45,19 @@ from ..lowrank.optim_state import (
     swap_parameter,
     update_transform,
 )
+from ..lowrank.rules import (
+    CAP_ROUNDINGS,
+    beta_rank,
+    largest_paying_rank,
+    next_rank,
+    trainable_entries,
+)
 from ..lowrank.surgery import (
     FactorizeConfig,
+    densify_layer_,
     eligible_layers,
     factor_of,
-    factorize_,
+    factorize_layer_,
     kept_all_message,
     low_rank_layers,
 )
@@ -62,7 +70,6 @@ log = logging.getLogger(__name__)
 PRESETS = ("bstab", "reference")
 DELAY_COUNTS = ("completed", "started")
 FIRST_CUTS = ("one_interval_later", "at_conversion")
-CAP_ROUNDINGS = ("ceil", "floor")
 
 
 @dataclass
@@ -93,6 +100,11 @@ class OIALRConfig:
         progressive: None: every layer at every update. A share p: the reference's progressive
             schedule: each update adds ``int((L - 1) * p)`` to a count c and updates the last c
             converted layers (registration order); c = 0 means all layers (its ``[-0:]``).
+        dense_when_larger: a layer whose factors would hold as many entries as W or more
+            (``k (m + n) >= m n`` at the rank its cut keeps) stays dense at conversion, returns
+            to dense form at an update, and is factorised at a later update once its rank pays;
+            a cut stops at the largest paying rank rather than at the halving cap's. The
+            reference preset has none of this (False).
         preset: the preset that built this config (``bstab`` or ``reference``), a label kept
             with the events; ``reference`` forbids ``auto``.
     """
@@ -114,6 +126,7 @@ class OIALRConfig:
     delay_counts: str = "completed"
     first_cut: str = "one_interval_later"
     progressive: float | None = None
+    dense_when_larger: bool = True
     preset: str = "bstab"
 
     @classmethod
@@ -234,6 +247,7 @@ class OIALRConfig:
             "delay_counts": "started",
             "first_cut": "at_conversion",
             "progressive": 0.1,
+            "dense_when_larger": False,
         }
         settings.update(fields)
         return cls(
@@ -415,7 +429,9 @@ class OIALR:
         self.events: list[dict[str, Any]] = []
         # called with every decision record, e.g. Recorder.log_event to keep it in the run file
         self.on_event: Callable[[dict[str, Any]], None] | None = None
-        self.layers: dict[str, nn.Module] = {}
+        self.layers: dict[str, nn.Module] = {}  # low-rank now
+        self.dense: dict[str, nn.Module] = {}  # eligible, dense because factors would not pay
+        self._order: list[str] = []  # every layer conversion considered, registration order
         self._history: dict[str, deque] = {}
         self._streak = 0
         self._optimizer_steps = 0
@@ -541,45 +557,85 @@ class OIALR:
         return True
 
     # ------------------------------------------------------------------ conversion
+    def _rank_rule(self, k: int, s: torch.Tensor, shape: tuple[int, int]) -> int | None:
+        """The rank rule (:func:`~basis_stability.lowrank.rules.next_rank`) with this config."""
+        cfg = self.cfg
+        return next_rank(
+            k,
+            s.tolist(),
+            self.beta,
+            *shape,
+            max_cut=cfg.max_cut,
+            cap_rounding=cfg.cap_rounding,
+            min_rank_share=cfg.min_rank_share,
+            dense_when_larger=cfg.dense_when_larger,
+        )
+
+    @torch.no_grad()
+    def _dense_rank(self, module: nn.Module) -> tuple[int | None, tuple[int, int]] | None:
+        """The rank rule on a dense layer's W (k = n); None when W is not finite."""
+        w = tall_matrix(module).detach().double().cpu()
+        if not torch.isfinite(w).all():
+            return None
+        s = torch.linalg.svdvals(w)
+        shape = (int(w.shape[0]), int(w.shape[1]))
+        return self._rank_rule(shape[1], s, shape), shape
+
     def convert(self) -> bool:
-        """Factorise every eligible layer now (exactly: the outputs do not change)."""
+        """Factorise every eligible layer now (exactly: the outputs do not change).
+
+        With ``dense_when_larger`` (bstab's preset), a layer whose rank after its first cut
+        would not pay (``k (m + n) >= m n``) stays dense; every update checks it again.
+        """
         if self.converted_at is not None:
             return False
-        report = factorize_(self.model, self.cfg.factorize, self.filter_fn)
-        for old_weight, module in report.swapped:
-            factor = factor_of(module)
-            swap_parameter(
-                self.optimizer, old_weight, factor.S, conversion_transform(self.cfg.moments, factor)
-            )
-        # registration order (the progressive schedule's order), not the surgery's depth order
+        chosen, _ = eligible_layers(self.model, self.cfg.factorize, self.filter_fn)
+        self._order = [name for name, _ in chosen]
+        dense = {}
+        if self.cfg.dense_when_larger:
+            for name, module in chosen:
+                decided = self._dense_rank(module)
+                if decided is not None and decided[0] is None:
+                    dense[name] = module
+        # attention first: its out_proj Linear is converted after it, inside the new module
+        for name in sorted((n for n in self._order if n not in dense), key=lambda n: n.count(".")):
+            self._factorize(name)
         present = low_rank_layers(self.model)
-        self.layers = {n: m for n, m in present.items() if n in report.converted}
+        self.layers = {n: present[n] for n in self._order if n in present}
+        self.dense = {n: self.model.get_submodule(n) for n in self._order if n in dense}
         self.converted_at = self.steps
         self._history.clear()
         self._broadcast()
-        self._log(
-            "convert",
-            beta=self.beta,
-            layers=len(self.layers),
-            trainable_share=self.trainable_share(),
-        )
+        numbers: dict[str, Any] = {"beta": self.beta, "layers": len(self.layers)}
+        if self.dense:
+            numbers["dense"] = list(self.dense)[:8]  # an event row holds 4 KiB
+            numbers["dense_count"] = len(self.dense)
+        self._log("convert", **numbers, trainable_share=self.trainable_share())
         return True
 
-    def _min_rank(self, factor: LowRankFactor) -> int:
-        return max(1, int(self.cfg.min_rank_share * factor.tall_shape[1]))
+    def _factorize(self, name: str) -> LowRankFactor:
+        """Act: factorise one layer and give its S the dense weight's optimizer slot."""
+        old_weight, module = factorize_layer_(self.model, name)
+        factor = factor_of(module)
+        swap_parameter(
+            self.optimizer, old_weight, factor.S, conversion_transform(self.cfg.moments, factor)
+        )
+        return factor
 
-    def _new_rank(self, factor: LowRankFactor, s: torch.Tensor) -> int:
-        k = factor.rank
-        keep = int((s >= self.beta * s[0]).sum())
-        if keep >= k:
-            return k
-        kept_share = k * (1 - self.cfg.max_cut)
-        cap = math.floor(kept_share) if self.cfg.cap_rounding == "floor" else math.ceil(kept_share)
-        return min(k, max(keep, cap, self._min_rank(factor)))
+    def _densify(self, name: str) -> None:
+        """Act: one low-rank layer back to dense; its new W starts with zeroed moments."""
+        old, weight = densify_layer_(self.model, name)
+        swap_parameter(self.optimizer, old, weight, lambda _key, t: torch.zeros_like(weight))
+
+    def _cut(self, factor: LowRankFactor, k_new: int, svd: tuple | None = None) -> None:
+        """Act: rotate one factor so S is diagonal and keep ``k_new`` values."""
+        old = factor.S
+        rot = factor.rotate_and_truncate_(k_new, svd)
+        swap_parameter(self.optimizer, old, factor.S, update_transform(self.cfg.moments, rot))
 
     def _due_layers(self) -> list[str]:
         """The layers this update touches: all, or the progressive schedule's last ones."""
-        names = list(self.layers)
+        names = list(self._order)
         if self.cfg.progressive is None:
             return names
         self._progress += int((len(names) - 1) * self.cfg.progressive)
@@ -587,11 +643,26 @@ class OIALR:
 
     @torch.no_grad()
     def update(self) -> bool:
-        """Rotate each due low-rank layer so S is diagonal, then cut values below beta * s_1."""
-        changed, ranks = False, {}
+        """Rotate each due low-rank layer so S is diagonal, then cut values below beta * s_1.
+
+        With ``dense_when_larger``, a low-rank layer whose new rank would not pay returns to
+        dense form, and a dense layer whose rank now pays is factorised and cut.
+        """
+        changed, ranks, densified, factorised = False, {}, [], []
         for name in self._due_layers():
-            module = self.layers[name]
-            factor = factor_of(module)
+            if name in self.dense:
+                decided = self._dense_rank(self.dense[name])
+                if decided is None or decided[0] is None:
+                    continue
+                del self.dense[name]
+                factor = self._factorize(name)
+                if decided[0] < factor.rank:
+                    self._cut(factor, decided[0])
+                factorised.append(name)
+                ranks[name] = factor.rank
+                changed = True
+                continue
+            factor = factor_of(self.layers[name])
             # check S itself: torch.linalg.svd raises on non-finite input
             finite = bool(torch.isfinite(factor.S).all())
             svd = torch.linalg.svd(factor.S.detach().double()) if finite else None
@@ -603,14 +674,26 @@ class OIALR:
                 )
                 self._log("skip-nan", layer=name)
                 continue
-            old = factor.S
-            k_new = self._new_rank(factor, svd[1])
-            rot = factor.rotate_and_truncate_(k_new, svd)
-            swap_parameter(self.optimizer, old, factor.S, update_transform(self.cfg.moments, rot))
-            ranks[name] = k_new
+            k_new = self._rank_rule(factor.rank, svd[1], factor.tall_shape)
+            if k_new is None:
+                self._densify(name)
+                densified.append(name)
+            else:
+                self._cut(factor, k_new, svd)
+                ranks[name] = k_new
             changed = True
+        present = low_rank_layers(self.model)
+        self.layers = {n: present[n] for n in self._order if n in present}
+        for name in densified:
+            self.dense[name] = self.model.get_submodule(name)
+        self.dense = {n: self.dense[n] for n in self._order if n in self.dense}
         self._broadcast()
-        self._log("update", ranks=ranks, trainable_share=self.trainable_share())
+        numbers: dict[str, Any] = {"ranks": ranks}
+        if densified:
+            numbers["densified"] = densified[:8]
+        if factorised:
+            numbers["factorised"] = factorised[:8]
+        self._log("update", **numbers, trainable_share=self.trainable_share())
         return changed
 
     def _broadcast(self) -> None:
@@ -633,13 +716,53 @@ class OIALR:
         return self.trainable_params() / self.full_rank_trainable
 
     def factorised_share(self) -> float:
-        """Trainable share within the factorised layers: sum k^2 / sum m n."""
+        """Trainable share within the layers OIALR factorises: sum k^2 / sum m n, a layer kept
+        dense (``dense_when_larger``) counting all its m n entries (1.0 before conversion)."""
         if not self.layers:
             return 1.0
-        factors = [factor_of(m) for m in self.layers.values()]
-        return sum(f.rank**2 for f in factors) / sum(
-            f.tall_shape[0] * f.tall_shape[1] for f in factors
+        trainable = total = 0
+        for module in self.layers.values():
+            (m, n), k = factor_of(module).tall_shape, factor_of(module).rank
+            trainable, total = trainable + trainable_entries(k, m, n), total + m * n
+        for module in self.dense.values():
+            m, n = tall_matrix(module).shape
+            trainable, total = trainable + m * n, total + m * n
+        return trainable / total
+
+    @torch.no_grad()
+    def dense_summary(self) -> str | None:
+        """One line naming the eligible layers kept dense because their factors would not pay
+        (with the beta rank now against the largest paying rank); None when there are none.
+
+        Example:
+            >>> oialr.dense_summary()  # doctest: +SKIP
+            'OIALR kept 1 of 2 eligible layers dense: its factors would not be smaller than W ...'
+        """
+        if not self.dense:
+            return None
+        parts = []
+        for name, module in list(self.dense.items())[:6]:
+            w = tall_matrix(module).detach().double().cpu()
+            m, n = (int(d) for d in w.shape)
+            s = torch.linalg.svdvals(w).tolist() if torch.isfinite(w).all() else []
+            keep = beta_rank(s, self.beta) if s else "?"
+            parts.append(
+                f"{name} ({m}x{n}: beta rank {keep} > {largest_paying_rank(m, n)}, "
+                "the largest paying)"
+            )
+        more = f" and {len(self.dense) - 6} more" if len(self.dense) > 6 else ""
+        total = len(self.dense) + len(self.layers)
+        return (
+            f"OIALR kept {len(self.dense)} of {total} eligible layers dense, as their factors "
+            f"at beta {self.beta:g} would hold as many entries as W or more (k (m + n) >= m n): "
+            f"{', '.join(parts)}{more}; they are checked again at every update. A larger beta "
+            "cuts deeper, or OIALRConfig(dense_when_larger=False) factorises them anyway."
         )
+
+    def dense_layers(self) -> list[str]:
+        """The eligible layers kept dense after conversion because their factors would not pay
+        (``k (m + n) >= m n``, ``dense_when_larger``), in registration order."""
+        return list(self.dense)
 
     def ranks(self) -> dict[str, int]:
         """``{layer name: k}`` of the converted layers, in registration order ({} before)."""
@@ -724,6 +847,7 @@ class OIALR:
             "full_rank_trainable": self.full_rank_trainable,
             "optimizer_steps": self._optimizer_steps,
             "progress": self._progress,
+            "dense": self.dense_layers(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -749,7 +873,11 @@ class OIALR:
                     "does not. Rebuild them first (the Lightning and Hugging Face integrations do "
                     "this when resuming), or resume with the same model."
                 )
-            self.layers = {n: present[n] for n in ranks}
+            dense = list(state.get("dense", []))
+            order = [n for n, _ in self.model.named_modules() if n in ranks or n in dense]
+            self._order = order
+            self.layers = {n: present[n] for n in order if n in ranks}
+            self.dense = {n: self.model.get_submodule(n) for n in order if n in dense}
 
     def close(self) -> None:
         for hook in (self._count_hook, self._auto_hook):
