@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -239,8 +239,9 @@ class TrainJob:
     preset it needs ``delay``, ``beta`` or ``plan``. ``auto=True`` takes none of them.
     ``preset="reference"`` is :meth:`OIALRConfig.reference`; ``moments``, ``keep_first``
     and ``keep_last`` left None take the preset's (``reset``, False, False for ``bstab``;
-    ``slice``, False, True for ``reference``), so pass ``moments=None`` with the reference
-    preset to get its optimizer-state handling.
+    ``slice``, False, True for ``reference``). ``overrides`` sets further
+    :class:`~basis_stability.train.oialr.OIALRConfig` fields on top (Python only; e.g.
+    ``{"first_cut": "at_conversion", "progressive": 0.1}``), checked as the config checks them.
     """
 
     model: str = "cnn"
@@ -251,12 +252,13 @@ class TrainJob:
     interval: str | None = None
     beta: float | None = None
     plan: str | None = None
-    moments: str | None = "reset"
+    moments: str | None = None
     device: str = "cpu"
     preset: str = "bstab"
     keep_first: bool | None = None
     keep_last: bool | None = None
     auto: bool | None = None
+    overrides: dict[str, Any] | None = None
 
 
 @dataclass
@@ -348,7 +350,30 @@ def auto_mode(job: TrainJob) -> bool:
 
 
 def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
-    """The OIALR settings the job asks for: explicit values, a plan.json, or auto."""
+    """The OIALR settings the job asks for: explicit values, a plan.json, or auto, then the
+    job's ``overrides``."""
+    import dataclasses
+
+    from .train.oialr import OIALRConfig
+
+    cfg = _oialr_config(job, model, steps_per_epoch)
+    if not job.overrides:
+        return cfg
+    known = {f.name for f in dataclasses.fields(OIALRConfig)} - {"preset"}
+    unknown = sorted(set(job.overrides) - known)
+    if unknown:
+        raise ConfigError(
+            expected(
+                "overrides",
+                "OIALRConfig fields",
+                unknown,
+                f"Use some of: {', '.join(sorted(known))}.",
+            )
+        )
+    return dataclasses.replace(cfg, **job.overrides)
+
+
+def _oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
     from .lowrank.surgery import FactorizeConfig
     from .recommend import Plan
     from .train.oialr import PRESETS, OIALRConfig

@@ -50,9 +50,10 @@ from ._options import _training_options, check_output
 )
 @click.option(
     "--moments",
-    type=click.Choice(["rotate", "slice", "reset"]),
+    type=click.Choice(["rotate", "slice", "reset", "restart"]),
     default=None,
-    help="Optimizer-state policy at conversion and truncation (default: reset; slice with "
+    help="Optimizer-state policy at conversion and truncation: reset zeroes the moments and "
+    "keeps Adam's step, restart zeroes the step too (default: reset; slice with "
     "--preset reference).",
 )
 @click.option(

@@ -29,7 +29,7 @@ import torch
 from ..errors import ConfigError, expected
 from .layers import LowRankFactor, Rotation
 
-MOMENT_POLICIES = ("rotate", "slice", "reset")
+MOMENT_POLICIES = ("rotate", "slice", "reset", "restart")
 FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 
@@ -51,11 +51,13 @@ def swap_parameter(
     old: torch.nn.Parameter,
     new: torch.nn.Parameter,
     transform: Transform,
+    restart: bool = False,
 ) -> None:
     """Put ``new`` in ``old``'s slot of its param group and map ``old``'s state onto it.
 
     Tensor state of ``old``'s shape is passed through ``transform(key, tensor)``; scalars and
-    step counters are kept. Raises :class:`ConfigError` when ``old`` is not in the optimizer.
+    step counters are kept, or with ``restart`` the ``step`` counter is set to 0 (Adam's bias
+    correction starts again). Raises :class:`ConfigError` when ``old`` is not in the optimizer.
     """
     found = False
     for group in optimizer.param_groups:
@@ -73,6 +75,8 @@ def swap_parameter(
     for key, value in state.items():
         if torch.is_tensor(value) and value.shape == old.shape:
             new_state[key] = transform(key, value).to(new.dtype).contiguous()
+        elif restart and key == "step":
+            new_state[key] = torch.zeros_like(value) if torch.is_tensor(value) else 0
         else:
             new_state[key] = value
     if new_state:
@@ -105,7 +109,7 @@ def update_transform(policy: str, rot: Rotation) -> Transform:
     up, vph = rot.Up.double(), rot.Vph.double()
 
     def transform(key: str, t: torch.Tensor) -> torch.Tensor:
-        if policy == "reset" or key not in FIRST_MOMENTS + SECOND_MOMENTS:
+        if policy in ("reset", "restart") or key not in FIRST_MOMENTS + SECOND_MOMENTS:
             return torch.zeros(k, k, dtype=t.dtype, device=t.device)
         m = t.double()
         if policy == "rotate":

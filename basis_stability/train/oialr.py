@@ -85,7 +85,8 @@ class OIALRConfig:
         lag: auto: compare each measurement with the one ``lag`` checks earlier.
         patience: auto: checks in a row the delay rule must hold.
         plan: auto: thresholds of the delay and beta rules.
-        moments: optimizer-state policy: ``reset`` (default), ``slice`` or ``rotate``.
+        moments: optimizer-state policy: ``reset`` (default: moments zeroed, Adam's ``step``
+            kept), ``restart`` (moments and ``step`` zeroed), ``slice`` or ``rotate``.
         max_cut: at most this share of k is cut per update (the reference halves at most).
         cap_rounding: the kept share ``k * (1 - max_cut)`` rounded ``ceil`` (default: 5 -> 3)
             or ``floor`` (the reference: 5 -> 2).
@@ -618,20 +619,36 @@ class OIALR:
         old_weight, module = factorize_layer_(self.model, name)
         factor = factor_of(module)
         swap_parameter(
-            self.optimizer, old_weight, factor.S, conversion_transform(self.cfg.moments, factor)
+            self.optimizer,
+            old_weight,
+            factor.S,
+            conversion_transform(self.cfg.moments, factor),
+            restart=self.cfg.moments == "restart",
         )
         return factor
 
     def _densify(self, name: str) -> None:
         """Act: one low-rank layer back to dense; its new W starts with zeroed moments."""
         old, weight = densify_layer_(self.model, name)
-        swap_parameter(self.optimizer, old, weight, lambda _key, t: torch.zeros_like(weight))
+        swap_parameter(
+            self.optimizer,
+            old,
+            weight,
+            lambda _key, t: torch.zeros_like(weight),
+            restart=self.cfg.moments == "restart",
+        )
 
     def _cut(self, factor: LowRankFactor, k_new: int, svd: tuple | None = None) -> None:
         """Act: rotate one factor so S is diagonal and keep ``k_new`` values."""
         old = factor.S
         rot = factor.rotate_and_truncate_(k_new, svd)
-        swap_parameter(self.optimizer, old, factor.S, update_transform(self.cfg.moments, rot))
+        swap_parameter(
+            self.optimizer,
+            old,
+            factor.S,
+            update_transform(self.cfg.moments, rot),
+            restart=self.cfg.moments == "restart",
+        )
 
     def _due_layers(self) -> list[str]:
         """The layers this update touches: all, or the progressive schedule's last ones."""
