@@ -267,7 +267,8 @@ class TrainResult(_Headline):
     ``never_converted`` is the line of an auto run that ended full-rank (see
     :meth:`~basis_stability.train.oialr.OIALR.never_converted_summary`), else None;
     ``kept_dense`` the line naming layers kept dense because their factors would not pay
-    (:meth:`~basis_stability.train.oialr.OIALR.dense_summary`), else None."""
+    (:meth:`~basis_stability.train.oialr.OIALR.dense_summary`), else None; ``ranks`` and
+    ``dense_layers`` the controller's at the end ({} and [] for full-rank training)."""
 
     run_path: Path
     export_path: Path | None
@@ -281,6 +282,8 @@ class TrainResult(_Headline):
     unit: str = ""
     never_converted: str | None = None
     kept_dense: str | None = None
+    ranks: dict[str, int] = field(default_factory=dict)
+    dense_layers: list[str] = field(default_factory=list)
 
 
 def parse_steps(text: str | None, arg: str, steps_per_epoch: int) -> int | None:
@@ -516,6 +519,8 @@ def run_train_job(
         unit=data.unit,
         never_converted=never,
         kept_dense=oialr.dense_summary() if oialr else None,
+        ranks=oialr.ranks() if oialr else {},
+        dense_layers=oialr.dense_layers() if oialr else [],
     )
     if oialr is not None:
         oialr.close()

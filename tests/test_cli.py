@@ -33,7 +33,7 @@ def test_record_builtin_models_then_inspect_and_validate(model, tmp_path):
     with open_run(out) as run:
         assert run.n_snapshots == 3  # initial + 2 epochs
         np.testing.assert_array_equal(run.epochs, [0, 1, 2])
-        assert run.metric_names == ["loss", "acc", "val_loss", "val_acc"]
+        assert run.metric_names == ["loss", "acc", "val_loss", "val_acc", "lr"]
         kinds = {i.kind for i in run.layers}
         names = run.layer_names
     expected_kinds = {
