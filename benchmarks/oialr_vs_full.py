@@ -22,9 +22,11 @@ forecaster <= 10 % of the model trainable; never worse than the reference preset
 share; no exported model larger than dense.
 
 Part (b) measures each of our default's choices against its alternative on cnn/digits and
-vit-tiny/digits (``fixed`` settings, same seeds): first cut at conversion vs one interval later,
+vit-tiny/digits (``fixed`` settings with ``--ablation-beta``, default 0.15; same seeds): first
+cut at conversion vs one interval later,
 progressive vs all-at-once updates, keep_last, ``reset`` vs ``restart`` (Adam's step zeroed too),
-and the halving cap's rounding (ceil vs floor).
+the halving cap's rounding (ceil vs floor), and keeping a layer dense while its factors would
+not pay vs factorising it anyway.
 
     python benchmarks/oialr_vs_full.py [--seeds 3] [--parts ab] [--tasks cnn-digits,...]
         [--quick] [--threads N]
@@ -80,11 +82,12 @@ VARIANTS = ("full", "reference", "fixed", "auto")
 # part (b): each choice of our default against its alternative (OIALRConfig fields)
 ABLATIONS = {
     "default": {},
-    "cut at conversion": {"first_cut": "at_conversion"},
+    "cut one interval later": {"first_cut": "one_interval_later"},
     "progressive 0.1": {"progressive": 0.1},
     "keep_last": {"keep_last": True},
     "restart step": {"moments": "restart"},
     "floor cap": {"cap_rounding": "floor"},
+    "factorise when larger": {"dense_when_larger": False},
 }
 
 
@@ -105,10 +108,17 @@ class Outcome:
 CACHE: dict[tuple, Outcome] = {}
 
 
-def run(folder: Path, task: Task, seed: int, variant: str, extra: dict | None = None) -> Outcome:
+def run(
+    folder: Path,
+    task: Task,
+    seed: int,
+    variant: str,
+    extra: dict | None = None,
+    beta: float = 0.15,
+) -> Outcome:
     """One training run (cached: the same settings are trained once)."""
     extra = dict(extra or {})
-    key = (task.name, seed, variant, tuple(sorted(extra.items())))
+    key = (task.name, seed, variant, beta, tuple(sorted(extra.items())))
     if key in CACHE:
         return CACHE[key]
     keep_last = extra.pop("keep_last", None)
@@ -121,7 +131,7 @@ def run(folder: Path, task: Task, seed: int, variant: str, extra: dict | None = 
         train,
         mode="full" if variant == "full" else "oialr",
         delay=None if variant in ("full", "auto") else f"{task.epochs / 6:g}",
-        beta=0.15 if variant in ("reference", "fixed") else None,
+        beta=beta if variant in ("reference", "fixed") else None,
         preset="reference" if variant == "reference" else "bstab",
         keep_last=keep_last,
         auto=variant == "auto" if variant != "full" else None,
@@ -147,6 +157,7 @@ def run(folder: Path, task: Task, seed: int, variant: str, extra: dict | None = 
     )
     CACHE[key] = out
     label = variant + (f" {extra}" if extra else "") + (" keep_last" if keep_last else "")
+    label += f" beta {beta:g}" if variant in ("reference", "fixed") else ""
     print(
         f"  {task.name:<15s} seed {seed} {label:<34s} {result.metric[0]} {out.metric:.5f} "
         f"share {out.share:.3f} fact {out.fact:.3f} {out.seconds:6.1f} s"
@@ -237,11 +248,11 @@ def part_a(folder: Path, tasks: list[Task], seeds: list[int]) -> list[str]:
     return verdicts
 
 
-def part_b(folder: Path, tasks: list[Task], seeds: list[int]) -> None:
+def part_b(folder: Path, tasks: list[Task], seeds: list[int], beta: float) -> None:
     rows = []
     for task in tasks:
         for label, extra in ABLATIONS.items():
-            got = [run(folder, task, s, "fixed", extra) for s in seeds]
+            got = [run(folder, task, s, "fixed", extra, beta) for s in seeds]
             rows.append(
                 (
                     task.name,
@@ -263,6 +274,9 @@ def main() -> None:
         "--tasks", default=",".join(TASKS), help=f"part (a) tasks (default {','.join(TASKS)})"
     )
     parser.add_argument("--ablation-tasks", default="cnn-digits,vit-digits", help="part (b) tasks")
+    parser.add_argument(
+        "--ablation-beta", type=float, default=0.15, help="part (b) beta (default 0.15)"
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, 6 epochs: a smoke run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
@@ -290,8 +304,11 @@ def main() -> None:
             print("\n(a) full-rank vs the reference preset vs our fixed and auto OIALR")
             verdicts = part_a(folder, chosen(args.tasks), seeds)
         if "b" in args.parts:
-            print("\n(b) our default's choices, each against its alternative (fixed settings)")
-            part_b(folder, chosen(args.ablation_tasks), seeds)
+            print(
+                "\n(b) our default's choices, each against its alternative (fixed settings, "
+                f"beta {args.ablation_beta:g})"
+            )
+            part_b(folder, chosen(args.ablation_tasks), seeds, args.ablation_beta)
     if verdicts:
         print()
         print("\n".join(verdicts))

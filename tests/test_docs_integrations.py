@@ -44,6 +44,7 @@ def test_every_python_block_runs_and_says_what_the_page_says(tmp_path, monkeypat
     with bs.open_run("lightning-oialr.h5") as run:  # the events the page promises
         assert [(e["event"], e["step"]) for e in run.events()] == [
             ("convert", 16),
+            ("update", 16),
             ("update", 24),
             ("update", 32),
         ]

@@ -346,7 +346,11 @@ def test_oialr_trainer_converts_updates_and_checkpoints_its_state(tmp_path):
 
     with bs.open_run(tmp_path / "run.h5") as run:
         events = run.events()
-    assert [(e["event"], e["step"]) for e in events] == [("convert", 6), ("update", 10)]
+    assert [(e["event"], e["step"]) for e in events] == [
+        ("convert", 6),
+        ("update", 6),
+        ("update", 10),
+    ]
     assert events == trainer.oialr.events
 
     for step in (4, 8, 12):
@@ -387,7 +391,7 @@ def test_oialr_trainer_resumes_after_conversion(tmp_path):
     with bs.open_run(tmp_path / "run.h5") as run:
         events = [(e["event"], e["step"]) for e in run.events()]
         assert run.epochs.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
-    assert events == [("convert", 6), ("update", 10), ("update", 14), ("update", 18)]
+    assert events == [("convert", 6), ("update", 6), ("update", 10), ("update", 14), ("update", 18)]
 
     # the interrupted training ends where an uninterrupted one does
     straight = _oialr_trainer(tmp_path / "straight", "out", save="no")
@@ -401,7 +405,7 @@ def test_oialr_trainer_resumes_after_conversion(tmp_path):
 
 def test_oialr_rollback_keeps_each_decision_once(tmp_path):
     first = _oialr_trainer(tmp_path, "out", [StopAt(12)])
-    first.train()  # events: convert 6, update 10; checkpoints 4, 8, 12
+    first.train()  # events: convert 6, update 6, update 10; checkpoints 4, 8, 12
     abandoned = first.oialr.events
 
     trainer = _oialr_trainer(tmp_path, "out2")
@@ -412,11 +416,12 @@ def test_oialr_rollback_keeps_each_decision_once(tmp_path):
         assert run.steps.tolist() == [0, 4, 8, 12, 16, 20]
     assert [(e["event"], e["step"]) for e in events] == [
         ("convert", 6),
+        ("update", 6),  # the first cut comes with the conversion
         ("update", 10),
         ("update", 14),
         ("update", 18),
     ]
-    assert events[1:] == trainer.oialr.events  # the resumed controller's own decisions
+    assert events[2:] == trainer.oialr.events  # the resumed controller's own decisions
     (backup,) = tmp_path.glob("run.before-resume-*.h5")
     with bs.open_run(backup) as run:
         assert run.events() == abandoned

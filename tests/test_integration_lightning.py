@@ -7,6 +7,7 @@ test-only callbacks at the same moments, the checkpoint files Lightning wrote, o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -321,7 +322,9 @@ def test_oialr_callback_converts_updates_and_keeps_the_optimizer_in_step(tmp_pat
     after = AroundConversion(DELAY, x_fixed)
     losses = Losses()
     rc = RecordCallback(tmp_path / "run.h5")
-    oc = OIALRCallback(_oialr_config(), recorder=rc)
+    # the first cut one interval later: the conversion itself must leave the outputs unchanged
+    config = dataclasses.replace(_oialr_config(), first_cut="one_interval_later")
+    oc = OIALRCallback(config, recorder=rc)
     epochs = 6  # 24 steps: convert at 6, update at 10, 14, 18, 22
     trainer = _trainer(tmp_path, [losses, rc, before, oc, after], max_epochs=epochs)
     module = Net(lr=0.1)
@@ -406,7 +409,7 @@ def test_oialr_resume_after_conversion_rebuilds_low_rank_layers(tmp_path):
     with bs.open_run(tmp_path / "a" / "run.h5") as run:
         events = [(e["event"], e["step"]) for e in run.events()]
         assert run.epochs.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
-    assert events == [("convert", 6), ("update", 10), ("update", 14), ("update", 18)]
+    assert events == [("convert", 6), ("update", 6), ("update", 10), ("update", 14), ("update", 18)]
     opt = trainer.optimizers[0]
     held = [id(p) for g in opt.param_groups for p in g["params"]]
     assert held == _trainable_ids_in_order(module)
@@ -422,10 +425,14 @@ def test_oialr_resume_after_conversion_rebuilds_low_rank_layers(tmp_path):
 
 
 def test_oialr_rollback_drops_the_abandoned_decisions_from_the_run(tmp_path):
-    _oialr_fit(tmp_path, epochs=3)  # run: epochs 0..3; events: convert 6, update 10
+    _oialr_fit(tmp_path, epochs=3)  # run: epochs 0..3; events: convert 6, update 6, 10
     with bs.open_run(tmp_path / "run.h5") as run:
         abandoned = run.events()
-    assert [(e["event"], e["step"]) for e in abandoned] == [("convert", 6), ("update", 10)]
+    assert [(e["event"], e["step"]) for e in abandoned] == [
+        ("convert", 6),
+        ("update", 6),
+        ("update", 10),
+    ]
 
     ckpt_path = tmp_path / "ck" / f"epoch=1-step={2 * BATCHES}.ckpt"  # after convert, before 10
     _, oc, _ = _oialr_fit(tmp_path, epochs=5, ckpt_path=ckpt_path, data_seed=3)
@@ -436,12 +443,13 @@ def test_oialr_rollback_drops_the_abandoned_decisions_from_the_run(tmp_path):
     # each decision once: the abandoned update at step 10 is not kept beside the new one
     assert [(e["event"], e["step"]) for e in events] == [
         ("convert", 6),
+        ("update", 6),  # the first cut comes with the conversion
         ("update", 10),
         ("update", 14),
         ("update", 18),
     ]
-    assert events[0] == abandoned[0]
-    assert events[1:] == oc.oialr.events  # the resumed controller's own decisions
+    assert events[:2] == abandoned[:2]  # the conversion and its first cut, before the rollback
+    assert events[2:] == oc.oialr.events  # the resumed controller's own decisions
     (backup,) = tmp_path.glob("run.before-resume-*.h5")
     with bs.open_run(backup) as run:
         assert run.events() == abandoned

@@ -52,12 +52,15 @@ def test_fixed_schedule_converts_at_delay_then_updates_every_interval(delay, int
     assert events[0] == (convert_at, "convert")
     updates = [s for s, e in events[1:]]
     assert all(e == "update" for _, e in events[1:])
-    assert updates == list(range(convert_at + interval, 21, interval))
+    assert updates == list(range(convert_at, 21, interval))  # the first cut at conversion
     assert oialr.converted_at == convert_at
 
 
 def test_ranks_never_grow_respect_the_floor_and_cut_at_most_half():
-    cfg = OIALRConfig(delay=1, interval=1, beta=0.95, min_rank_share=0.25)
+    # one interval later: the full rank k = n right after conversion is seen once
+    cfg = OIALRConfig(
+        delay=1, interval=1, beta=0.95, min_rank_share=0.25, first_cut="one_interval_later"
+    )
     model, optimizer, oialr = _make(cfg, width=16)
     history = [oialr.ranks()] if oialr.layers else []
     for _ in range(12):
@@ -158,6 +161,7 @@ def test_attach_steps_automatically():
     assert oialr.steps == 7
     assert [(e["step"], e["event"]) for e in oialr.events] == [
         (3, "convert"),
+        (3, "update"),  # the first cut comes with the conversion
         (5, "update"),
         (7, "update"),
     ]

@@ -170,18 +170,18 @@ def test_reference_rank_trajectory_every_step(case):
 
 
 def test_bstab_default_differs_on_the_same_model():
-    """Our default: conversion after `delay` steps, first cut one interval later, all layers,
-    ceil(k/2) cap stopping at the largest rank whose factors pay (7 of 16x16, not 8); the same
-    designed chain gives another trajectory (the preset matters)."""
+    """Our default: conversion after `delay` completed steps with the first cut in the same call,
+    all layers, ceil(k/2) cap stopping at the largest rank whose factors pay (7 of 16x16, not
+    8); the same designed chain gives another trajectory (the preset matters)."""
     model = designed(chain(4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     cfg = OIALRConfig(delay=10, interval=5, beta=0.6)
     _, seen = trajectory(model, optimizer, cfg)
     rows = (10, 11, 15, 16, 21, 26, 31)
     for name in ("0", "6"):
-        assert [seen[t][name] for t in rows] == [None, 16, 16, 7, 4, 2, 1]
+        assert [seen[t][name] for t in rows] == [None, 7, 7, 4, 2, 1, 1]
     # the head too (ratio 1.6 <= 10, no keep_last), and ceil(5/2) = 3 where the reference has 2
-    assert [seen[t]["8"] for t in rows] == [None, 10, 10, 5, 3, 2, 1]
+    assert [seen[t]["8"] for t in rows] == [None, 5, 5, 3, 2, 1, 1]
 
 
 # ---------------------------------------------------------------------------- real training

@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 
 PRESETS = ("bstab", "reference")
 DELAY_COUNTS = ("completed", "started")
-FIRST_CUTS = ("one_interval_later", "at_conversion")
+FIRST_CUTS = ("at_conversion", "one_interval_later")
 
 
 @dataclass
@@ -96,8 +96,9 @@ class OIALRConfig:
         delay_counts: ``completed``: convert after ``delay`` completed optimizer steps;
             ``started``: convert before the ``delay``-th training step (after ``delay - 1``
             completed ones), as the reference counts its training forwards.
-        first_cut: ``one_interval_later`` (first update ``interval`` steps after conversion) or
-            ``at_conversion`` (the reference: the first rotate-and-cut right at conversion).
+        first_cut: ``at_conversion`` (default, as the reference: the first rotate-and-cut right
+            at conversion, so no layer holds a full n x n S) or ``one_interval_later`` (the
+            first update ``interval`` steps after conversion).
         progressive: None: every layer at every update. A share p: the reference's progressive
             schedule: each update adds ``int((L - 1) * p)`` to a count c and updates the last c
             converted layers (registration order); c = 0 means all layers (its ``[-0:]``).
@@ -125,7 +126,7 @@ class OIALRConfig:
     factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
     cap_rounding: str = "ceil"
     delay_counts: str = "completed"
-    first_cut: str = "one_interval_later"
+    first_cut: str = "at_conversion"
     progressive: float | None = None
     dense_when_larger: bool = True
     preset: str = "bstab"
