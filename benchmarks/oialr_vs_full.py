@@ -167,10 +167,10 @@ def run(
     return out
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], digits: int = 4) -> str:
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.4f} ± {sd:.4f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 def fmt_ranks(outcome: Outcome) -> str:
@@ -201,7 +201,7 @@ def part_a(folder: Path, tasks: list[Task], seeds: list[int]) -> list[str]:
                 (
                     task.name,
                     variant,
-                    mean_sd([o.metric for o in got]),
+                    mean_sd([o.metric for o in got], 5 if task.regression else 4),
                     f"{statistics.fmean(o.fact for o in got):.3f}",
                     f"{statistics.fmean(o.share for o in got):.3f}",
                     fmt_ranks(got[0]),

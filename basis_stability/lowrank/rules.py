@@ -1,5 +1,5 @@
-"""The rank rules of OIALR, pure functions shared by the controller, the offline plan and the
-export (SPEC §5.3): which rank an update keeps, and when thin factors pay.
+"""The rules of OIALR, pure functions shared by the controller, the offline plan and the export
+(SPEC §5.3): which rank an update keeps, when thin factors pay, and auto mode's delay streak.
 
 A layer of tall shape (m, n) held as thin factors costs ``k (m + n)`` entries (and multiply-adds
 per output position) against ``m n`` dense: the factors pay only while ``k (m + n) < m n``, that
@@ -77,6 +77,18 @@ def next_rank(
     if dense_when_larger:
         new = max(min(new, paying), keep)
     return new
+
+
+def delay_streak(share: float, streak: int, needed: float, patience: int) -> tuple[int, bool]:
+    """Auto mode's delay rule at one check: the new count of checks in a row whose stable share
+    reached ``needed``, and whether it has held for ``patience`` checks (convert now).
+
+    Example:
+        >>> delay_streak(0.95, 1, 0.9, 2), delay_streak(0.5, 1, 0.9, 2)
+        ((2, True), (0, False))
+    """
+    streak = streak + 1 if share >= needed else 0
+    return streak, streak >= patience
 
 
 def trainable_entries(k: int | None, m: int, n: int) -> int:

@@ -48,6 +48,7 @@ from ..lowrank.optim_state import (
 from ..lowrank.rules import (
     CAP_ROUNDINGS,
     beta_rank,
+    delay_streak,
     largest_paying_rank,
     next_rank,
     trainable_entries,
@@ -524,26 +525,15 @@ class OIALR:
             self.on_event(record)
 
     # ------------------------------------------------------------------ auto mode
-    @torch.no_grad()
     def _delay_rule_fires(self) -> bool:
-        cfg, plan = self.cfg, self.cfg.plan
-        spectra, values, shapes, reasons = {}, {}, {}, {}
-        for name, module in self.candidates:
-            w = tall_matrix(module).detach().float().cpu()
-            now = decompose(w)  # the analysis' own S: NaN where the basis is not unique
-            hist = self._history.setdefault(name, deque(maxlen=cfg.lag + 1))
-            hist.append(now)
-            spectra[name] = now.svd.S.double().numpy()
-            shapes[name] = tuple(w.shape)
-            if len(hist) > cfg.lag:
-                measure = stability(hist[0], now)
-                values[name] = measure.value
-                if math.isnan(measure.value):
-                    reasons[name] = measure.reason or "S is NaN"
-        if len(values) < len(self.candidates):
+        """One auto-mode check: measure, decide by the delay and beta rules, log."""
+        measured = self._measure()
+        if measured is None:  # not lag + 1 checks yet
             return False
+        values, spectra, shapes, reasons = measured
+        plan = self.cfg.plan
         share = _stable_share(values, shapes, plan.tau)
-        self._streak = self._streak + 1 if share >= plan.share else 0
+        self._streak, fires = delay_streak(share, self._streak, plan.share, self.cfg.patience)
         known = [v for v in values.values() if not math.isnan(v)]
         numbers = {"stable_share": share, "streak": self._streak}
         numbers["mean_S"] = float(np.mean(known)) if known else math.nan
@@ -552,11 +542,36 @@ class OIALR:
             numbers["excluded"] = {name: reasons[name][:80] for name in shown}
             numbers["excluded_count"] = len(reasons)
         self._log("check", **numbers)
-        if self._streak < cfg.patience:
+        if not fires:
             return False
         self.beta, why = choose_beta(beta_curve(spectra, shapes, plan.betas), plan)
         self._log("auto-decision", stable_share=share, beta=self.beta, why=why)
         return True
+
+    @torch.no_grad()
+    def _measure(self):
+        """Measure: each candidate's decomposition now, and its S against ``lag`` checks ago.
+
+        Returns ``(S by layer, singular values, tall shapes, reasons S is NaN)``, or None while
+        some layer has fewer than ``lag + 1`` checks.
+        """
+        lag = self.cfg.lag
+        spectra, values, shapes, reasons = {}, {}, {}, {}
+        for name, module in self.candidates:
+            w = tall_matrix(module).detach().float().cpu()
+            now = decompose(w)  # the analysis' own S: NaN where the basis is not unique
+            hist = self._history.setdefault(name, deque(maxlen=lag + 1))
+            hist.append(now)
+            spectra[name] = now.svd.S.double().numpy()
+            shapes[name] = tuple(w.shape)
+            if len(hist) > lag:
+                measure = stability(hist[0], now)
+                values[name] = measure.value
+                if math.isnan(measure.value):
+                    reasons[name] = measure.reason or "S is NaN"
+        if len(values) < len(self.candidates):
+            return None
+        return values, spectra, shapes, reasons
 
     # ------------------------------------------------------------------ conversion
     def _rank_rule(self, k: int, s: torch.Tensor, shape: tuple[int, int]) -> int | None:
