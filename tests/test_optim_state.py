@@ -64,7 +64,7 @@ def _steps(optimizer, p) -> float | None:
     return None if step is None else float(step)
 
 
-@pytest.mark.parametrize("policy", ["rotate", "slice", "reset"])
+@pytest.mark.parametrize("policy", ["rotate", "slice", "reset", "restart"])
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_no_stale_state_after_convert_and_updates(opt, policy):
     model, optimizer, oialr = _setup(opt, policy)
@@ -78,11 +78,13 @@ def test_no_stale_state_after_convert_and_updates(opt, policy):
         _train(model, optimizer, oialr, 2)  # an update every 2 steps
         _assert_consistent(model, optimizer)
     assert any(k < 6 for k in oialr.ranks().values())  # beta 0.9 did cut
-    assert [e["event"] for e in oialr.events] == ["convert", "update", "update", "update"]
+    # the first cut comes with the conversion, then one every 2 steps
+    assert [e["event"] for e in oialr.events] == ["convert"] + ["update"] * 4
 
 
 @pytest.mark.parametrize("opt", ["adam", "adamw"])
 def test_step_counter_is_kept(opt):
+    """``slice`` (and ``reset``) keep Adam's step: its bias correction does not restart."""
     model, optimizer, oialr = _setup(opt, "slice")
     _train(model, optimizer, oialr, 3)  # converts after the third step
     for name, module in oialr.layers.items():
@@ -90,6 +92,22 @@ def test_step_counter_is_kept(opt):
     _train(model, optimizer, oialr, 2)  # one update at step 5
     for module in oialr.layers.values():
         assert _steps(optimizer, factor_of(module).S) == 5.0
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw"])
+def test_restart_zeroes_the_step_counter_and_the_moments(opt):
+    model, optimizer, oialr = _setup(opt, "restart")
+    _train(model, optimizer, oialr, 3)  # converts (and cuts) after the third step
+    for module in oialr.layers.values():
+        state = optimizer.state[factor_of(module).S]
+        assert _steps(optimizer, factor_of(module).S) == 0.0
+        assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    _train(model, optimizer, oialr, 1)
+    for module in oialr.layers.values():
+        assert _steps(optimizer, factor_of(module).S) == 1.0  # bias correction starts again
+    _train(model, optimizer, oialr, 1)  # step 5: an update restarts it again
+    for module in oialr.layers.values():
+        assert _steps(optimizer, factor_of(module).S) == 0.0
 
 
 def _record_rotations(monkeypatch) -> dict[int, object]:
