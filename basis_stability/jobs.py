@@ -239,8 +239,11 @@ class TrainJob:
     preset it needs ``delay``, ``beta`` or ``plan``. ``auto=True`` takes none of them.
     ``preset="reference"`` is :meth:`OIALRConfig.reference`; ``moments``, ``keep_first``
     and ``keep_last`` left None take the preset's (``reset``, False, False for ``bstab``;
-    ``slice``, False, True for ``reference``). ``overrides`` sets further
-    :class:`~basis_stability.train.oialr.OIALRConfig` fields on top (Python only; e.g.
+    ``slice``, False, True for ``reference``). ``target_share`` (auto mode only) picks beta by
+    the share rule: the smallest beta whose expected trainable share of the factorised layers
+    (layers kept dense counted whole) is at most this; None keeps the energy rule.
+    ``overrides`` sets further :class:`~basis_stability.train.oialr.OIALRConfig` fields on top
+    (Python only; e.g.
     ``{"first_cut": "at_conversion", "progressive": 0.1}``), checked as the config checks them.
     """
 
@@ -259,6 +262,7 @@ class TrainJob:
     keep_last: bool | None = None
     auto: bool | None = None
     overrides: dict[str, Any] | None = None
+    target_share: float | None = None
 
 
 @dataclass
@@ -343,6 +347,20 @@ def auto_mode(job: TrainJob) -> bool:
         raise ConfigError(
             "--auto chooses delay and beta itself; drop --delay/--beta/--plan or --auto."
         )
+    if job.target_share is not None and (given or reference or job.auto is False):
+        raise ConfigError(
+            expected(
+                "--target-share",
+                "auto mode (it picks auto mode's beta)",
+                job.target_share,
+                "Drop --target-share, or drop --delay/--beta/--plan/--no-auto and --preset "
+                "reference.",
+            )
+        )
+    if job.target_share is not None and not 0 < job.target_share <= 1:
+        raise ConfigError(
+            expected("--target-share", "in (0, 1]", job.target_share, "Use e.g. 0.2.")
+        )
     if job.auto is False and not given and not reference:
         raise ConfigError(
             "Expected --delay, --beta or --plan with --no-auto but got none of them, so there "
@@ -420,11 +438,18 @@ def _oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
             lag=5,
             beta=None,
             factorize=FactorizeConfig(**keep),
+            **({"plan": _share_rule(job.target_share)} if job.target_share else {}),
             **common,
         )
     delay = parse_steps(job.delay, "--delay", steps_per_epoch)
     delay = total // 6 if delay is None else delay
     return fixed(delay, interval, 0.15 if job.beta is None else job.beta)
+
+
+def _share_rule(target: float):
+    from .recommend import PlanConfig
+
+    return PlanConfig(beta_rule="share", target_share=target)
 
 
 def _interval_steps(job: TrainJob, steps_per_epoch: int) -> int:

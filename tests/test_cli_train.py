@@ -173,6 +173,7 @@ def test_train_with_a_plan_of_another_model_fails_cleanly(mlp_plan, tmp_path):
         (("--delay", "abc"), "--delay"),
         (("--auto", "--delay", "1"), "--auto"),
         (("--plan", "nope.json", "--delay", "1"), "--plan"),
+        (("--target-share", "0.2", "--delay", "1"), "--target-share"),
     ],
 )
 def test_bad_input_fails_cleanly(args, fragment, tmp_path):

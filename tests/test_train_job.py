@@ -34,3 +34,23 @@ def test_unknown_or_invalid_overrides_are_clear_errors():
         _config(delay="2", beta=0.2, overrides={"first_cutt": "at_conversion"})
     with pytest.raises(ConfigError, match="first_cut"):  # checked as the config checks it
         _config(delay="2", beta=0.2, overrides={"first_cut": "never"})
+
+
+def test_target_share_picks_auto_modes_beta_by_the_share_rule():
+    cfg = _config(target_share=0.2)
+    assert cfg.auto and cfg.plan.beta_rule == "share" and cfg.plan.target_share == 0.2
+    assert _config().plan.beta_rule == "energy"  # the default rule is unchanged
+
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        {"target_share": 0.2, "delay": "2", "beta": 0.2},
+        {"target_share": 0.2, "preset": "reference"},
+        {"target_share": 0.2, "auto": False, "delay": "2"},
+        {"target_share": 1.5},
+    ],
+)
+def test_target_share_outside_auto_mode_or_out_of_range_is_a_clear_error(job):
+    with pytest.raises(ConfigError, match="--target-share"):
+        _config(**job)

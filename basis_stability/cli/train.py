@@ -30,6 +30,15 @@ from ._options import _training_options, check_output
     "when neither --delay, --beta nor --plan is given). --no-auto needs one of them.",
 )
 @click.option(
+    "--target-share",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    metavar="SHARE",
+    help="Auto mode: pick beta by the share rule, the smallest beta whose expected trainable "
+    "share of the factorised layers (those kept dense counted whole) is <= SHARE, e.g. 0.2 "
+    "(default: the energy rule, 90% spectral energy kept in every layer).",
+)
+@click.option(
     "--preset",
     type=click.Choice(["bstab", "reference"]),
     default="bstab",
@@ -83,6 +92,7 @@ def train(
     beta: float | None,
     plan_path: Path | None,
     auto: bool | None,
+    target_share: float | None,
     preset: str,
     keep_first: bool | None,
     keep_last: bool | None,
@@ -146,6 +156,7 @@ def train(
         keep_first,
         keep_last,
         auto=auto,
+        target_share=target_share,
     )
     if mode == "oialr":
         jobs.auto_mode(job)  # --auto/--no-auto against the schedule options, before any work
