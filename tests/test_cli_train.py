@@ -189,3 +189,19 @@ def test_existing_output_needs_force(tmp_path):
     result = bstab("train", *FAST, "--epochs", "1", "-o", out)
     assert_clean_failure(result, "already exists", "--force")
     assert out.read_bytes() == b"keep me"
+
+
+def test_layers_kept_dense_are_named_in_one_line(tmp_path):
+    # beta 0.2 right after initialisation keeps most values: no factors would pay
+    out = tmp_path / "dense.h5"
+    args = ("--epochs", "2", "--delay", "1", "--beta", "0.2", "--interval", "1")
+    result = bstab("train", *FAST, *args, "-o", out)
+    assert result.exit_code == 0, result.output
+    lines = [x for x in result.output.splitlines() if x.startswith("OIALR kept")]
+    assert len(lines) == 1, result.output
+    assert "kept 2 of 2 eligible layers dense" in lines[0] and "(k (m + n) >= m n)" in lines[0]
+    assert "1 (256x64: beta rank" in lines[0] and "> 51, the largest paying" in lines[0]
+    assert float(_summary(result.output)["share"]) == 100.0  # counted whole
+    with open_run(out) as run:
+        convert = next(e for e in run.events() if e["event"] == "convert")
+    assert convert["dense"] == ["1", "3"] and convert["layers"] == 0
