@@ -103,6 +103,29 @@ def check_output(path: Path, option: str = "--output") -> None:
         return
 
 
+def training_config(
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    seed: int,
+    warmup: float,
+    lr_schedule: str,
+):
+    """The :class:`~basis_stability.train.TrainConfig` of the shared training options."""
+    from ..train import TrainConfig
+
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        seed=seed,
+        warmup=warmup,
+        lr_schedule=lr_schedule,
+    )
+
+
 def _training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by `record` and `train`: model, data and the optimizer recipe."""
     for option in reversed(_TRAINING_OPTIONS):

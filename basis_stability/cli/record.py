@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ._errors import _clean_errors
-from ._options import _training_options, check_output
+from ._options import _training_options, check_output, training_config
 
 
 @click.command()
@@ -114,20 +114,10 @@ def record(
     if checkpoints is not None:
         _record_checkpoints(checkpoints, rec_cfg, output, force, list_only, not no_progress)
         return
-    from ..train import TrainConfig
-
     job = jobs.RecordJob(
         model,
         dataset,
-        TrainConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            seed=seed,
-            warmup=warmup,
-            lr_schedule=lr_schedule,
-        ),
+        training_config(epochs, batch_size, lr, optimizer, seed, warmup, lr_schedule),
         rec_cfg,
         schedule,
         device,

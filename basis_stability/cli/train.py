@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ._errors import _clean_errors
-from ._options import _training_options, check_output
+from ._options import _training_options, check_output, training_config
 
 
 @click.command()
@@ -118,7 +118,6 @@ def train(
       bstab train --preset reference --delay 250steps --interval 100steps --beta 0.15
     """
     from .. import jobs
-    from ..train import TrainConfig
 
     if plan_path is not None and (delay is not None or beta is not None):
         raise click.UsageError("--plan already sets delay and beta; drop --delay/--beta.")
@@ -136,15 +135,7 @@ def train(
     job = jobs.TrainJob(
         model,
         dataset,
-        TrainConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            seed=seed,
-            warmup=warmup,
-            lr_schedule=lr_schedule,
-        ),
+        training_config(epochs, batch_size, lr, optimizer, seed, warmup, lr_schedule),
         mode,
         delay,
         interval,

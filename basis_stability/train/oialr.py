@@ -514,7 +514,7 @@ class OIALR:
     def _convert_and_cut(self) -> bool:
         changed = self.convert()
         if changed and self.cfg.first_cut == "at_conversion":
-            self.update()
+            self.update(_recheck_dense=False)  # conversion just decided them on this same W
         return changed
 
     def _log(self, event: str, **numbers: Any) -> None:
@@ -634,37 +634,24 @@ class OIALR:
         """Act: factorise one layer and give its S the dense weight's optimizer slot."""
         old_weight, module = factorize_layer_(self.model, name)
         factor = factor_of(module)
-        swap_parameter(
-            self.optimizer,
-            old_weight,
-            factor.S,
-            conversion_transform(self.cfg.moments, factor),
-            restart=self.cfg.moments == "restart",
-        )
+        self._swap(old_weight, factor.S, conversion_transform(self.cfg.moments, factor))
         return factor
 
     def _densify(self, name: str) -> None:
         """Act: one low-rank layer back to dense; its new W starts with zeroed moments."""
         old, weight = densify_layer_(self.model, name)
-        swap_parameter(
-            self.optimizer,
-            old,
-            weight,
-            lambda _key, t: torch.zeros_like(weight),
-            restart=self.cfg.moments == "restart",
-        )
+        self._swap(old, weight, lambda _key, t: torch.zeros_like(weight))
 
     def _cut(self, factor: LowRankFactor, k_new: int, svd: tuple | None = None) -> None:
         """Act: rotate one factor so S is diagonal and keep ``k_new`` values."""
         old = factor.S
         rot = factor.rotate_and_truncate_(k_new, svd)
-        swap_parameter(
-            self.optimizer,
-            old,
-            factor.S,
-            update_transform(self.cfg.moments, rot),
-            restart=self.cfg.moments == "restart",
-        )
+        self._swap(old, factor.S, update_transform(self.cfg.moments, rot))
+
+    def _swap(self, old: nn.Parameter, new: nn.Parameter, transform) -> None:
+        """Act: ``new`` takes ``old``'s optimizer slot, its state mapped by the moment policy."""
+        restart = self.cfg.moments == "restart"
+        swap_parameter(self.optimizer, old, new, transform, restart=restart)
 
     def _due_layers(self) -> list[str]:
         """The layers this update touches: all, or the progressive schedule's last ones."""
@@ -675,7 +662,7 @@ class OIALR:
         return names[-self._progress :]  # [-0:] is every layer, as in the reference
 
     @torch.no_grad()
-    def update(self) -> bool:
+    def update(self, _recheck_dense: bool = True) -> bool:
         """Rotate each due low-rank layer so S is diagonal, then cut values below beta * s_1.
 
         With ``dense_when_larger``, a low-rank layer whose new rank would not pay returns to
@@ -684,6 +671,8 @@ class OIALR:
         changed, ranks, densified, factorised = False, {}, [], []
         for name in self._due_layers():
             if name in self.dense:
+                if not _recheck_dense:
+                    continue
                 decided = self._dense_rank(self.dense[name])
                 if decided is None or decided[0] is None:
                     continue
