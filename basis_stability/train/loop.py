@@ -53,7 +53,8 @@ class TrainConfig:
                     "warmup",
                     f"epochs in [0, {self.epochs}) (shorter than training)",
                     self.warmup,
-                    "Use e.g. 2 (epochs of linear warm-up), or 0 for none.",
+                    f"Use e.g. {self.epochs / 10:g} epochs of linear warm-up (--warmup), or 0 "
+                    "for none.",
                 )
             )
         if self.lr_schedule not in LR_SCHEDULES:
