@@ -19,7 +19,8 @@ from basis_stability.analyze.engine import default_cache_path
 from basis_stability.store import RunWriter
 from basis_stability.views import LayerView
 
-# the cache of "fc" (B, U and V per snapshot) is about twice the run: it outgrows a nearly full disk
+# the cache of "fc" (s, V (48, 48) per snapshot, and the measured pairs) is most of the run's size:
+# it outgrows a nearly full disk
 LAYERS = [
     LayerView.of("fc", "fc.weight", "linear", (64, 48)),
     LayerView.of("head", "head.weight", "linear", (16, 8)),
@@ -148,25 +149,66 @@ def test_entry_commit_marker_is_written_after_its_data_is_flushed(
     for i in marks:  # every marker: data written and flushed before it, a flush after it
         before = events[:i]
         assert before[-1] in ("flush", "t_id")
-        last_data = max(j for j, e in enumerate(before) if e in ("s", "fro2", "U", "V", "B"))
+        last_data = max(j for j, e in enumerate(before) if e in ("s", "fro2", "route", "V"))
         assert "flush" in before[last_data:]
         assert "flush" in events[i:]
+    pair_marks = [i for i, e in enumerate(events) if e == "pair_id"]
+    assert pair_marks
+    for i in pair_marks:  # the measured pairs too: their values flushed before their markers
+        before = events[:i]
+        last_data = max(j for j, e in enumerate(before) if e in ("pair_S", "pair_L", "pair_R"))
+        assert "flush" in before[last_data:] and "flush" in events[i:]
 
 
 # ---------------------------------------------------------------------- damaged caches
-@pytest.mark.parametrize("dataset", ["layers/fc/B", "layers/fc/U", "layers/head/s"])
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        "layers/fc/pair_S",
+        "layers/fc/pair_L",
+        "layers/head/pair_R",
+        "layers/head/s",
+        "layers/fc/route",
+    ],
+)
 def test_flipped_bytes_in_cached_data_are_caught_and_the_cache_rebuilt(
     run_path: Path, clean, dataset: str
 ):
     analyze(run_path, CFG)
     cache = default_cache_path(run_path, EngineConfig())
-    offset, size = _chunk_offset(cache, dataset, 3)
-    _flip(cache, offset + size // 2)
+    offset, size = _chunk_offset(cache, dataset, 3 if dataset.endswith("/s") else 0)
+    # inside the written rows (Fletcher-32 cannot tell the fill's 0x0000 words from 0xFFFF)
+    _flip(cache, offset + (size // 2 if dataset.endswith("/s") else 10), 2)
     report = analyze(run_path, CFG)
     _assert_same_tables(report, clean)
     assert report.computed == 2 * 12
-    assert any("rebuilt the SVD cache" in n and "checksum" in n for n in report.notes), report.notes
+    why = "unknown route" if dataset.endswith("route") else "checksum"
+    assert any("rebuilt the SVD cache" in n and why in n for n in report.notes), report.notes
     assert analyze(run_path, CFG).computed == 0  # the rebuilt cache is good
+
+
+def test_flipped_bytes_in_cached_vectors_are_caught_when_a_new_pair_needs_them(run_path: Path):
+    """A warm analysis whose pairs are all cached reads no V; one that needs new pairs (another
+    lag) rebuilds bases from V, and a damaged V is caught there, never used."""
+    analyze(run_path, CFG)
+    cache = default_cache_path(run_path, EngineConfig())
+    offset, size = _chunk_offset(cache, "layers/fc/V", 3)
+    _flip(cache, offset + size // 2)
+    other = AnalysisConfig(lag=3, k=3)
+    report = analyze(run_path, other)
+    _assert_same_tables(report, analyze(run_path, other, EngineConfig(cache=False)))
+    assert report.computed == 2 * 12
+    assert any("rebuilt the SVD cache" in n and "checksum" in n for n in report.notes), report.notes
+
+
+def test_flipped_bytes_in_pair_commit_markers_rebuild_the_cache(run_path: Path, clean):
+    analyze(run_path, CFG)
+    cache = default_cache_path(run_path, EngineConfig())
+    offset, _ = _chunk_offset(cache, "layers/head/pair_id")
+    _flip(cache, offset + 8)
+    report = analyze(run_path, CFG)
+    _assert_same_tables(report, clean)
+    assert any("rebuilt the SVD cache" in n and "checksum" in n for n in report.notes), report.notes
 
 
 def test_flipped_bytes_in_commit_markers_rebuild_the_cache(run_path: Path, clean):
@@ -222,8 +264,8 @@ def test_dataset_without_checksum_is_rebuilt(run_path: Path, clean):
 def test_cache_rebuild_note_reaches_bstab_analyze_output(run_path: Path, tmp_path: Path):
     analyze(run_path, CFG)
     cache = default_cache_path(run_path, EngineConfig())
-    offset, size = _chunk_offset(cache, "layers/fc/B", 1)
-    _flip(cache, offset + size // 2)
+    offset, size = _chunk_offset(cache, "layers/fc/pair_S", 0)
+    _flip(cache, offset + 10)
     result = bstab("analyze", run_path, "-o", tmp_path / "out", "--no-plots", "--no-progress")
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith("note: ")]

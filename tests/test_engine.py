@@ -75,20 +75,21 @@ def test_cached_decompositions_equal_numpy_svd(run_path: Path):
         for i, view in enumerate(LAYERS):
             grp = f[f"layers/{view.name}"]
             m, n = view.shape
-            kk = min(5, n)
-            assert grp["B"].shape == (4, m, n) and grp["U"].shape == (4, m, kk)
+            # no polar basis (m, n) in the cache: s, V (n, n) and the route per snapshot
+            assert "B" not in grp and "U" not in grp and grp["V"].shape == (4, n, n)
+            assert grp["V"].dtype == np.float32 and grp["s"].dtype == np.float64
             np.testing.assert_array_equal(grp["t_id"][:], t_ids)
+            np.testing.assert_array_equal(grp["route"][:], 0)  # all by the Gram route
             for t in range(4):
                 w = snaps[t][i].astype(np.float64)
                 u, s, vt = np.linalg.svd(w, full_matrices=False)
-                np.testing.assert_allclose(grp["s"][t], s, rtol=1e-5)
-                np.testing.assert_allclose(grp["fro2"][t], (w**2).sum(), rtol=1e-6)
-                np.testing.assert_allclose(grp["B"][t], u @ vt, atol=1e-5)
+                np.testing.assert_allclose(grp["s"][t], s, rtol=1e-12)
+                np.testing.assert_allclose(grp["fro2"][t], (w**2).sum(), rtol=1e-12)
+                v = grp["V"][t].astype(np.float64)
+                # the basis rebuilt from the weights and the cached V is numpy's U V^T
+                np.testing.assert_allclose(w @ (v / grp["s"][t]) @ v.T, u @ vt, atol=1e-6)
                 # singular vectors up to sign: matched |cos| = 1
-                cos_u = np.abs((grp["U"][t] * u[:, :kk]).sum(0))
-                cos_v = np.abs((grp["V"][t] * vt[:kk].T).sum(0))
-                np.testing.assert_allclose(cos_u, 1, atol=1e-5)
-                np.testing.assert_allclose(cos_v, 1, atol=1e-5)
+                np.testing.assert_allclose(np.abs((v * vt.T).sum(0)), 1, atol=1e-6)
 
 
 def test_float64_mode_uses_its_own_cache_file_and_agrees(run_path: Path):
@@ -97,7 +98,7 @@ def test_float64_mode_uses_its_own_cache_file_and_agrees(run_path: Path):
     assert r64.computed == 8  # the float32 cache is not reused for float64
     assert _cache(run_path).exists() and _cache(run_path, svd_dtype="float64").exists()
     with h5py.File(_cache(run_path, svd_dtype="float64"), "r") as f:
-        assert f["layers/fc/B"].dtype == np.float64
+        assert f["layers/fc/V"].dtype == np.float64 and "V64" not in f["layers/fc"]
     np.testing.assert_allclose(r64.stability["S"], r32.stability["S"], atol=1e-5)
     assert analyze(run_path, CFG).computed == 0  # switching modes threw nothing away
 
@@ -105,7 +106,8 @@ def test_float64_mode_uses_its_own_cache_file_and_agrees(run_path: Path):
 def test_top_k_vectors_are_copies_not_views_of_the_full_svd(run_path: Path):
     with open_run(run_path) as run:
         t_id = float(run._index()["unix_time"][0])
-    _, (entry,) = engine_mod.decompose_task(str(run_path), "fc", [0], [t_id], EngineConfig(kmax=3))
+    cfg = EngineConfig(kmax=3, svd="approx")
+    _, (entry,) = engine_mod.decompose_task(str(run_path), "fc", [0], [t_id], cfg)
     assert entry.U.shape == (40, 3) and entry.V.shape == (24, 3)
     # a view would keep the whole (40, 24) U and (24, 24) Vh alive in no-cache mode
     for arr in (entry.U, entry.V):
@@ -175,12 +177,13 @@ def test_cache_with_other_settings_or_tampered_header_is_rebuilt(run_path: Path,
             else:
                 f.attrs["format"] = "something.else"
             f["layers/fc/s"][1] = 0.0  # poison: reused, this would change the results
-            f["layers/fc/B"][1] = 0.0
+            f["layers/fc/V"][1] = 0.0
+            f["layers/fc/pair_S"][:] = 0.0
     got = analyze(run_path, CFG, engine)
     assert got.computed == 8
     assert any(n.startswith("rebuilt the SVD cache") for n in got.notes), got.notes
     with h5py.File(_cache(run_path), "r") as f:
-        assert f["layers/fc/U"].shape[2] == engine.kmax
+        assert f["layers/fc/pair_L"].shape[1] == engine.kmax
     _assert_same_report(got, analyze(run_path, CFG, EngineConfig(kmax=engine.kmax, cache=False)))
 
 
@@ -191,7 +194,7 @@ def test_snapshot_with_another_identity_is_recomputed_alone(run_path: Path, stam
         grp = f["layers/fc"]
         grp["t_id"][2] = np.nan if stamp == "nan" else grp["t_id"][2] + 1.0
         grp["s"][2] = 1.0  # stale numbers that must not survive
-        grp["B"][2] = 0.0
+        grp["V"][2] = 0.0
     got = analyze(run_path, CFG)
     assert got.computed == 1
     assert not got.notes

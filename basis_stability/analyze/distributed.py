@@ -1,13 +1,14 @@
 """Analysis over several processes: ``torchrun --nproc_per_node=N -m basis_stability analyze RUN``.
 
-The SVDs are the whole cost of an analysis, so they are what is spread: rank 0 lists the
-(layer, snapshots) tasks its cache lacks and broadcasts them; each task goes to one rank (largest
-first, to the least-loaded rank: deterministic, so every rank agrees without talking); each rank
-decomposes its tasks from the run file it opens itself, one task per round, and rank 0 gathers a
-round's results and writes them into the cache. Rank 0 then builds the report from the cache as a
-single process would, so the result is the single-process result: the same function on the same
-float32 input gives the same bits on any rank (LAPACK with the same thread count; torchrun sets
-one thread per process unless OMP_NUM_THREADS says otherwise).
+The decompositions are most of the cost of an analysis, so they are what is spread: rank 0 lists
+the (layer, snapshots) tasks its cache lacks and broadcasts them; each task goes to one rank
+(largest first, to the least-loaded rank: deterministic, so every rank agrees without talking);
+each rank decomposes its tasks from the run file it opens itself, one task per round, and rank 0
+gathers a round's results and writes them into the cache. Rank 0 then builds the report from the
+cache as a single process would (it also measures the pairs, from the cached vectors), so the
+result is the single-process result: the same function on the same float32 input gives the same
+bits on any rank (LAPACK with the same thread count; torchrun sets one thread per process unless
+OMP_NUM_THREADS says otherwise).
 
 Objects travel over a gloo group (a CPU transport), whatever backend the job uses otherwise; with
 ``--device cuda`` each rank decomposes on ``cuda:LOCAL_RANK``.
@@ -76,11 +77,11 @@ def fill_cache_sharded(run, cache, cfg, available: dict[str, int], progress: boo
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    from .engine import _tasks, decompose_snapshots
+    from . import engine
 
     rank, world = dist.get_rank(), dist.get_world_size()
     group = _group()
-    box: list[Any] = [_tasks(run, cache, available) if rank == 0 else None]
+    box: list[Any] = [engine._tasks(run, cache, available) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0, group=group)
     tasks = box[0]
     total = sum(len(t[2]) for t in tasks)
@@ -101,7 +102,7 @@ def fill_cache_sharded(run, cache, cfg, available: dict[str, int], progress: boo
         result = None
         if i < len(mine):
             _, name, indices, t_ids = mine[i]
-            result = (name, decompose_snapshots(run.layer(name), indices, t_ids, local_cfg))
+            result = (name, engine.decompose_snapshots(run.layer(name), indices, t_ids, local_cfg))
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(result, gathered, dst=0, group=group)
         if rank == 0:

@@ -29,10 +29,14 @@ from ..recommend import (
     make_plan,
 )
 from ..store.reader import LayerInfo, Run, open_run
-from .engine import CacheDamagedError, EngineConfig, SVDCache, fill_cache
+from .cache import CacheDamagedError, SVDCache
+from .config import EngineConfig
+from .decompose import Decomposition, PairValues, error_of, reason_of, storage_dtype
 from .lag import Lag, LagPairs, known_times, lag_pairs
+from .pairs import measure_pairs
+from .pool import fill_cache
 from .spectra import batch_ranks, rank_at_beta
-from .stability import Decomposed, pairwise_overlap, pairwise_stability, topk_reason
+from .stability import topk_reason
 
 PAIRS = ("consecutive", "lag", "final", "initial")
 # an empty table keeps its columns, so its CSV stays readable (e.g. a one-snapshot run)
@@ -106,48 +110,41 @@ def _pairs(t_count: int, lagged: list[tuple[int, int]]) -> list[tuple[str, int, 
 _MISSING = "layer missing from a snapshot"
 
 
-def _all_pairs(values: list[torch.Tensor | None], pairwise) -> np.ndarray:
-    """``pairwise`` over the defined entries; NaN rows and columns for the undefined ones."""
-    ok = [i for i, v in enumerate(values) if v is not None]
-    out = np.full((len(values), len(values)), np.nan)
-    if ok:
-        inner = pairwise(torch.stack([values[i] for i in ok])).double().numpy()
-        out[np.ix_(ok, ok)] = inner
-    return out
-
-
 def _pair_frame(
     info: LayerInfo,
-    decs: list[Decomposed | None],
+    decs: list[Decomposition | None],
     index: pd.DataFrame,
     cfg: AnalysisConfig,
-    lagged: list[tuple[int, int]],
+    pairs: list[tuple[str, int, int]],
+    values: dict[tuple[int, int], PairValues],
+    s_why: list[str | None],
+    engine: EngineConfig,
 ) -> pd.DataFrame:
-    """Every pair of one layer at once: S and O_k from one Gram matrix each (the fast path of
-    :func:`~.stability.stability` and :func:`~.stability.overlap`, which tests hold it to)."""
-    pairs = _pairs(len(decs), lagged)
+    """The stability table of one layer: S and O_k of every pair, NaN with a reason where a
+    basis or top-k subspace is not unique (the rules of :mod:`.stability`, which tests hold the
+    engine's pair values to)."""
     if not pairs:
         return pd.DataFrame(columns=STABILITY_COLUMNS)
     kinds, a, b = (np.array(x) for x in zip(*pairs))
-    widths = [d.svd.U.shape[1] for d in decs if d is not None]
-    k = min([cfg.k, info.shape[1], *widths])
-    s_why = [_MISSING if d is None else d.reason for d in decs]
+    k = min(cfg.k, info.shape[1], engine.kmax)
     o_why = [
-        _MISSING if d is None else topk_reason(d.svd.S, k, d.svd.S.dtype, max(info.shape))
+        _MISSING
+        if d is None
+        else topk_reason(torch.from_numpy(np.asarray(d.s)), k, torch.float64, max(info.shape))
         for d in decs
     ]
-    s_all = _all_pairs([None if w else d.basis for d, w in zip(decs, s_why)], pairwise_stability)
-    left = _all_pairs(
-        [None if w else d.svd.U[:, :k] for d, w in zip(decs, o_why)], pairwise_overlap
-    )
-    right = _all_pairs(
-        [None if w else d.svd.Vh[:k].T for d, w in zip(decs, o_why)], pairwise_overlap
-    )
+    storage = storage_dtype(info)
+    errors = np.array([math.nan if d is None else error_of(d, storage, engine.dtype) for d in decs])
+    nan = PairValues(math.nan, np.full(k, np.nan), np.full(k, np.nan))
+    got = [values.get((i, j), nan) for i, j in zip(a, b)]
+    s_all = np.array([v.S for v in got], dtype=np.float64)
+    s_ok = np.array([not (s_why[i] or s_why[j]) for i, j in zip(a, b)])
+    o_ok = np.array([not (o_why[i] or o_why[j]) for i, j in zip(a, b)])
+    s_all = np.where(s_ok, s_all, np.nan)
+    left = np.where(o_ok, [v.left[k - 1] / k for v in got], np.nan)
+    right = np.where(o_ok, [v.right[k - 1] / k for v in got], np.nan)
     epochs, steps = index["epoch"].to_numpy(), index["step"].to_numpy()
-    errors = np.array([math.nan if d is None else d.error for d in decs])
-    s_err = np.where(np.isfinite(s_all[a, b]), errors[a] + errors[b], np.nan) / math.sqrt(
-        min(info.shape)
-    )
+    s_err = np.where(np.isfinite(s_all), errors[a] + errors[b], np.nan) / math.sqrt(min(info.shape))
     frame = pd.DataFrame(
         {
             "layer": info.name,
@@ -160,10 +157,10 @@ def _pair_frame(
             "epoch_b": epochs[b],
             "step_a": steps[a],
             "step_b": steps[b],
-            "S": s_all[a, b],
+            "S": s_all,
             "S_err": s_err,
-            "O_left": left[a, b],
-            "O_right": right[a, b],
+            "O_left": left,
+            "O_right": right,
             "k": k,
         }
     )
@@ -393,11 +390,16 @@ def _build(
         notes.append("only one snapshot: spectra and ranks only; stability needs two")
     stab_frames, spec_frames, rank_frames = [], [], []
     spectra_by_t: dict[int, dict[str, np.ndarray]] = {t: {} for t in range(t_count)}
+    pairs = _pairs(t_count, pairing.pairs)
     for info in run.layers:
         entries = cache.entries(info, available[info.name])
-        decs = [None if e is None else cache.decomposed(info, e) for e in entries]
-        decs += [None] * (t_count - len(decs))
-        stab_frames.append(_pair_frame(info, decs, index, cfg, pairing.pairs))
+        decs = entries + [None] * (t_count - len(entries))
+        storage = storage_dtype(info)
+        s_why = [_MISSING if d is None else reason_of(d, info.shape, storage) for d in decs]
+        values, _ = measure_pairs(
+            run, info, cache, decs, [(a, b) for _, a, b in pairs], [not w for w in s_why], cache.cfg
+        )
+        stab_frames.append(_pair_frame(info, decs, index, cfg, pairs, values, s_why, cache.cfg))
         known = [e for e in entries if e is not None]
         if known:
             spec_frames.append(
