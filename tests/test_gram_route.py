@@ -185,3 +185,40 @@ def test_the_cache_holds_no_basis_and_is_smaller_than_a_tall_run(tmp_path) -> No
         assert grp["V"].shape == (6, 64, 64) and grp["V"].dtype == np.float32
     # V is n x n and the run m x n: an eighth of the run here, plus small per-snapshot data
     assert cache.stat().st_size < 0.25 * path.stat().st_size
+
+
+@pytest.mark.parametrize("cond", [3e3, 8e3])
+def test_ill_conditioned_snapshots_keep_float64_vectors_and_their_s_within_1e6(
+    tmp_path, cond
+) -> None:
+    """Rounding V to float32 would move S by up to 3e-6 at cond 1e4 on 64 x 64 (measured), so
+    above cond 1e3 V is cached in float64 (V64), and only there."""
+    import h5py
+
+    from basis_stability.analyze.engine import default_cache_path
+
+    view = LayerView.of("w", "w.weight", "linear", (64, 64))
+    worst, stored_wide = 0.0, []
+    for seed in range(3):
+        base = designed(64, 64, cond, seed).astype(np.float32).astype(np.float64)
+        noise = np.random.default_rng(seed + 9).standard_normal((64, 64)) / 8
+        mats = [base, base + 1e-3 * noise, base + 0.3 * noise]
+        path = _run(tmp_path / f"run{seed}.h5", mats, view)
+        report = analyze(path, AnalysisConfig(lag=1, k=4))
+        stored = [m.astype(np.float32).astype(np.float64) for m in mats]
+        svds = [oracle(m) for m in stored]
+        for row in report.stability.itertuples():
+            (ua, _, vta), (ub, _, vtb) = svds[row.a], svds[row.b]
+            worst = max(worst, abs(row.S - float(np.sum((ua @ vta) * (ub @ vtb))) / 64))
+        with h5py.File(default_cache_path(path, EngineConfig()), "r") as f:
+            grp = f["layers/w"]
+            conds = grp["s"][:, 0] / grp["s"][:, -1]
+            stored_wide.append(
+                all(
+                    np.isfinite(grp["V64"][t]).all() == (c > 1e3)
+                    and np.isnan(grp["V"][t]).all() == (c > 1e3)  # the float32 row never written
+                    for t, c in enumerate(conds)
+                )
+            )
+    assert worst < 1e-6, worst
+    assert all(stored_wide)

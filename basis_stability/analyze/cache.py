@@ -29,19 +29,20 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from ..errors import ConfigError, RunFileError, expected
 from ..store.format import encode_name
 from ..store.reader import LayerInfo, Run
 from .config import CACHE_VERSION, EngineConfig
-from .decompose import ROUTE_NAMES, SVD64, Decomposition, PairValues
+from .decompose import ROUTE_NAMES, Decomposition, PairValues, vector_dtype
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "basis_stability.svd-cache"
 _NOT_A_CACHE = "not a basis_stability SVD cache"
 _ROWS = ("t_id", "fro2", "s", "route")  # per snapshot, both modes
-_EXACT = _ROWS + ("V",)  # plus V64 when the vectors are float32
+_EXACT = _ROWS + ("V",)  # plus V64 (the float64 ones) when V holds float32
 _APPROX = _ROWS + ("U", "V")
 _PAIRS = ("pair_id", "pair_S", "pair_L", "pair_R")
 _WRITE_ERRORS = (OSError, RuntimeError)  # h5py raises either for a failed write or flush
@@ -319,13 +320,10 @@ class SVDCache:
             ds["s"][rows] = np.stack([e.s for e in run])
             ds["fro2"][rows] = [e.fro2 for e in run]
             ds["route"][rows] = [e.route for e in run]
-            ds["V"][rows] = np.stack([e.V for e in run]).astype(ds["V"].dtype)
             if "U" in ds:
                 ds["U"][rows] = np.stack([e.U for e in run])
-        if "V64" in ds:
-            for e in entries:
-                if e.route == SVD64:  # one row each: the others are never allocated
-                    ds["V64"][e.t] = e.V
+        for e in entries:  # V one row each, in V or V64: the other's row is never allocated
+            ds[self._vector_key(e, ds)][e.t] = e.V
         self.file.flush()
         for run in runs:
             ds["t_id"][run[0].t : run[-1].t + 1] = [e.t_id for e in run]
@@ -383,12 +381,17 @@ class SVDCache:
             return held
         ds = self._datasets(info)
         try:
-            key = "V64" if dec.route == SVD64 and "V64" in ds else "V"
+            key = self._vector_key(dec, ds)
             v = ds[key][dec.t]
             u = ds["U"][dec.t] if "U" in ds else None
         except _READ_ERRORS as exc:
             raise CacheDamagedError(self.path, _cause(exc)) from exc
         return Decomposition(dec.t, dec.t_id, dec.s, dec.fro2, dec.route, v, u)
+
+    def _vector_key(self, dec: Decomposition, ds: dict) -> str:
+        """Where a snapshot's V lives: V64 when it is kept in float64 and V holds float32."""
+        wide = vector_dtype(dec, self.cfg.dtype) == torch.float64
+        return "V64" if wide and "V64" in ds else "V"
 
     def pairs(self, info: LayerInfo) -> dict[tuple[float, float], PairValues]:
         """The measured pairs of one layer, keyed by the two snapshots' commit times.

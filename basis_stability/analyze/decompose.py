@@ -22,8 +22,10 @@ made on SVD singular values, as before).
 **What is cached** (:mod:`.cache`): sigma in float64, ``V`` rounded to the cache dtype (float32
 by default) and the route. ``B`` and ``U_k`` are always rebuilt from the run's weights and that
 rounded ``V`` (:func:`bases`), in a fresh analysis as in a cached one, so the numbers do not
-depend on what the cache held. Rounding ``V`` to float32 moves S by at most 2e-8 up to
-``cond = 1e4`` (measured); a ``svd64`` snapshot keeps its ``V`` in float64.
+depend on what the cache held. Rounding ``V`` to float32 moves S by at most 1.3e-7 up to
+``cond = 1e3`` but by up to 3e-6 at ``1e4`` (measured, :func:`vector_dtype`): above
+:data:`~.stability.PROMOTE_COND` = 1e3, and for every ``svd64`` snapshot, ``V`` is kept in
+float64.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 from ..store.reader import LayerInfo, LayerSnapshots
 from .config import EngineConfig
-from .stability import basis_error, basis_reason, polar_svd, rank_tolerance
+from .stability import PROMOTE_COND, basis_error, basis_reason, polar_svd, rank_tolerance
 
 # above this condition number the Gram route's basis loses more than 1e-6 of S (measured): the
 # snapshot is decomposed by a float64 SVD instead
@@ -134,13 +136,15 @@ def decompose_batch(
         lam, vec = torch.linalg.eigh(gram)
         # descending order; a negative eigenvalue is round-off of a (near) zero one
         s_all = lam.flip(-1).clamp_min(0).sqrt().cpu()
-        v_all = vec.flip(-1).to(cfg.dtype).cpu().numpy()
+        v_all = vec.flip(-1).cpu().numpy()
         fro2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1).cpu().tolist()
         for j, i in enumerate(ok):
             if not _needs_svd(s_all[j], shape, storage):
                 s = s_all[j].numpy().copy()
-                # a copy: its own buffer, as the vectors read back from the cache have
-                out[i] = Decomposition(ts[i], t_ids[i], s, fro2[j], GRAM, v_all[j].copy())
+                dec = Decomposition(ts[i], t_ids[i], s, fro2[j], GRAM)
+                # a copy in its own buffer (as vectors read back from the cache are), rounded
+                dec.V = v_all[j].astype(_np(vector_dtype(dec, cfg.dtype)), order="C")
+                out[i] = dec
     for i, f in enumerate(finite):
         if out[i] is not None:
             continue
@@ -160,9 +164,22 @@ def _by_svd(
     (_, s, vh), computed = polar_svd(w.to(cfg.device, dtype), dtype, storage)
     s64 = s.double().cpu().numpy()
     route = SVD64 if computed == torch.float64 else SVD32
-    v_dtype = torch.float64 if route == SVD64 else cfg.dtype
-    v = vh.mT.to(v_dtype).cpu().numpy()
-    return Decomposition(t, t_id, s64, float((s64**2).sum()), route, np.ascontiguousarray(v))
+    dec = Decomposition(t, t_id, s64, float((s64**2).sum()), route)
+    dec.V = np.ascontiguousarray(vh.mT.to(vector_dtype(dec, cfg.dtype)).cpu().numpy())
+    return dec
+
+
+def vector_dtype(dec: Decomposition, cached: torch.dtype) -> torch.dtype:
+    """The precision ``V`` is kept in: ``cached`` (the engine's ``svd_dtype``), or float64 for a
+    snapshot decomposed by a float64 SVD or with a condition number above
+    :data:`~.stability.PROMOTE_COND`, where float32 vectors would cost S more than 1e-7
+    (rounding ``V`` moves ``B`` by up to ``cond`` times its rounding, in the directions that
+    mix large and small singular values; measured: below 1.3e-7 up to cond 1e3, 3e-6 at 1e4)."""
+    if dec.route == SVD64:
+        return torch.float64
+    s = dec.s
+    cond = float(s[0] / s[-1]) if len(s) and s[-1] > 0 else math.inf
+    return torch.float64 if not cond <= PROMOTE_COND else cached
 
 
 def _approx(w: torch.Tensor, t: int, t_id: float, cfg: EngineConfig) -> Decomposition:
@@ -235,9 +252,10 @@ def bases(w: np.ndarray | None, dec: Decomposition, kk: int, device: str, basis:
 
 
 def _fresh(a: np.ndarray, device: str) -> torch.Tensor:
-    """A float64 copy in a buffer of its own: BLAS results can depend on how the input is
-    aligned in memory, and the bits must not depend on whether it came from the cache."""
-    return torch.tensor(np.asarray(a), dtype=torch.float64, device=device)
+    """A C-ordered float64 copy in a buffer of its own: BLAS results depend on the memory
+    layout (eigh returns column-major vectors), and the bits must not depend on whether an
+    input came from the cache."""
+    return torch.tensor(np.ascontiguousarray(a), dtype=torch.float64, device=device)
 
 
 @dataclass(frozen=True)
@@ -285,7 +303,7 @@ def error_of(dec: Decomposition, storage: torch.dtype, vectors: torch.dtype) -> 
     if dec.route in (NONFINITE, APPROX):
         return math.nan
     s = torch.from_numpy(np.asarray(dec.s))
-    rounding = torch.float64 if dec.route == SVD64 else vectors
+    rounding = vector_dtype(dec, vectors)
     computed = torch.float32 if torch.float32 in (dec.computed, rounding) else torch.float64
     error = basis_error(s, storage, computed)
     if dec.route == GRAM and math.isfinite(error):
