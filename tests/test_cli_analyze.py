@@ -230,12 +230,28 @@ def test_output_that_is_a_file_names_the_option(run_path: Path, tmp_path: Path):
         (["--lag", "0"], "Invalid value for '--lag'"),
         (["--tau", "1.5"], "Invalid value for '--tau'"),
         (["--svd-dtype", "float16"], "Invalid value for '--svd-dtype'"),
+        (["--method", "qr"], "Invalid value for '--method'"),
+        (["--chunk-mb", "0"], "Invalid value for '--chunk-mb'"),
     ],
 )
 def test_bad_options_are_usage_errors(run_path: Path, args: list[str], fragment: str):
     result = bstab("analyze", run_path, *args, "--no-progress")
     assert result.exit_code == 2
     assert_clean_failure(result, fragment)
+
+
+def test_method_svd_and_a_tiny_chunk_give_the_numbers_of_the_default(run_path: Path, tmp_path):
+    """The SVD route shares nothing with the Gram route but the rules; one snapshot per batch
+    changes no bit."""
+    outs = {}
+    for name, extra in (("gram", []), ("svd", ["--method", "svd"]), ("chunk", ["--chunk-mb", "1"])):
+        out = tmp_path / name
+        result = bstab("analyze", run_path, "-o", out, "--no-plots", "--no-progress", *extra)
+        assert result.exit_code == 0, result.output
+        outs[name] = pd.read_csv(out / "stability.csv")
+    np.testing.assert_allclose(outs["svd"]["S"], outs["gram"]["S"], atol=1e-6)
+    pd.testing.assert_frame_equal(outs["chunk"], outs["gram"], check_exact=True)
+    assert outs["gram"]["S"].notna().all()
 
 
 def test_bad_device_is_one_clean_line(run_path: Path, tmp_path: Path):

@@ -115,6 +115,16 @@ def _needs_svd(s: torch.Tensor, shape: tuple[int, int], storage: torch.dtype) ->
     return top / low > GRAM_COND or low <= 4 * rank_tolerance(s, shape, storage)
 
 
+def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a stack of Gram matrices: one batched call on a GPU; one matrix
+    at a time on the CPU, where a batched call is no faster when the machine is quiet and was
+    measured up to 50x slower when other processes share its cores (its threads oversubscribe)."""
+    if gram.device.type != "cpu":
+        return torch.linalg.eigh(gram)
+    pairs = [torch.linalg.eigh(g) for g in gram]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
 def decompose_batch(
     ws: torch.Tensor,
     ts: list[int],
@@ -133,7 +143,7 @@ def decompose_batch(
         ok = [i for i, f in enumerate(finite) if f]
         sub = w[ok]
         gram = sub.mT @ sub
-        lam, vec = torch.linalg.eigh(gram)
+        lam, vec = _eigh(gram)
         # descending order; a negative eigenvalue is round-off of a (near) zero one
         s_all = lam.flip(-1).clamp_min(0).sqrt().cpu()
         v_all = vec.flip(-1).cpu().numpy()

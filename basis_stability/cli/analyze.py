@@ -93,7 +93,25 @@ def _lag(ctx: click.Context, param: click.Parameter, value: str) -> Lag:
     help="approx: randomised top-k (no S, fast on big layers).",
 )
 @click.option(
-    "--svd-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True
+    "--method",
+    type=click.Choice(["gram", "svd"]),
+    default="gram",
+    show_default=True,
+    help="exact mode: float64 Gram eigendecomposition (SVD above cond 1e4), or an SVD each.",
+)
+@click.option(
+    "--svd-dtype",
+    type=click.Choice(["float32", "float64"]),
+    default="float32",
+    show_default=True,
+    help="precision of the cached vectors (and of --method svd).",
+)
+@click.option(
+    "--chunk-mb",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="memory one batched decomposition of a layer's snapshots may take.",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option(
@@ -142,7 +160,9 @@ def analyze(
     min_energy: float,
     target_share: float,
     svd: str,
+    method: str,
     svd_dtype: str,
+    chunk_mb: int,
     device: str,
     jobs: int,
     no_cache: bool,
@@ -192,7 +212,13 @@ def analyze(
 
     config = AnalysisConfig(lag=lag, k=k)
     engine = EngineConfig(
-        svd=svd, svd_dtype=svd_dtype, device=device, jobs=jobs, cache=not no_cache
+        svd=svd,
+        method=method,
+        svd_dtype=svd_dtype,
+        chunk_mb=chunk_mb,
+        device=device,
+        jobs=jobs,
+        cache=not no_cache,
     )
     plan = PlanConfig(
         tau=tau, share=share, beta_rule=beta_rule, min_energy=min_energy, target_share=target_share
