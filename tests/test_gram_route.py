@@ -222,3 +222,19 @@ def test_ill_conditioned_snapshots_keep_float64_vectors_and_their_s_within_1e6(
             )
     assert worst < 1e-6, worst
     assert all(stored_wide)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_path_gives_the_numbers_of_the_cpu_path(tmp_path) -> None:
+    """--device cuda runs the batched route on the GPU (batched eigh, bases, pairs there)."""
+    view = LayerView.of("w", "w.weight", "linear", (256, 64))
+    rng = np.random.default_rng(11)
+    base = designed(256, 64, 1e2, seed=12)
+    mats = [base + 0.01 * t * rng.standard_normal(base.shape) for t in range(6)]
+    path = _run(tmp_path / "run.h5", mats, view)
+    cfg = AnalysisConfig(lag=2, k=4)
+    cpu = analyze(path, cfg, EngineConfig(cache=False))
+    gpu = analyze(path, cfg, EngineConfig(cache=False, device="cuda"))
+    for col in ("S", "O_left", "O_right"):
+        np.testing.assert_allclose(gpu.stability[col], cpu.stability[col], atol=1e-7)
+    np.testing.assert_allclose(gpu.spectra["sigma"], cpu.spectra["sigma"], rtol=1e-9)

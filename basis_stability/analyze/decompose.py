@@ -289,7 +289,7 @@ def cumulative_overlap(q_a: torch.Tensor, q_b: torch.Tensor) -> np.ndarray:
 
 def pair_values(a: Bases, b: Bases, n: int) -> PairValues:
     """S (NaN without both bases) and the cumulative overlaps of two snapshots."""
-    s = math.nan if a.B is None or b.B is None else float((a.B * b.B).sum()) / n
+    s = math.nan if a.B is None or b.B is None else float(torch.dot(a.B.ravel(), b.B.ravel())) / n
     return PairValues(s, cumulative_overlap(a.U, b.U), cumulative_overlap(a.V, b.V))
 
 
