@@ -254,7 +254,8 @@ def test_layers_are_copied_one_at_a_time_without_state_dict(tmp_path: Path, monk
     monkeypatch.setattr(h5py.Dataset, "write_direct", spy_write)
     monkeypatch.setattr(nn.Module, "state_dict", no_state_dict)
     model = _model()
-    with Recorder(model, tmp_path / "run.h5") as rec:
+    # the synchronous path (the background one copies into its buffers: tests/test_background.py)
+    with Recorder(model, tmp_path / "run.h5", background=False) as rec:
         rec.snapshot(epoch=1)
     # each copy is written before the next layer is copied; the two biases follow as one row
     one = [("copy", "0"), ("write", "0"), ("copy", "2"), ("write", "2"), ("write", "float32")]

@@ -36,6 +36,12 @@ from ._options import _training_options, check_output, training_config
     "statistics) that make an exported snapshot a complete state dict.",
 )
 @click.option(
+    "--no-background",
+    is_flag=True,
+    help="Write each snapshot before training goes on, instead of on a background thread "
+    "(which costs one host copy of the recorded weights).",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
@@ -75,6 +81,7 @@ def record(
     exclude: tuple[str, ...],
     types: tuple[str, ...],
     no_biases: bool,
+    no_background: bool,
     output: Path | None,
     force: bool,
     checkpoints: str | None,
@@ -107,6 +114,7 @@ def record(
         types=types or None,
         dtype=dtype,
         biases=not no_biases,
+        background=not no_background,
     )
     stem = f"{model}-{dataset}-seed{seed}" if checkpoints is None else "checkpoints"
     if not list_only:  # an existing --output is the writer's to refuse (or --force to replace)

@@ -143,6 +143,10 @@ class RecordSession:
         return self._closed_count if self._closed_count is not None else self.resume_at or 0
 
     def state(self) -> dict[str, Any]:
+        """What a training checkpoint keeps of the recording: the snapshots it counts are in the
+        run (a background write in flight is waited for)."""
+        if self.recorder is not None:
+            self.recorder.flush()
         return {
             "path": str(self.path),
             "snapshots": self.snapshots(),

@@ -409,7 +409,7 @@ def record_checkpoints(
         pattern: a glob such as ``"ckpts/epoch_*.pt"``.
         path: the run file to create.
         config: layer selection and storage dtype (``initial`` is ignored: the checkpoints are the
-            snapshots).
+            snapshots; so is ``background``: nothing trains meanwhile, so each is written at once).
         force: replace an existing run file.
         progress: show a progress bar.
 

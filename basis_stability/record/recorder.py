@@ -12,6 +12,10 @@ or let the optimizer fire a schedule by itself::
     rec = Recorder(model, "run.h5").attach(optimizer, every(10))
     ...                                              # training; rec.log(loss=...) adds metrics
     rec.close()
+
+A snapshot is copied into reused host buffers on the calling thread, and written, flushed and
+committed by one background thread (:mod:`.background`) while training goes on; ``background=
+False`` writes it on the calling thread instead.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from torch import nn
 from .. import _dist
 from ..errors import ConfigError, RunFileError, WriteFailedError, expected
 from ..store import state as st
+from ..store.writer import check_metrics, encode_event
 from ..views import Coverage, LayerView, Selection, measure_coverage, select_layers, unwrap_model
+from .background import HostBuffers, WriterThread
 from .schedules import Schedule
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,14 @@ class RecordConfig:
             running statistics (every 0-D or 1-D ``state_dict()`` entry that is not a recorded
             matrix), exactly, in their own dtype. With the matrices, that makes an exported
             snapshot a complete state dict. False (``bstab record --no-biases``): matrices only.
+        background: write snapshots on a background thread. :meth:`Recorder.snapshot` copies
+            the weights into host buffers kept for the purpose (pinned for CUDA weights: one
+            extra host copy of the recorded tensors, two while snapshots come faster than they
+            are written) and returns; the thread writes, flushes and commits, one snapshot at
+            a time. A SIGKILL loses at most the snapshot being
+            written; a failed write is raised by the recorder's next call. False (``bstab
+            record --no-background``): each snapshot is committed before ``snapshot()``
+            returns. Not stored in the run: it changes when, not what, is written.
     """
 
     include: Sequence[str] | None = None
@@ -67,8 +81,18 @@ class RecordConfig:
     initial: bool = True
     metadata: Mapping[str, Any] = field(default_factory=dict)
     biases: bool = True
+    background: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.background, (bool, np.bool_)):
+            raise ConfigError(
+                expected(
+                    "background",
+                    "True or False",
+                    self.background,
+                    "False writes each snapshot before snapshot() returns.",
+                )
+            )
         if self.dtype not in _TORCH_DTYPES:
             raise ConfigError(
                 expected(
@@ -306,6 +330,15 @@ class Recorder:
     attached schedule does); the whole model is never materialised on one rank. FSDP1
     (``FullyShardedDataParallel``) flattens its parameters and is refused with a clear message.
 
+    With ``background=True`` (the default) a snapshot is copied into reused host buffers before
+    :meth:`snapshot` returns (the gathers of a sharded model included, on the calling thread of
+    every rank) and written by one background thread; :meth:`flush` and :meth:`close` wait for
+    it, :meth:`log_event` is queued behind it, and a write that fails there (a full disk) is
+    raised by the next :meth:`snapshot`, :meth:`log_event`, :meth:`flush` or :meth:`close`, with
+    the writer's message. The buffers hold one host copy of the recorded tensors (on rank 0 when
+    sharded), two while snapshots come faster than they are written; ``background=False``
+    needs none.
+
     Raises:
         NoEligibleLayersError: no layer matched the selection.
         RunExistsError: ``mode="create"`` and the file exists.
@@ -364,8 +397,13 @@ class Recorder:
             + [k for k, _, _ in self.state_plan.entries]
         )
         self._writer = None
+        self._thread: WriterThread | None = None  # the background writer (writing rank only)
+        self._buffers = HostBuffers()
+        self._slot = 0  # which of the (at most two) sets of buffers the next copy fills
+        self._handed = 0  # snapshots handed to the background writer so far, counted in the run
         if not self._sharded:
             self._writer = self._open(mode, keep, resume_step) if _dist.is_writer() else None
+            self._start_background()
             return
         # sharded: every rank must learn whether rank 0 opened the file (or why it could not),
         # then join the gathers of the initial snapshot, or none does
@@ -385,8 +423,14 @@ class Recorder:
         if status[0] == "failed":
             raise RunFileError(f"Rank 0 could not open {self.path} ({status[1]}).")
         self._use_state(status[2])  # the run's state entries: every rank joins their gathers
+        self._start_background()
         if status[1] and self.config.initial:
             self.snapshot(step=0, epoch=0.0)
+            self.flush()  # as unsharded: the run is open once its initial snapshot is in it
+
+    def _start_background(self) -> None:
+        if self._writer is not None and self.config.background:
+            self._thread = WriterThread()
 
     @property
     def views(self) -> list[LayerView]:
@@ -394,8 +438,11 @@ class Recorder:
 
     @property
     def n_snapshots(self) -> int:
-        """Snapshots in the file (0 on ranks that do not write)."""
-        return self._writer.n_snapshots if self._writer else 0
+        """Snapshots in the file, the one the background writer is writing included (0 on ranks
+        that do not write)."""
+        if self._writer is None:
+            return 0
+        return max(self._writer.n_snapshots, self._handed)  # each may be ahead for a moment
 
     def _open(self, mode: str, keep: int | None = None, step: int | None = None):
         from ..store.writer import RunWriter
@@ -428,7 +475,7 @@ class Recorder:
         state = st.plan(plan.entries if self.config.biases else [], plan.model, plan.tied)
         self._use_state(state)
         cfg = {
-            **asdict(self.config),
+            **{k: v for k, v in asdict(self.config).items() if k != "background"},
             "skipped": self.selection.skipped,
             "coverage": {
                 "recorded_params": cov.recorded_params,
@@ -485,7 +532,7 @@ class Recorder:
         ]
 
     # ------------------------------------------------------------------ snapshots
-    def _state_rows(self):
+    def _state_rows(self, pack: Callable[[list[torch.Tensor], str], np.ndarray] = state_storage):
         """One packed row per state dtype (the run's layout), captured with the matrices."""
         for dtype, group in self._state_layout:
             parts = []
@@ -498,7 +545,7 @@ class Recorder:
                             continue
                     parts.append(value if value.dim() == 1 else value.reshape(1))
             if _dist.is_writer():
-                yield state_storage(parts, dtype)
+                yield pack(parts, dtype)
 
     def _state_tensor(self, entry: st.StateEntry, path: Sequence[str]) -> torch.Tensor:
         value = _resolve_or_none(self.model, path)
@@ -522,19 +569,91 @@ class Recorder:
             )
         return value
 
-    def _matrices(self):
+    def _weights(self):
+        """``(view, weight)`` of each recorded layer, one at a time: a sharded weight gathered to
+        rank 0 (None on the other ranks)."""
         for view in self.views:  # one layer at a time: never a whole state_dict copy
             weight = _resolve(self.model, view.param_name)
             if self._sharded and _is_dtensor(weight):
                 weight = gather_to_rank0(weight)  # a collective: every rank runs this loop
-                if weight is None:
-                    yield None
-                    continue
-            yield to_storage(view, weight, self.config.dtype)
+            yield view, weight
+
+    def _matrices(self):
+        for view, weight in self._weights():
+            yield None if weight is None else to_storage(view, weight, self.config.dtype)
 
     def _write(self, writer, *, step: int, epoch: float, metrics: Mapping[str, float]) -> int:
         state = self._state_rows() if self._state.entries else None
         return writer.append(self._matrices(), step=step, epoch=epoch, metrics=metrics, state=state)
+
+    def _copy_matrices(self) -> list[np.ndarray]:
+        """Every recorded matrix copied into its host buffer, in the storage dtype."""
+        dtype = _TORCH_DTYPES[self.config.dtype]
+        copies, wrong = [], None
+        with torch.no_grad():
+            for i, (view, weight) in enumerate(self._weights()):  # every rank joins the gathers
+                on_host = weight.device.type == "cpu" and weight.dtype == dtype != torch.bfloat16
+                # a CPU weight in the storage dtype: a numpy view of it, copied by numpy
+                mat = (
+                    to_storage(view, weight, self.config.dtype) if on_host else view.matrix(weight)
+                )
+                if tuple(mat.shape) != view.shape:
+                    wrong = wrong or (view, tuple(mat.shape))
+                elif on_host:
+                    copies.append(self._buffers.copy_array((self._slot, i), mat))
+                else:
+                    copies.append(self._buffers.copy((self._slot, i), mat.detach(), dtype))
+        if wrong is not None:  # raised after the loop: the other ranks finished their gathers
+            raise ConfigError(
+                f"Expected layer {wrong[0].name} to be a {wrong[0].shape} matrix but got "
+                f"{wrong[1]}. The model changed shape since the run began."
+            )
+        return copies
+
+    def _copy_state(self, parts: list[torch.Tensor], dtype: str) -> np.ndarray:
+        with torch.no_grad():
+            return self._buffers.pack((self._slot, dtype), parts, _STATE_TORCH[dtype])
+
+    def _hand_off(self, *, step: int, epoch: float, metrics: Mapping[str, float]) -> int:
+        """Copy a snapshot into the host buffers and queue its write; returns its index.
+
+        It is handed over once the write before it is committed: a snapshot taken while that
+        write goes on is copied meanwhile into a second set of buffers (allocated the first time
+        that happens). Every check the writer makes before writing (a stopped writer, a full
+        disk, bad metrics) is made here, once this rank has joined every gather, so that these
+        errors come from this call.
+        """
+        if self._thread.busy:  # the write in flight reads one set: copy into the other meanwhile
+            self._slot = 1 - self._slot
+        try:
+            matrices = self._copy_matrices()  # the gathers of a sharded model: every rank
+            state = list(self._state_rows(self._copy_state)) if self._state.entries else None
+            self._buffers.ready()  # the copies are complete: the caller may change the weights
+        finally:
+            self._wait()  # the snapshot before is committed, or its failure raised (over any other)
+        self._writer.check_ready()
+        values = check_metrics(metrics)
+        index = self._writer.n_snapshots
+        self._thread.submit(
+            self._writer.append, matrices, step=step, epoch=epoch, metrics=values, state=state
+        )
+        self._handed = index + 1
+        return index
+
+    def _wait(self, block: bool = True) -> None:
+        """Wait for the background writer (``block=False``: only look whether an operation
+        already failed) and re-raise its failure, once."""
+        try:
+            if block:
+                self._thread.wait()
+            else:
+                self._thread.check()
+        except BaseException as exc:
+            if isinstance(exc, Exception):  # a failed snapshot is not in the run
+                self._handed = self._writer.n_snapshots
+            raise
+        if block:
+            self._handed = self._writer.n_snapshots
 
     def snapshot(
         self,
@@ -545,6 +664,11 @@ class Recorder:
     ) -> int | None:
         """Write one snapshot of every selected layer and commit it (flushed to disk).
 
+        With ``background=True`` (the default) this copies the snapshot and returns while a
+        background thread writes and commits it; the copy is complete on return, so the weights
+        may change at once. It first waits for the snapshot written before, if that is still
+        being written.
+
         Args:
             epoch: the epoch the weights belong to (e.g. ``epoch + 1`` after training epoch
                 ``epoch``); NaN when not given and no schedule can tell.
@@ -553,6 +677,11 @@ class Recorder:
 
         Returns:
             The index of the new snapshot, or None on a rank that does not write.
+
+        Raises:
+            WriteFailedError: the disk has no room for this snapshot, or the background write
+                of an earlier snapshot or event failed (that snapshot is not in the run, which
+                keeps every snapshot committed before it).
         """
         self._check_open("snapshot()")
         if step is None:
@@ -569,7 +698,21 @@ class Recorder:
                 for _ in self._state_rows():  # then its gathers of sharded biases
                     pass
             return None
+        if self._thread is not None:
+            return self._hand_off(step=step, epoch=float(epoch), metrics=merged)
         return self._write(self._writer, step=step, epoch=float(epoch), metrics=merged)
+
+    def flush(self) -> None:
+        """Wait until every snapshot and event given so far is committed and flushed to disk.
+
+        Nothing to wait for with ``background=False``, on ranks that do not write, or after
+        :meth:`close`.
+
+        Raises:
+            WriteFailedError: a background write failed (raised once, here or by the next call).
+        """
+        if self._thread is not None and not self.closed:
+            self._wait()
 
     def _check_open(self, method: str) -> None:
         if self.closed:
@@ -586,12 +729,23 @@ class Recorder:
 
     def log_event(self, event: Mapping[str, Any]) -> None:
         """Store one decision (a JSON-able dict, e.g. from the OIALR controller) in the run's
-        ``/events``; flushed at once. A no-op on ranks that do not write."""
+        ``/events``; flushed at once. A no-op on ranks that do not write.
+
+        With ``background=True`` the event is encoded now and written by the background
+        writer after the snapshots given before it, in order.
+        """
         self._check_open("log_event()")
-        if self._writer is not None and not self._writer.log_event(event):
+        if self._writer is None:
+            return
+        if not self._writer.has_events:
             log.warning(
                 "%s predates format 1.1 and has no /events; event not stored: %s", self.path, event
             )
+        elif self._thread is not None:
+            self._wait(block=False)  # a background failure already known is raised here
+            self._thread.submit(self._writer.write_event, encode_event(event))
+        else:
+            self._writer.log_event(event)
 
     def log(self, **metrics: float) -> None:
         """Remember metrics for the next snapshot (useful with :meth:`attach`).
@@ -646,10 +800,14 @@ class Recorder:
             self.snapshot(step=self.step, metrics=extra)
 
     def close(self) -> None:
-        """Flush and close the file (idempotent).
+        """Wait for the background writer, then flush and close the file (idempotent).
 
         Warns (``RuntimeWarning``) if an attached schedule never fired, or if metrics given to
         :meth:`log` after the last snapshot are left over: they belong to no snapshot.
+
+        Raises:
+            WriteFailedError: a background write failed and no call raised it yet; the file is
+                closed all the same, and a second ``close()`` does nothing.
         """
         if self.closed:
             return
@@ -676,8 +834,14 @@ class Recorder:
                     stacklevel=2,
                 )
             self._hook = None
-        if self._writer is not None:
-            self._writer.close()
+        try:
+            if self._thread is not None:
+                self._wait()
+        finally:
+            if self._thread is not None:
+                self._thread.close()
+            if self._writer is not None:
+                self._writer.close()
 
     def __enter__(self) -> Recorder:
         return self

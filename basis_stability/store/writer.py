@@ -208,6 +208,7 @@ class RunWriter:
         self.n_snapshots = len(self._index)
         self._t0 = time.perf_counter() - (self._index[-1]["wall_time"] if self.n_snapshots else 0)
         self._failed: str | None = None  # why the writer stopped, after a write error
+        self._has_events = "events" in f  # format 1.1 and later
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -439,13 +440,27 @@ class RunWriter:
             ds.id.set_extent((t + 1, width))
             ds.write_direct(np.ascontiguousarray(arr), dest_sel=np.s_[t])
 
-    def _check_usable(self) -> None:
+    def check_ready(self) -> None:
+        """Raise now what :meth:`append` would raise before writing anything of the next
+        snapshot: the writer stopped after a write error, or the disk has no room for it.
+
+        The recorder calls it on the training thread before it hands a snapshot to its
+        background writer, so that these errors come from the call that caused them. It makes
+        no HDF5 call (one would wait for the write in flight); :meth:`append` checks again.
+        """
+        self._check_stopped()
+        self._check_space(self.n_snapshots)
+
+    def _check_stopped(self) -> None:
         if self._failed is not None:
             raise WriteFailedError(
                 f"The writer of {self.path} stopped after an earlier write error "
                 f"({self._failed}); the run keeps its {self.n_snapshots} committed snapshots. "
                 "Fix the cause, then resume it with mode='append'."
             )
+
+    def _check_usable(self) -> None:
+        self._check_stopped()
         if not self._f.id.valid:
             raise RunFileError(
                 f"The writer of {self.path} is closed; open a new one (mode='append') to add "
@@ -475,61 +490,43 @@ class RunWriter:
             "space), then resume it with mode='append'."
         )
 
+    @property
+    def has_events(self) -> bool:
+        """Whether the run has ``/events`` (format 1.1 and later)."""
+        return self._has_events
+
     def log_event(self, event: Mapping[str, Any]) -> bool:
         """Append one decision (a JSON object) to ``/events`` and flush; False when the run
         predates format 1.1 and has no ``/events``."""
         self._check_usable()
-        ds = self._f.get("events")
-        if ds is None:
+        if not self.has_events:
             return False
-        text = json.dumps(dict(event), sort_keys=True, default=str).encode()
-        if len(text) > fmt.event_bytes():
-            raise ConfigError(
-                expected(
-                    "event",
-                    f"at most {fmt.event_bytes()} bytes of JSON",
-                    f"{len(text)} bytes",
-                    "Log fewer numbers per event.",
-                )
-            )
+        self.write_event(encode_event(event))
+        return True
+
+    def write_event(self, text: bytes) -> None:
+        """Append one event already encoded by :func:`encode_event` to ``/events`` and flush."""
+        self._check_usable()
+        ds = self._f["events"]
         try:
             ds.resize(ds.shape[0] + 1, axis=0)
             ds[-1] = text
             self._f.flush()
         except (OSError, RuntimeError) as exc:
             raise self._fail("logging an event", exc) from None
-        return True
 
     def _metric_row(self, metrics: Mapping[str, float]) -> np.ndarray | None:
         if not metrics and not self.metric_names:
             return None
-        for name in metrics:
+        values = check_metrics(metrics)  # refuse a bad name or value before growing the names
+        for name in values:
             if name not in self.metric_names:
-                if len(name.encode()) > 128 or "\x00" in name:
-                    raise ConfigError(
-                        expected(
-                            "metrics",
-                            "names of at most 128 bytes",
-                            name,
-                            "Use a shorter metric name.",
-                        )
-                    )
                 self.metric_names.append(name)
                 self._names_ds.resize(len(self.metric_names), axis=0)
                 self._names_ds[-1] = name.encode()
         row = np.full(len(self.metric_names), np.nan)
-        for name, value in metrics.items():
-            try:
-                row[self.metric_names.index(name)] = float(value)
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    expected(
-                        f"metrics[{name!r}]",
-                        "a number",
-                        value,
-                        "Pass a float, an int or a 0-d tensor.",
-                    )
-                ) from None
+        for name, value in values.items():
+            row[self.metric_names.index(name)] = value
         return row
 
     @property
@@ -553,6 +550,50 @@ class RunWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """A snapshot's metrics as plain floats (a 0-d tensor read now), their names checked.
+
+    Raises:
+        ConfigError: a name longer than 128 bytes (or holding NUL), or a value that is no number.
+    """
+    values = {}
+    for name, value in metrics.items():
+        if len(name.encode()) > 128 or "\x00" in name:
+            raise ConfigError(
+                expected(
+                    "metrics", "names of at most 128 bytes", name, "Use a shorter metric name."
+                )
+            )
+        try:
+            values[name] = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                expected(
+                    f"metrics[{name!r}]", "a number", value, "Pass a float, an int or a 0-d tensor."
+                )
+            ) from None
+    return values
+
+
+def encode_event(event: Mapping[str, Any]) -> bytes:
+    """One event as the UTF-8 JSON that ``/events`` stores (keys sorted).
+
+    Raises:
+        ConfigError: the JSON is longer than an ``/events`` row holds.
+    """
+    text = json.dumps(dict(event), sort_keys=True, default=str).encode()
+    if len(text) > fmt.event_bytes():
+        raise ConfigError(
+            expected(
+                "event",
+                f"at most {fmt.event_bytes()} bytes of JSON",
+                f"{len(text)} bytes",
+                "Log fewer numbers per event.",
+            )
+        )
+    return text
 
 
 def _names_encoded(f: h5py.File) -> bool:

@@ -12,12 +12,18 @@ snapshot exactly, its state included. Run by the crash and SWMR tests (and
     python record_forever.py RUN.h5 --die-before-state T   # SIGKILL after T's layer rows
     python record_forever.py RUN.h5 --die-before-commit T  # SIGKILL once T's rows are all written
     python record_forever.py RUN.h5 --count N --hold # after N snapshots, wait for a stdin line
+    python record_forever.py RUN.h5 --no-flush       # say `done t` once snapshot() returns
+
+The recorder writes in the background (its default): ``snapshot()`` returns once the weights are
+copied, and ``rec.flush()`` waits for the commit. The kills above come from inside the writer
+(on its background thread), so they land in the middle of a real background write.
 
 Protocol on stdout (one line each, flushed):
 
     ready N     the run is open; N snapshots are in the file (create: the initial snapshot 0)
     begin t     snapshot t is about to be written
-    done t      snapshot t returned (it is committed)
+    done t      snapshot t returned and rec.flush() returned (it is committed); with
+                --no-flush: snapshot() returned (t is copied; t - 1 is committed)
     holding     (--hold) all snapshots written; the file stays open until a line on stdin
     closed      the recorder was closed
 """
@@ -62,31 +68,34 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def die_inside(rec, snapshot: int, after_layers: int = 2) -> list[int]:
+def die_inside(rec, snapshot: int, after_layers: int = 2) -> None:
     """Make ``rec`` SIGKILL its own process inside snapshot ``snapshot``.
 
-    The kill comes after ``after_layers`` layer rows were written and flushed, so the half-written
-    rows are on disk. Returns a one-item list the caller keeps set to the current ``t``.
+    The kill comes from the writer (the thread that writes), after ``after_layers`` layer rows
+    were written and flushed, so the half-written rows are on disk.
     """
-    current = [-1]
-    matrices = rec._matrices
+    writer = rec._writer
+    append = writer.append
 
-    def dying_matrices():
-        for i, mat in enumerate(matrices()):
-            if current[0] == snapshot and i == after_layers:
-                rec._writer._f.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-            yield mat
+    def dying_append(matrices, **kwargs):
+        t = writer.n_snapshots  # the index of the snapshot being written
 
-    rec._matrices = dying_matrices
-    return current
+        def dying_matrices():
+            for i, mat in enumerate(matrices):
+                if t == snapshot and i == after_layers:
+                    writer._f.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                yield mat
+
+        return append(dying_matrices(), **kwargs)
+
+    writer.append = dying_append
 
 
-def die_around_state(rec, snapshot: int, before: bool) -> list[int]:
+def die_around_state(rec, snapshot: int, before: bool) -> None:
     """Make ``rec`` SIGKILL its own process in snapshot ``snapshot``, with what is written so far
     flushed: right before its state rows (every layer row written), or right after them (just
     before the commit, ``/snapshots`` grown)."""
-    current = [-1]
     writer = rec._writer
     write_state = writer._write_state
 
@@ -95,14 +104,13 @@ def die_around_state(rec, snapshot: int, before: bool) -> list[int]:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def dying_write_state(t, state):
-        if current[0] == snapshot and before:
+        if t == snapshot and before:
             die()
         write_state(t, state)
-        if current[0] == snapshot:
+        if t == snapshot:
             die()
 
     writer._write_state = dying_write_state
-    return current
 
 
 def main() -> None:
@@ -121,6 +129,9 @@ def main() -> None:
         "--die-before-commit", type=int, default=-1, help="SIGKILL before snapshot T's commit"
     )
     parser.add_argument("--hold", action="store_true", help="stay open until a line on stdin")
+    parser.add_argument(
+        "--no-flush", action="store_true", help="say `done t` before snapshot t is committed"
+    )
     args = parser.parse_args()
 
     from basis_stability import Recorder
@@ -128,19 +139,21 @@ def main() -> None:
     model = build_model(args.sizes)
     set_weights(model, 0)  # the initial snapshot (create mode) is snapshot 0
     rec = Recorder(model, args.path, mode=args.mode)
-    current = die_inside(rec, args.die_inside) if args.die_inside >= 0 else [-1]
+    if args.die_inside >= 0:
+        die_inside(rec, args.die_inside)
     for snapshot, before in ((args.die_before_state, True), (args.die_before_commit, False)):
         if snapshot >= 0:
-            current = die_around_state(rec, snapshot, before)
+            die_around_state(rec, snapshot, before)
     say(f"ready {rec.n_snapshots}")
     t = args.start
     while args.count == 0 or t < args.start + args.count:
         if args.interval:
             time.sleep(args.interval)
         set_weights(model, t)
-        current[0] = t
         say(f"begin {t}")
         rec.snapshot(step=t, epoch=t, metrics={"t": t})
+        if not args.no_flush:
+            rec.flush()
         say(f"done {t}")
         t += 1
     if args.hold:
