@@ -1,15 +1,68 @@
-"""The package's small error hierarchy.
+"""The package's small error hierarchy, its one message template and its one integer check.
 
 Every message follows one template: what was expected, what was got, and one sentence on the fix,
 e.g. ``Expected `dtype` to be one of float32, float16, bfloat16 but got 'int8'. Pick one of those.``
-The CLI turns any :class:`BstabError` into a one-line message and a non-zero exit.
+
+Messages speak Python: they name the argument or config field the caller passed, in backticks
+(`` `delay` ``), and give fixes as Python (`` `device="cpu"` ``, `` `force=True` ``), never as a
+command-line flag. Each error also carries those names in :attr:`BstabError.arguments`:
+:func:`expected` records its ``arg`` (its result is a :class:`Message`, a ``str`` that remembers
+the names), and ``argument=`` adds any other name the message mentions. The CLI
+(:mod:`basis_stability.cli._errors`) uses them to print its own flags (`` `--delay` ``,
+`` `--device cpu` ``) instead; a Python caller can read them to tell which input was wrong.
 """
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
+
+
+class Message(str):
+    """An error message that knows the Python arguments it names (:attr:`arguments`).
+
+    A plain ``str`` everywhere else; string operations (``+``, ``.strip()``) return a ``str``
+    without the names, so pass a message on as it is.
+    """
+
+    arguments: tuple[str, ...]
+
+    def __new__(cls, text: str, arguments: Iterable[str] = ()) -> Message:
+        message = super().__new__(cls, text)
+        message.arguments = tuple(arguments)
+        return message
+
+
+def names_in(message: object) -> tuple[str, ...]:
+    """The Python arguments ``message`` names: a :class:`Message`'s, none for a plain ``str``.
+
+    For code that builds one message out of another, e.g. a ``fix`` it was given::
+
+        raise RunExistsError(f"{path} exists. {fix}", argument=names_in(fix))
+    """
+    return getattr(message, "arguments", ())
+
+
+def _names(argument: str | Iterable[str]) -> tuple[str, ...]:
+    return (argument,) if isinstance(argument, str) else tuple(argument)
+
 
 class BstabError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose.
+
+    Args:
+        *args: the message (and whatever the built-in base class takes).
+        argument: the Python argument (or arguments) the message names, besides those a
+            :class:`Message` already carries, e.g. ``ConfigError(msg, argument="delay")``.
+
+    Attributes:
+        arguments: every argument the message names, in order, each once.
+    """
+
+    def __init__(self, *args: object, argument: str | Iterable[str] = ()) -> None:
+        super().__init__(*args)
+        carried = names_in(args[0]) if args else ()
+        self.arguments: tuple[str, ...] = tuple(dict.fromkeys((*carried, *_names(argument))))
 
 
 class ConfigError(BstabError, ValueError):
@@ -48,11 +101,54 @@ class CheckpointError(BstabError, ValueError):
     """A set of checkpoints cannot be turned into a run."""
 
 
-def expected(arg: str, wanted: str, got: object, fix: str) -> str:
-    """Format the package's one error-message template.
+def expected(
+    arg: str, wanted: str, got: object, fix: str, *, argument: str | Iterable[str] | None = None
+) -> Message:
+    """Format the package's one error-message template; the result remembers ``arg``.
+
+    ``argument`` replaces what it remembers when ``arg`` is not an argument the caller passed,
+    e.g. a field of a file: ``expected("beta", "in (0, 1)", 1.5, fix, argument="plan")`` for
+    the ``beta`` inside the plan file passed as ``plan`` (so the CLI does not call it ``--beta``).
 
     Example:
-        >>> expected("every", "a positive integer", 0, "Use 1 to snapshot every step.")
+        >>> msg = expected("every", "a positive integer", 0, "Use 1 to snapshot every step.")
+        >>> msg
         'Expected `every` to be a positive integer but got 0. Use 1 to snapshot every step.'
+        >>> ConfigError(msg).arguments
+        ('every',)
     """
-    return f"Expected `{arg}` to be {wanted} but got {got!r}. {fix}"
+    names = (arg,) if argument is None else _names(argument)
+    return Message(f"Expected `{arg}` to be {wanted} but got {got!r}. {fix}".rstrip(), names)
+
+
+def _int_at_least(name: str, value: object, low: int, wanted: str, fix: str) -> int:
+    # numbers.Integral: Python and numpy integers; bool is one too, but True is no count
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ConfigError(expected(name, wanted, value, fix))
+    return int(value)
+
+
+def positive_int(name: str, value: object, fix: str, *, wanted: str = "a positive integer") -> int:
+    """``value`` as an ``int`` when it is an integer >= 1 (Python or numpy; not a bool).
+
+    Args:
+        name: the argument or config field, as the caller spelt it.
+        value: what the caller passed.
+        fix: the sentence on the fix, e.g. ``"Use e.g. 30."``.
+        wanted: what the message says was expected, when more can be said than the default.
+
+    Raises:
+        ConfigError: ``Expected `name` to be a positive integer but got ...``.
+
+    Example:
+        >>> positive_int("epochs", 30, "Use e.g. 30.")
+        30
+    """
+    return _int_at_least(name, value, 1, wanted, fix)
+
+
+def non_negative_int(
+    name: str, value: object, fix: str, *, wanted: str = "a non-negative integer"
+) -> int:
+    """``value`` as an ``int`` when it is an integer >= 0; otherwise as :func:`positive_int`."""
+    return _int_at_least(name, value, 0, wanted, fix)

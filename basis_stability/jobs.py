@@ -1,4 +1,6 @@
-"""End-to-end jobs behind the CLI, usable from Python too: built-in model + data + recorder."""
+"""Recipes behind ``bstab record`` and ``bstab train``: a built-in model and dataset wired to the
+stages (recording, training, OIALR, export). No rule or default lives here: the defaults are the
+configs' own (:mod:`basis_stability.training.oialr` names the ones counted in epochs)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ from typing import Any, TypeVar
 
 import torch
 
+from .devices import resolve_device
 from .errors import ConfigError, RunExistsError, RunFileError, RunLockedError, expected
-from .record import RecordConfig, Recorder, every_epoch, parse_schedule
-from .train.loop import HEADLINE, TrainConfig, fit, make_optimizer
+from .recording import RecordConfig, Recorder, every_epoch, parse_schedule
+from .training.loop import HEADLINE, TrainConfig, fit, make_optimizer
 from .zoo import build_model, check_pair, load_dataset
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class RecordJob:
     """A built-in training run with recording (what ``bstab record`` runs)."""
 
@@ -119,7 +122,8 @@ def at_free_path(stem: str, create: Callable[[Path], T], folder: str | Path = "r
             taken.add(path)  # another process got there first
     raise RunFileError(
         f"Cannot find a free run name {Path(folder) / stem}-N.h5: 1000 names in a row were "
-        "taken while being tried. Pass an explicit --output."
+        "taken while being tried. Pass an explicit `path`.",
+        argument="path",
     )
 
 
@@ -135,26 +139,6 @@ def check_seed(seed: object) -> int:
             )
         )
     return seed
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            expected(
-                "device",
-                "an available device",
-                name,
-                "No CUDA GPU is visible here; use --device cpu.",
-            )
-        )
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(
-            expected("device", "cpu, cuda, cuda:N or auto", name, "Use --device cpu.")
-        ) from None
 
 
 def build(job: RecordJob) -> tuple[torch.nn.Module, object]:
@@ -228,7 +212,7 @@ def run_record_job(
 
 
 # ---------------------------------------------------------------------------- OIALR training
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class TrainJob:
     """A built-in training run, full-rank or OIALR (what ``bstab train`` runs).
 
@@ -242,7 +226,7 @@ class TrainJob:
     ``slice``, False, True for ``reference``). ``target_share`` (auto mode only) picks beta by
     the share rule: the smallest beta whose expected trainable share of the factorised layers
     (layers kept dense counted whole) is at most this; None keeps the energy rule.
-    ``overrides`` sets further :class:`~basis_stability.train.oialr.OIALRConfig` fields on top
+    ``overrides`` sets further :class:`~basis_stability.training.oialr.OIALRConfig` fields on top
     (Python only; e.g.
     ``{"first_cut": "at_conversion", "progressive": 0.1}``), checked as the config checks them.
     """
@@ -269,9 +253,9 @@ class TrainJob:
 class TrainResult(_Headline):
     """What :func:`run_train_job` did. ``task`` and ``unit`` come from the dataset;
     ``never_converted`` is the line of an auto run that ended full-rank (see
-    :meth:`~basis_stability.train.oialr.OIALR.never_converted_summary`), else None;
+    :meth:`~basis_stability.training.oialr.OIALR.never_converted_summary`), else None;
     ``kept_dense`` the line naming layers kept dense because their factors would not pay
-    (:meth:`~basis_stability.train.oialr.OIALR.dense_summary`), else None; ``ranks`` and
+    (:meth:`~basis_stability.training.oialr.OIALR.dense_summary`), else None; ``ranks`` and
     ``dense_layers`` the controller's at the end ({} and [] for full-rank training)."""
 
     run_path: Path
@@ -298,7 +282,7 @@ def parse_steps(text: str | None, arg: str, steps_per_epoch: int) -> int | None:
             ``1e400``, which overflows to inf).
 
     Example:
-        >>> parse_steps("2.5", "--delay", 10), parse_steps("7steps", "--delay", 10)
+        >>> parse_steps("2.5", "delay", 10), parse_steps("7steps", "delay", 10)
         (25, 7)
     """
     if text is None:
@@ -340,32 +324,36 @@ def auto_mode(job: TrainJob) -> bool:
         raise ConfigError(expected("auto", "None, True or False", job.auto, "None picks."))
     if job.auto and reference:
         raise ConfigError(
-            "Expected --preset bstab with --auto but got --preset reference: the reference "
-            "has no auto mode. Drop --auto (and give --delay/--beta), or drop --preset reference."
+            'Expected `preset="bstab"` with `auto=True` but got `preset="reference"`: the '
+            "reference has no auto mode. Drop `auto=True` (and give `delay` and `beta`), or drop "
+            '`preset="reference"`.',
+            argument=("preset", "auto", "delay", "beta"),
         )
     if job.auto and given:
         raise ConfigError(
-            "--auto chooses delay and beta itself; drop --delay/--beta/--plan or --auto."
+            "`auto=True` chooses delay and beta itself; drop `delay`, `beta` and `plan`, or "
+            "`auto=True`.",
+            argument=("auto", "delay", "beta", "plan"),
         )
     if job.target_share is not None and (given or reference or job.auto is False):
         raise ConfigError(
             expected(
-                "--target-share",
+                "target_share",
                 "auto mode (it picks auto mode's beta)",
                 job.target_share,
-                "Drop --target-share, or drop --delay/--beta/--plan/--no-auto and --preset "
-                "reference.",
-            )
+                "Drop `target_share`, or drop `delay`, `beta`, `plan`, `auto=False` and "
+                '`preset="reference"`.',
+            ),
+            argument=("delay", "beta", "plan", "auto", "preset"),
         )
     if job.target_share is not None and not 0 < job.target_share <= 1:
-        raise ConfigError(
-            expected("--target-share", "in (0, 1]", job.target_share, "Use e.g. 0.2.")
-        )
+        raise ConfigError(expected("target_share", "in (0, 1]", job.target_share, "Use e.g. 0.2."))
     if job.auto is False and not given and not reference:
         raise ConfigError(
-            "Expected --delay, --beta or --plan with --no-auto but got none of them, so there "
-            "is no fixed schedule to train by. Give e.g. --delay 5 --beta 0.15 (or --plan "
-            "plan.json), or drop --no-auto for auto mode."
+            "Expected `delay`, `beta` or `plan` with `auto=False` but got none of them, so "
+            'there is no fixed schedule to train by. Give e.g. `delay="5"` and `beta=0.15` (or '
+            '`plan="plan.json"`), or drop `auto=False` for auto mode.',
+            argument=("delay", "beta", "plan", "auto"),
         )
     return job.auto is not False and not given and not reference
 
@@ -375,7 +363,7 @@ def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
     job's ``overrides``."""
     import dataclasses
 
-    from .train.oialr import OIALRConfig
+    from .training.oialr import OIALRConfig
 
     cfg = _oialr_config(job, model, steps_per_epoch)
     if not job.overrides:
@@ -396,8 +384,8 @@ def oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
 
 def _oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
     from .lowrank.surgery import FactorizeConfig
-    from .recommend import Plan
-    from .train.oialr import PRESETS, OIALRConfig
+    from .recommend.plan import Plan, check_plan_matches
+    from .training.oialr import BETA, PRESETS, OIALRConfig, epoch_defaults
 
     if job.preset not in PRESETS:
         raise ConfigError(
@@ -405,6 +393,7 @@ def _oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
         )
     auto = auto_mode(job)
     total = steps_per_epoch * job.train.epochs
+    defaults = epoch_defaults(steps_per_epoch, total)
     reference = job.preset == "reference"
     keep = {
         "keep_first": bool(job.keep_first),
@@ -420,9 +409,10 @@ def _oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
         return OIALRConfig(delay=delay, interval=interval, beta=beta, factorize=factorize, **common)
 
     if job.plan is not None:
-        check_plan_matches(Plan.from_json(job.plan), model)  # with the CLI's fix
+        fix = "Analyse a run of this model and pass its plan, or drop `plan`."
+        check_plan_matches(Plan.from_json(job.plan), model, fix)
         given = {}
-        if job.interval is not None:  # --interval replaces the plan's
+        if job.interval is not None:  # an interval given replaces the plan's
             given["interval"] = _interval_steps(job, steps_per_epoch)
         preset = {"preset": "reference", **keep} if reference else {}
         factorize = {} if reference else {"factorize": FactorizeConfig(**keep)}
@@ -434,16 +424,15 @@ def _oialr_config(job: TrainJob, model: torch.nn.Module, steps_per_epoch: int):
         return OIALRConfig(
             auto=True,
             interval=interval,
-            check_every=steps_per_epoch,
-            lag=5,
+            check_every=defaults["check_every"],
             beta=None,
             factorize=FactorizeConfig(**keep),
             **({"plan": _share_rule(job.target_share)} if job.target_share else {}),
             **common,
         )
-    delay = parse_steps(job.delay, "--delay", steps_per_epoch)
-    delay = total // 6 if delay is None else delay
-    return fixed(delay, interval, 0.15 if job.beta is None else job.beta)
+    delay = parse_steps(job.delay, "delay", steps_per_epoch)
+    delay = defaults["delay"] if delay is None else delay
+    return fixed(delay, interval, BETA if job.beta is None else job.beta)
 
 
 def _share_rule(target: float):
@@ -453,27 +442,22 @@ def _share_rule(target: float):
 
 
 def _interval_steps(job: TrainJob, steps_per_epoch: int) -> int:
-    """``--interval`` in steps (5 epochs when not given); under one step is an error."""
-    interval = parse_steps(job.interval, "--interval", steps_per_epoch)
-    interval = 5 * steps_per_epoch if interval is None else interval  # 0 is an error, not unset
+    """``interval`` in steps (the default, ``INTERVAL_EPOCHS``, when not given); under one
+    step is an error."""
+    from .training.oialr import INTERVAL_EPOCHS
+
+    interval = parse_steps(job.interval, "interval", steps_per_epoch)
+    interval = INTERVAL_EPOCHS * steps_per_epoch if interval is None else interval  # 0 is an error
     if interval < 1:
         raise ConfigError(
             expected(
-                "--interval", "at least one step", job.interval, "Use e.g. --interval 5 (epochs)."
+                "interval", "at least one step", job.interval, 'Use e.g. `interval="5"` (epochs).'
             )
         )
     return interval
 
 
-def check_plan_matches(plan, model: torch.nn.Module) -> None:
-    """A plan names the layers (and tall shapes) of the run it came from; they must exist here
-    (:func:`basis_stability.recommend.check_plan_matches`, with the CLI's fix)."""
-    from .recommend import check_plan_matches as matches
-
-    matches(plan, model, "Analyse a run of this model and pass its plan, or drop --plan.")
-
-
-NEVER_CONVERTED_FIX = "train longer (--epochs), or give --delay and --beta"
+NEVER_CONVERTED_FIX = "train longer (`epochs`), or give `delay` and `beta`"
 
 
 def run_train_job(
@@ -486,90 +470,92 @@ def run_train_job(
     """Train a built-in model (full-rank or OIALR), record it, export the factorised model."""
     import time
 
-    from .train.export import compare_export, export_factorized
-    from .train.oialr import OIALR
+    from .api import train
+    from .training.oialr import OIALR
 
     if job.mode not in ("full", "oialr"):
         raise ConfigError(expected("mode", "full or oialr", job.mode, "oialr is the default."))
-    model, data = build(RecordJob(job.model, job.dataset, job.train, device=job.device))
+    model, data = build(
+        RecordJob(model=job.model, dataset=job.dataset, train=job.train, device=job.device)
+    )
     steps_per_epoch = math.ceil(len(data.x_train) / job.train.batch_size)
     optimizer = make_optimizer(model, job.train)
-    oialr = None
+    oialr = None  # built before the run file, so a config it refuses leaves no file behind
     if job.mode == "oialr":
-        oialr = OIALR(model, optimizer, oialr_config(job, model, steps_per_epoch)).attach()
-    meta = {
-        "job": {
-            "kind": "train",
-            **{k: v for k, v in asdict(job).items() if k != "train"},
-            "task": data.task,
-            "train": asdict(job.train),
-            "steps_per_epoch": steps_per_epoch,
-        }
-    }
+        oialr = OIALR(model, optimizer, oialr_config(job, model, steps_per_epoch))
+    meta = {"job": _train_metadata(job, data.task, steps_per_epoch)}
     start = time.perf_counter()
     with Recorder(model, run_path, RecordConfig(metadata=meta), mode=mode) as rec:
-        if oialr is not None:
-            oialr.on_event = rec.log_event  # every decision, with its numbers, in the run file
-
-        def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-            extra = {}
-            if oialr is not None:
-                extra = {
-                    "trainable_share": oialr.trainable_share(),
-                    "factorised_share": oialr.factorised_share(),
-                    **{f"rank/{n}": r for n, r in oialr.ranks().items()},
-                }
-            rec.snapshot(epoch=epoch, step=epoch * steps_per_epoch, metrics={**metrics, **extra})
-
-        history = fit(
-            model, data, job.train, optimizer, on_epoch_end=on_epoch_end, progress=progress
+        done = train(
+            model,
+            data,
+            job.train,
+            oialr=oialr,
+            optimizer=optimizer,
+            recorder=rec,
+            progress=progress,
         )
         events = list(oialr.events) if oialr else []
-        never = oialr.never_converted_summary(NEVER_CONVERTED_FIX) if oialr else None
-        if never is not None:  # an auto run that ended full-rank: say so, in the run too
-            record = {"step": oialr.steps, "event": "never-converted", "message": never}
-            record.update({k: v for k, v in oialr.never_converted().items() if k != "steps"})
-            rec.log_event(record)
-            events.append(record)
-    seconds = time.perf_counter() - start
-    result = TrainResult(
+        never = _log_never_converted(oialr, rec) if oialr else None
+        if never is not None:
+            events.append(never)
+    result = _train_result(job, run_path, done.history, time.perf_counter() - start, oialr, data)
+    result.events, result.never_converted = events, never["message"] if never else None
+    if oialr is not None and export_path is not None:
+        _export(model, export_path, run_path, result, data.x_test[:256].to(job.device))
+    return result
+
+
+def _train_metadata(job: TrainJob, task: str, steps_per_epoch: int) -> dict[str, Any]:
+    """The job as the run file keeps it (``/meta``'s ``job``)."""
+    return {
+        "kind": "train",
+        **{k: v for k, v in asdict(job).items() if k != "train"},
+        "task": task,
+        "train": asdict(job.train),
+        "steps_per_epoch": steps_per_epoch,
+    }
+
+
+def _log_never_converted(oialr: Any, rec: Recorder) -> dict[str, Any] | None:
+    """An auto run that ended full-rank says so, in the run file too; its event, or None."""
+    message = oialr.never_converted_summary(NEVER_CONVERTED_FIX)
+    if message is None:
+        return None
+    record = {"step": oialr.steps, "event": "never-converted", "message": message}
+    record.update({k: v for k, v in oialr.never_converted().items() if k != "steps"})
+    rec.log_event(record)
+    return record
+
+
+def _train_result(job, run_path, history, seconds, oialr, data) -> TrainResult:
+    return TrainResult(
         Path(run_path),
         None,
         history,
         seconds,
         oialr.trainable_share() if oialr else 1.0,
         oialr.factorised_share() if oialr else 1.0,
-        events,
+        [],
         task=data.task,
         unit=data.unit,
-        never_converted=never,
         kept_dense=oialr.dense_summary() if oialr else None,
         ranks=oialr.ranks() if oialr else {},
         dense_layers=oialr.dense_layers() if oialr else [],
     )
-    if oialr is not None:
-        oialr.close()
-        if export_path is not None:
-            exported = export_factorized(model)
-            try:
-                torch.save(exported, export_path)
-            except OSError as exc:
-                raise RunFileError(
-                    f"Cannot write the factorised model {export_path} ({exc.strerror or exc}); "
-                    f"the run {run_path} is complete. Choose a writable --output."
-                ) from None
-            dense = export_dense_copy(model)
-            result.export_path = Path(export_path)
-            result.export = compare_export(dense, exported, data.x_test[:256].to(job.device))
-    return result
 
 
-def export_dense_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A dense copy of a (partly) low-rank model: the baseline of the inference comparison."""
-    import copy
+def _export(model, export_path, run_path, result: TrainResult, example: torch.Tensor) -> None:
+    """Save the factorised model and compare it with its dense equivalent on ``example``."""
+    from .exporting.factorized import compare_export, dense_copy, export_factorized
 
-    from .lowrank import densify_
-
-    dense = copy.deepcopy(model)
-    densify_(dense)
-    return dense.eval()
+    exported = export_factorized(model)
+    try:
+        torch.save(exported, export_path)
+    except OSError as exc:
+        raise RunFileError(
+            f"Cannot write the factorised model {export_path} ({exc.strerror or exc}); the run "
+            f"{run_path} is complete. Choose a writable `export_path`."
+        ) from None
+    result.export_path = Path(export_path)
+    result.export = compare_export(dense_copy(model), exported, example)

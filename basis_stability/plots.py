@@ -1,6 +1,6 @@
 """Plots of the analysis frames: stability heatmaps, network curves, spectra, ranks and beta.
 
-Every function takes one of the tidy frames of :mod:`basis_stability.analyze` (schemas in
+Every function takes one of the tidy frames of :mod:`basis_stability.analysis` (schemas in
 SPEC §2-§5), draws on an optional matplotlib ``ax`` and returns the ``Axes`` (``spectra_grid``
 returns its ``Figure``). Nothing here reads a file or computes an SVD; :func:`save_figure` is the
 only function that writes, and it writes only the figure it is given. Layers are always drawn in
@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import PercentFormatter
 
-from .errors import ConfigError, expected
+from .errors import ConfigError, expected, positive_int
 
 S_LABEL = "stability S = tr(B_aᵀB_b)/n"
 MAX_TICK_LABELS = 25
@@ -54,14 +54,14 @@ def _check_frame(df: object, arg: str, columns: Sequence[str]) -> pd.DataFrame:
     if not isinstance(df, pd.DataFrame):
         raise ConfigError(
             f"Expected `{arg}` to be a pandas DataFrame but got {type(df).__name__}. "
-            f"Pass the `{arg}` frame from basis_stability.analyze."
+            f"Pass the `{arg}` frame from basis_stability.analysis."
         )
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ConfigError(
             f"Expected `{arg}` to have the column(s) {', '.join(map(repr, missing))} but got a "
             f"frame with columns {list(df.columns)}. Pass the `{arg}` frame from "
-            "basis_stability.analyze or rename the column."
+            "basis_stability.analysis or rename the column."
         )
     if df.empty:
         raise ConfigError(
@@ -155,7 +155,8 @@ def _stability_matrix(stability: pd.DataFrame, pair: str, value: str) -> pd.Data
         raise ConfigError(
             f"Expected `stability` to hold one {pair!r} row per (layer, epoch_b) but got several "
             f"for ({layer!r}, {epoch:g}). Filter it to one lag first, e.g. "
-            "stability[stability.lag == 5]."
+            "stability[stability.lag == 5].",
+            argument="stability",
         )
     table = sub.pivot(index="layer", columns="epoch_b", values=value)
     return table.reindex(index=_layer_order(sub), columns=sorted(table.columns))
@@ -386,8 +387,7 @@ def spectra_grid(
     """
     column = "sigma_rel" if relative else "sigma"
     _check_frame(spectra, "spectra", ["layer", "snapshot", "epoch", "i", column])
-    if not isinstance(max_layers, int) or max_layers < 1:
-        raise ConfigError(expected("max_layers", "a positive integer", max_layers, "Use e.g. 16."))
+    max_layers = positive_int("max_layers", max_layers, "Use e.g. 16.")
     wanted = _layer_order(spectra) if layers is None else list(layers)
     for layer in wanted:
         _check_layer(spectra, "layers", layer)

@@ -194,7 +194,8 @@ def register_layer(
         shown = key if isinstance(key, str) else key.__name__
         raise ConfigError(
             f"Expected `module_type` to be a type the layer registry does not know yet but "
-            f"{shown} is registered already. Pass replace=True to change its entry."
+            f"{shown} is registered already. Pass `replace=True` to change its entry.",
+            argument=("module_type", "replace"),
         )
     if not callable(matrices):
         matrices = tuple(matrices)
@@ -202,7 +203,8 @@ def register_layer(
             if not isinstance(entry, Matrix):
                 raise ConfigError(
                     f"Expected `matrices` to hold Matrix entries but got {entry!r}. "
-                    "Use Matrix('weight', orientation=...)."
+                    "Use Matrix('weight', orientation=...).",
+                    argument="matrices",
                 )
     entry = LayerType(kind, matrices, factorize, refuse, opt_in, low_rank, macs)
     table[key] = entry

@@ -150,7 +150,8 @@ def _type_filter(types: Iterable[str | type] | None) -> set[str] | None:
             if entry is None or not isinstance(entry.kind, str):
                 raise ConfigError(
                     f"Expected `types` to hold supported layer types but got {t!r}."
-                    f" Supported: {', '.join(sorted(known))}."
+                    f" Supported: {', '.join(sorted(known))}.",
+                    argument="types",
                 )
             wanted.add(entry.kind)
             continue
@@ -161,7 +162,8 @@ def _type_filter(types: Iterable[str | type] | None) -> set[str] | None:
         if not hits:
             raise ConfigError(
                 f"Expected `types` to hold supported layer types but got {t!r}."
-                f" Supported: {', '.join(sorted(known))}."
+                f" Supported: {', '.join(sorted(known))}.",
+                argument="types",
             )
         wanted |= hits
     return wanted
@@ -176,9 +178,9 @@ class _Filter:
 
     def reason_to_skip(self, name: str, kind: str, opt_in: bool = False) -> str | None:
         if self.exclude and _matches(name, self.exclude):
-            return "excluded by an --exclude pattern"
+            return "excluded by an `exclude` pattern"
         if self.include and not _matches(name, self.include):
-            return "not matched by any --include pattern"
+            return "not matched by any `include` pattern"
         if self.kinds is not None and kind not in self.kinds:
             return f"type {kind!r} not selected by `types`"
         named = name in self.exact_names  # a wildcard such as "*" does not opt an embedding in
@@ -206,7 +208,8 @@ def _finish(views: list[LayerView], skipped: list[tuple[str, str]], source: str)
         candidates = "; ".join(f"{n} ({r})" for n, r in skipped[:40]) or "none"
         raise NoEligibleLayersError(
             f"No layer of {source} was selected. Candidates and why each was skipped: "
-            f"{candidates}. Widen --include/--types or check the names with `bstab record --list`."
+            f"{candidates}. Widen `include` or `types`, or narrow `exclude`.",
+            argument=("include", "exclude", "types"),
         )
     return Selection(views, skipped)
 
@@ -339,7 +342,8 @@ def _tied_twice(first: _Candidate, cand: _Candidate, flt: _Filter) -> str:
         raise ConfigError(
             f"Expected `include` to name each tensor once but {cand.name} and {first.name} are "
             f"the same tensor ({cand.param_name} is tied to {first.param_name}). A tied weight "
-            "is recorded once: include only one of the two names."
+            "is recorded once: include only one of the two names.",
+            argument="include",
         )
     return f"tied to {first.name} (the same tensor): recorded once, as {first.name}"
 

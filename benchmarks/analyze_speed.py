@@ -49,13 +49,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-import basis_stability.analyze.cache as cache_mod
-import basis_stability.analyze.decompose as decompose_mod
-import basis_stability.analyze.pairs as pairs_mod
-import basis_stability.analyze.report as report_mod
+import basis_stability.analysis.cache as cache_mod
+import basis_stability.analysis.decompose as decompose_mod
+import basis_stability.analysis.pairs as pairs_mod
+import basis_stability.analysis.report as report_mod
 import basis_stability.store.reader as reader_mod
-from basis_stability.analyze.engine import EngineConfig
-from basis_stability.analyze.report import AnalysisConfig, Report, analyze
+from basis_stability import analyze
+from basis_stability.analysis.engine import EngineConfig
+from basis_stability.analysis.report import AnalysisConfig, Report
 from basis_stability.store.reader import open_run
 from basis_stability.store.writer import RunWriter
 from basis_stability.views import LayerView

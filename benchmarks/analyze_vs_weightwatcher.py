@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import io
 import logging
@@ -51,7 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from basis_stability.analyze import AnalysisConfig, EngineConfig, analyze
+from basis_stability import analyze
+from basis_stability.analysis import AnalysisConfig, EngineConfig
 from basis_stability.store import RunWriter, open_run
 from basis_stability.views import LayerView
 
@@ -157,7 +159,7 @@ class Bench:
     def _cold(self, name: str, engine: EngineConfig) -> float:
         path = self.folder / f"cache-{name}.h5"
         path.unlink(missing_ok=True)
-        engine.cache_path = str(path)
+        engine = dataclasses.replace(engine, cache_path=str(path))
         spent = self._timed(name, lambda: self.reports.__setitem__(name, self._analyze(engine)))
         if name == "bstab cold":
             self.cache_sizes.append(path.stat().st_size / self.run.stat().st_size)
@@ -177,7 +179,7 @@ class Bench:
 
     def warm(self) -> float:
         engine = EngineConfig()
-        engine.cache_path = str(self.folder / "cache-warm.h5")
+        engine = dataclasses.replace(engine, cache_path=str(self.folder / "cache-warm.h5"))
         if not Path(engine.cache_path).exists():
             self._analyze(engine)  # untimed: fills the cache once
         spent = self._timed(

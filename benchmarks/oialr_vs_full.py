@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from basis_stability.jobs import TrainJob, TrainResult, run_train_job
-from basis_stability.train import TrainConfig
+from basis_stability.training import TrainConfig
 
 ACC_GAP = 0.005  # 0.5 accuracy points
 MSE_RATIO = 1.02
@@ -126,9 +126,9 @@ def run(
         epochs=task.epochs, seed=seed, warmup=task.warmup, lr_schedule=task.lr_schedule
     )
     job = TrainJob(
-        task.model,
-        task.dataset,
-        train,
+        model=task.model,
+        dataset=task.dataset,
+        train=train,
         mode="full" if variant == "full" else "oialr",
         delay=None if variant in ("full", "auto") else f"{task.epochs / 6:g}",
         beta=beta if variant in ("reference", "fixed") else None,

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from basis_stability.analyze.stability import decompose
+from basis_stability.analysis.stability import decompose
 
 
 def designed(m: int, n: int, cond: float, seed: int = 0) -> torch.Tensor:

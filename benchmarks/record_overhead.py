@@ -42,7 +42,7 @@ from torch import nn
 
 from basis_stability import Recorder, every
 from basis_stability.jobs import RecordJob, build
-from basis_stability.train import TrainConfig, fit, make_optimizer
+from basis_stability.training import TrainConfig, fit, make_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import interleaved, verdict  # noqa: E402

@@ -1,6 +1,6 @@
 """Analysis with its SVDs shared out over two gloo ranks on CPU: the single-process result, exactly.
 
-The API path (two spawned ranks calling :func:`basis_stability.analyze.analyze`) and the real CLI
+The API path (two spawned ranks calling :func:`basis_stability.analysis.analyze`) and the real CLI
 under ``torchrun`` are both held to the single-process result bit for bit. LAPACK's results
 depend on its thread count in the last bits, so every process here, the references included,
 decomposes with one thread.
@@ -26,10 +26,11 @@ from helpers.gloo import gloo_group
 from torch import nn
 
 import basis_stability as bs
-from basis_stability.analyze import EngineConfig, analyze
-from basis_stability.analyze.distributed import assign
-from basis_stability.analyze.engine import SVDCache, _tasks, default_cache_path
-from basis_stability.analyze.report import _available
+from basis_stability import analyze
+from basis_stability.analysis import EngineConfig
+from basis_stability.analysis.distributed import assign
+from basis_stability.analysis.engine import SVDCache, default_cache_path, pending_tasks
+from basis_stability.analysis.report import available_rows
 
 WORLD = 2
 SNAPSHOTS = 8
@@ -97,7 +98,7 @@ def _costs(path: Path) -> list[float]:
     """The task costs exactly as ``fill_cache_sharded`` computes them on an empty cache."""
     with bs.open_run(path) as run:
         cache = SVDCache(run, EngineConfig(cache=False))
-        tasks = _tasks(run, cache, _available(run)[0])
+        tasks = pending_tasks(run, cache, available_rows(run)[0])
         infos = {i.name: i for i in run.layers}
         return [math.prod(infos[t[1]].shape) * len(t[2]) for t in tasks]
 
@@ -105,7 +106,7 @@ def _costs(path: Path) -> list[float]:
 # ---------------------------------------------------------------------- the API, two ranks
 def _analyze_rank(rank: int, folder: str, run_path: str) -> None:
     """One rank: analyse twice (cold, then warm cache); leaves its facts in ``folder``."""
-    from basis_stability.analyze import engine
+    from basis_stability.analysis import engine
 
     with gloo_group(rank, folder, WORLD):
         out = Path(folder)
@@ -194,7 +195,7 @@ def test_warm_cache_computes_nothing_and_gives_the_same_report(distributed_api, 
 # ---------------------------------------------------------------------- a live run
 def _live_rank(rank: int, folder: str) -> None:
     """Rank 0 records a run while rank 1 has it open; rank 0 opens it after one more commit."""
-    from basis_stability.analyze.distributed import fill_cache_sharded
+    from basis_stability.analysis.distributed import fill_cache_sharded
 
     with gloo_group(rank, folder, WORLD):
         out, path = Path(folder), Path(folder) / "live.h5"
@@ -214,7 +215,7 @@ def _live_rank(rank: int, folder: str) -> None:
         cfg = EngineConfig(cache=False)
         cache = SVDCache(run, cfg)
         seen = run.n_snapshots
-        computed = fill_cache_sharded(run, cache, cfg, _available(run)[0])
+        computed = fill_cache_sharded(run, cache, cfg, available_rows(run)[0])
         facts = {"seen": seen, "computed": computed}
         if rank == 0:
             facts["cached"] = {n: sorted(ts) for n, ts in cache.memory.items()}

@@ -17,48 +17,42 @@ from helpers.mounts import tmpfs
 from helpers.runs import SMALL_LAYERS, small_run
 from torch import nn
 
-from basis_stability.analyze import AnalysisConfig, EngineConfig, analyze
-from basis_stability.analyze import output as output_mod
-from basis_stability.analyze import report as report_mod
-from basis_stability.analyze.follow import follow_analysis
-from basis_stability.analyze.output import MANIFEST, TABLES
+from basis_stability import analyze
+from basis_stability.analysis import AnalysisConfig, EngineConfig
+from basis_stability.analysis import output as output_mod
+from basis_stability.analysis import report as report_mod
+from basis_stability.analysis.follow import follow_analysis
+from basis_stability.analysis.output import MANIFEST, TABLES
 from basis_stability.errors import ConfigError, RunFileError
-from basis_stability.recommend import PlanConfig
-from basis_stability.record import Recorder
+from basis_stability.recommend.plan import PlanConfig, plan_from
+from basis_stability.recording import Recorder
 from basis_stability.store import RunWriter
-
-
-@pytest.fixture
-def run_path(tmp_path: Path) -> Path:
-    path = tmp_path / "run.h5"
-    small_run(path)
-    return path
 
 
 # ---------------------------------------------------------------------- the user's own files
 @pytest.mark.parametrize("name", ["plan.json", "summary.csv"])
 def test_user_file_with_an_output_name_survives_without_force(
-    run_path: Path, tmp_path: Path, name: str
+    tiny_run: Path, tmp_path: Path, name: str
 ):
     out = tmp_path / "out"
     out.mkdir()
     (out / name).write_text("my own notes\n")
     (out / "keep.txt").write_text("unrelated\n")
-    result = bstab("analyze", run_path, "-o", out, "--no-plots", "--no-progress")
-    assert_clean_failure(result, name, "--force", "another -o")
+    result = bstab("analyze", tiny_run, "-o", out, "--no-plots", "--no-progress")
+    assert_clean_failure(result, name, "`--force`", "another `--output`")
     assert (out / name).read_text() == "my own notes\n"
     assert sorted(p.name for p in out.iterdir()) == sorted([name, "keep.txt"])  # nothing written
     assert "new SVDs" not in result.output  # refused before any SVD was paid for
 
 
-def test_our_own_outputs_are_replaced_on_a_rerun(run_path: Path, tmp_path: Path):
+def test_our_own_outputs_are_replaced_on_a_rerun(tiny_run: Path, tmp_path: Path):
     out = tmp_path / "out"
-    first = bstab("analyze", run_path, "-o", out, "--lag", "2", "--no-progress")
+    first = bstab("analyze", tiny_run, "-o", out, "--lag", "2", "--no-progress")
     assert first.exit_code == 0, first.output
     manifest = json.loads((out / MANIFEST).read_text())
     assert {f"{t}.csv" for t in TABLES} | {"plan.json", "stable_rank.png"} <= set(manifest["files"])
     before = (out / "summary.csv").read_text()
-    second = bstab("analyze", run_path, "-o", out, "--lag", "3", "--no-progress")
+    second = bstab("analyze", tiny_run, "-o", out, "--lag", "3", "--no-progress")
     assert second.exit_code == 0, second.output
     lag3 = pd.read_csv(out / "stability.csv")
     assert set(lag3.loc[lag3["pair"] == "lag", "lag"]) == {3}  # really rewritten
@@ -67,23 +61,23 @@ def test_our_own_outputs_are_replaced_on_a_rerun(run_path: Path, tmp_path: Path)
     assert written == len([p for p in out.iterdir() if p.name != MANIFEST])
 
 
-def test_our_output_edited_by_the_user_is_theirs_then(run_path: Path, tmp_path: Path):
+def test_our_output_edited_by_the_user_is_theirs_then(tiny_run: Path, tmp_path: Path):
     out = tmp_path / "out"
-    assert bstab("analyze", run_path, "-o", out, "--no-plots", "--no-progress").exit_code == 0
+    assert bstab("analyze", tiny_run, "-o", out, "--no-plots", "--no-progress").exit_code == 0
     (out / "plan.json").write_text('{"mine": true}\n')
-    result = bstab("analyze", run_path, "-o", out, "--no-plots", "--no-progress")
+    result = bstab("analyze", tiny_run, "-o", out, "--no-plots", "--no-progress")
     assert_clean_failure(result, "plan.json", "--force")
     assert (out / "plan.json").read_text() == '{"mine": true}\n'
 
 
-def test_force_overwrites_the_user_files(run_path: Path, tmp_path: Path):
+def test_force_overwrites_the_user_files(tiny_run: Path, tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "plan.json").write_text("mine\n")
-    result = bstab("analyze", run_path, "-o", out, "--no-plots", "--force", "--no-progress")
+    result = bstab("analyze", tiny_run, "-o", out, "--no-plots", "--force", "--no-progress")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "plan.json").read_text())["beta"] > 0
-    again = bstab("analyze", run_path, "-o", out, "--no-plots", "--no-progress")
+    again = bstab("analyze", tiny_run, "-o", out, "--no-plots", "--no-progress")
     assert again.exit_code == 0, again.output  # and from then on they are ours
 
 
@@ -91,7 +85,9 @@ def test_follow_rewrites_its_own_outputs_each_time(tmp_path: Path):
     path, out = tmp_path / "live.h5", tmp_path / "out"
     writer = small_run(path, 3, close=False)
     cfgs = (AnalysisConfig(lag=1), EngineConfig(cache=False), PlanConfig())
-    texts = follow_analysis(path, out, *cfgs, plots=False, follow=True, poll=0.1, progress=False)
+    texts = follow_analysis(
+        path, out, lambda: analyze(path, *cfgs), plots=False, follow=True, poll=0.1
+    )
     try:
         assert next(texts).count("3 snapshots") == 1
         rng = np.random.default_rng(5)
@@ -109,24 +105,24 @@ def test_follow_rewrites_its_own_outputs_each_time(tmp_path: Path):
 
 # ---------------------------------------------------------------------- unwritable folders
 @pytest.mark.parametrize("below", [False, True])
-def test_read_only_output_folder_is_one_clear_line(run_path: Path, tmp_path: Path, below: bool):
+def test_read_only_output_folder_is_one_clear_line(tiny_run: Path, tmp_path: Path, below: bool):
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
         out = ro / "out" if below else ro
-        result = bstab("analyze", run_path, "-o", out, "--no-progress")
-        assert_clean_failure(result, "--output", str(out), "read-only", "another -o")
+        result = bstab("analyze", tiny_run, "-o", out, "--no-progress")
+        assert_clean_failure(result, "--output", str(out), "read-only", "another `--output`")
         assert "new SVDs" not in result.output
 
 
 def test_write_failing_after_the_check_names_the_folder(
-    run_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
         monkeypatch.setattr(output_mod.os, "access", lambda *a, **k: True)  # the check passes
-        report = analyze(run_path, AnalysisConfig(lag=2), EngineConfig(cache=False))
+        report = analyze(tiny_run, AnalysisConfig(lag=2), EngineConfig(cache=False))
         with pytest.raises(ConfigError) as caught:
             output_mod.write_report(report, ro, plots=False)
         text = str(caught.value)
-        assert str(ro) in text and "Read-only file system" in text and "another -o" in text
+        assert str(ro) in text and "Read-only file system" in text and "another `out_dir`" in text
 
 
 # ---------------------------------------------------------------------- NaN weights throughout
@@ -179,7 +175,7 @@ def test_all_nan_layer_is_named_and_the_other_layers_are_right(tmp_path: Path, p
 def test_run_without_layers_is_a_clear_error_not_a_zero_division(tmp_path: Path):
     fake = types.SimpleNamespace(path=tmp_path / "run.h5", n_snapshots=3, layers=[])
     with pytest.raises(RunFileError, match="records no layer weights"):
-        report_mod._check_analysable(fake)
+        report_mod.check_analysable(fake)
     path = tmp_path / "empty.h5"
     try:
         with RunWriter.create(path, [], model_class="Toy") as w:
@@ -196,5 +192,6 @@ def test_run_without_layers_is_a_clear_error_not_a_zero_division(tmp_path: Path)
 
 def test_plan_over_zero_parameters_is_no_plan():
     network = pd.DataFrame(columns=["snapshot", "epoch", "step", "mean_S", "weighted_S"])
-    plan, curve = report_mod._plan(network, {0: {}}, {}, None, 1, None, PlanConfig())
+    inputs = report_mod.PlanInputs({}, {}, None, None, None, {0: {}}, False, "Toy")
+    plan, curve = plan_from(network, inputs, PlanConfig())
     assert plan is None and curve.empty

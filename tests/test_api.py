@@ -11,7 +11,7 @@ import basis_stability as bs
 def test_every_public_name_resolves():
     for name in bs.__all__:
         assert getattr(bs, name) is not None, name
-    assert callable(bs.analyze.analyze) and callable(bs.plots.stability_heatmap)
+    assert callable(bs.analyze) and callable(bs.export) and callable(bs.plots.stability_heatmap)
 
 
 def test_import_is_light():

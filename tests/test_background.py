@@ -25,7 +25,7 @@ from torch import nn
 
 from basis_stability import Recorder, open_run
 from basis_stability.errors import ConfigError, WriteFailedError
-from basis_stability.record import RecordConfig
+from basis_stability.recording import RecordConfig
 from basis_stability.store.validate import validate_run
 
 sys.path.insert(0, str(Path(__file__).with_name("helpers")))

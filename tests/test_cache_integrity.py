@@ -13,9 +13,10 @@ import pytest
 from helpers.cli import bstab
 from helpers.mounts import fill, tmpfs
 
-from basis_stability.analyze import AnalysisConfig, EngineConfig, analyze
-from basis_stability.analyze import engine as engine_mod
-from basis_stability.analyze.engine import default_cache_path
+from basis_stability import analyze
+from basis_stability.analysis import AnalysisConfig, EngineConfig
+from basis_stability.analysis import engine as engine_mod
+from basis_stability.analysis.engine import default_cache_path
 from basis_stability.store import RunWriter
 from basis_stability.views import LayerView
 

@@ -13,8 +13,8 @@ from helpers.cli import assert_clean_failure, bstab
 from safetensors.torch import save_file
 
 from basis_stability.errors import CheckpointError
-from basis_stability.record import record_checkpoints
-from basis_stability.record.checkpoints import position_from_name, scan_checkpoints
+from basis_stability.recording import record_checkpoints
+from basis_stability.recording.checkpoints import position_from_name, scan_checkpoints
 from basis_stability.store import open_run
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from basis_stability.errors import CheckpointError, NoEligibleLayersError, RunExistsError
-from basis_stability.record import RecordConfig, find_checkpoints, record_checkpoints
+from basis_stability.recording import RecordConfig, find_checkpoints, record_checkpoints
 from basis_stability.store import open_run
 
 N = 12

@@ -134,7 +134,7 @@ def test_list_shows_selected_and_skipped_layers():
         (["--schedule", "sometimes"], ["Expected `--schedule`", "every:10"]),
         (["--schedule", "every:0"], ["Expected `n` to be a positive integer"]),
         (["--include", "re:(["], ["not a regular expression"]),
-        (["--types", "lstm"], ["Expected `types`", "linear"]),
+        (["--types", "lstm"], ["Expected `--types`", "linear"]),
     ],
 )
 def test_record_bad_options(args, fragments, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -17,10 +16,9 @@ import pytest
 from helpers.cli import assert_clean_failure, bstab
 from helpers.runs import SMALL_LAYERS, small_run
 
-from basis_stability import open_run
-from basis_stability.analyze import analyze
-from basis_stability.analyze.output import MANIFEST, PLOTS, TABLES
-from basis_stability.recommend import Plan
+from basis_stability import analyze, open_run
+from basis_stability.analysis.output import MANIFEST, PLOTS, TABLES
+from basis_stability.recommend.plan import Plan
 
 
 def _plots_module():
@@ -30,27 +28,12 @@ def _plots_module():
         return None
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("recorded") / "mlp.h5"
-    result = bstab("record", "--model", "mlp", "--epochs", "3", "--no-progress", "-o", path)
-    assert result.exit_code == 0, result.output
-    return path
-
-
-@pytest.fixture
-def run_path(recorded: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "mlp.h5"
-    shutil.copy(recorded, path)  # each test gets its own run and its own cache
-    return path
-
-
 # ---------------------------------------------------------------------- the happy path
-def test_analyze_prints_the_table_and_writes_tables_plan_and_plots(run_path: Path, tmp_path):
+def test_analyze_prints_the_table_and_writes_tables_plan_and_plots(mlp_run: Path, tmp_path):
     out = tmp_path / "out"
-    result = bstab("analyze", run_path, "-o", out, "--lag", "2", "--no-progress")
+    result = bstab("analyze", mlp_run, "-o", out, "--lag", "2", "--no-progress")
     assert result.exit_code == 0, result.output
-    with open_run(run_path) as run:
+    with open_run(mlp_run) as run:
         names = run.layer_names
     lines = result.output.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("layer"))
@@ -59,7 +42,7 @@ def test_analyze_prints_the_table_and_writes_tables_plan_and_plots(run_path: Pat
         assert lines[header + 1 + i].split()[0] == name
     assert "4 snapshots, 3 layers, 12 new SVDs" in result.output
     assert "beta:" in result.output
-    api = analyze(run_path, *_configs(lag=2))
+    api = analyze(mlp_run, *_configs(lag=2))
     for name in TABLES:
         frame = pd.read_csv(out / f"{name}.csv")
         assert len(frame) == len(getattr(api, name)), name
@@ -84,24 +67,24 @@ def test_analyze_prints_the_table_and_writes_tables_plan_and_plots(run_path: Pat
 
 
 def _configs(lag: int):
-    from basis_stability.analyze import AnalysisConfig, EngineConfig
+    from basis_stability.analysis import AnalysisConfig, EngineConfig
 
     return AnalysisConfig(lag=lag), EngineConfig(cache=False)
 
 
-def test_second_run_computes_nothing_and_default_output_is_beside_the_run(run_path: Path):
-    first = bstab("analyze", run_path, "--no-plots", "--no-progress")
+def test_second_run_computes_nothing_and_default_output_is_beside_the_run(mlp_run: Path):
+    first = bstab("analyze", mlp_run, "--no-plots", "--no-progress")
     assert first.exit_code == 0, first.output
-    second = bstab("analyze", run_path, "--no-plots", "--no-progress")
+    second = bstab("analyze", mlp_run, "--no-plots", "--no-progress")
     assert second.exit_code == 0, second.output
     assert "0 new SVDs" in second.output
-    out = run_path.with_name("mlp-analysis")
+    out = mlp_run.with_name("mlp-analysis")
     assert (out / "summary.csv").exists() and (out / "plan.json").exists()
 
 
-def test_no_plots_writes_no_figures(run_path: Path, tmp_path: Path):
+def test_no_plots_writes_no_figures(mlp_run: Path, tmp_path: Path):
     out = tmp_path / "out"
-    result = bstab("analyze", run_path, "-o", out, "--no-plots", "--no-progress")
+    result = bstab("analyze", mlp_run, "-o", out, "--no-plots", "--no-progress")
     assert result.exit_code == 0, result.output
     files = {p.name for p in out.iterdir()}
     assert not {f for f in files if f.endswith((".png", ".svg"))}
@@ -122,9 +105,9 @@ def test_single_snapshot_run_analyses_with_a_note(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------- --follow
-def test_follow_on_a_finished_run_returns_after_one_analysis(run_path: Path, tmp_path: Path):
+def test_follow_on_a_finished_run_returns_after_one_analysis(mlp_run: Path, tmp_path: Path):
     result = bstab(
-        "analyze", run_path, "-o", tmp_path / "out", "--follow", "--no-plots", "--no-progress"
+        "analyze", mlp_run, "-o", tmp_path / "out", "--follow", "--no-plots", "--no-progress"
     )
     assert result.exit_code == 0, result.output
     assert result.output.count("new SVDs") == 1
@@ -161,15 +144,18 @@ def test_follow_waits_for_the_first_snapshot_of_a_live_run(tmp_path: Path):
 
 
 def test_follow_with_a_time_lag_waits_until_the_live_run_spans_it(tmp_path: Path):
-    from basis_stability.analyze import AnalysisConfig, EngineConfig
-    from basis_stability.analyze.follow import follow_analysis
-    from basis_stability.recommend import PlanConfig
+    from basis_stability.analysis import AnalysisConfig, EngineConfig
+    from basis_stability.analysis.follow import follow_analysis
+    from basis_stability.recommend.plan import PlanConfig
 
     path = tmp_path / "live.h5"
     writer = small_run(path, 2, close=False)  # epochs 0, 1: shorter than the 3-epoch lag
+
+    def once():
+        return analyze(path, AnalysisConfig(lag="3ep"), EngineConfig(), PlanConfig())
+
     outputs = follow_analysis(
-        path, tmp_path / "out", AnalysisConfig(lag="3ep"), EngineConfig(), PlanConfig(),
-        plots=False, follow=True, poll=0.05, idle_timeout=30, progress=False,
+        path, tmp_path / "out", once, plots=False, follow=True, poll=0.05, idle_timeout=30,
     )  # fmt: skip
     try:
         assert next(outputs).startswith("waiting for the run to span the lag")
@@ -186,8 +172,8 @@ def test_follow_with_a_time_lag_waits_until_the_live_run_spans_it(tmp_path: Path
     assert set(zip(lagged["a"], lagged["b"])) == {(0, 3), (1, 4), (2, 5)}
 
 
-def test_a_time_lag_longer_than_a_finished_run_fails_in_one_line(run_path: Path, tmp_path: Path):
-    result = bstab("analyze", run_path, "-o", tmp_path / "out", "--follow", "--lag", "500ep")
+def test_a_time_lag_longer_than_a_finished_run_fails_in_one_line(mlp_run: Path, tmp_path: Path):
+    result = bstab("analyze", mlp_run, "-o", tmp_path / "out", "--follow", "--lag", "500ep")
     assert_clean_failure(result, "500ep")
 
 
@@ -216,10 +202,10 @@ def test_bad_run_files_fail_cleanly(kind: str, tmp_path: Path):
     assert not out.exists()
 
 
-def test_output_that_is_a_file_names_the_option(run_path: Path, tmp_path: Path):
+def test_output_that_is_a_file_names_the_option(mlp_run: Path, tmp_path: Path):
     taken = tmp_path / "taken"
     taken.write_text("mine\n")
-    assert_clean_failure(bstab("analyze", run_path, "-o", taken, "--no-progress"), "--output")
+    assert_clean_failure(bstab("analyze", mlp_run, "-o", taken, "--no-progress"), "--output")
     assert taken.read_text() == "mine\n"
 
 
@@ -234,19 +220,19 @@ def test_output_that_is_a_file_names_the_option(run_path: Path, tmp_path: Path):
         (["--chunk-mb", "0"], "Invalid value for '--chunk-mb'"),
     ],
 )
-def test_bad_options_are_usage_errors(run_path: Path, args: list[str], fragment: str):
-    result = bstab("analyze", run_path, *args, "--no-progress")
+def test_bad_options_are_usage_errors(mlp_run: Path, args: list[str], fragment: str):
+    result = bstab("analyze", mlp_run, *args, "--no-progress")
     assert result.exit_code == 2
     assert_clean_failure(result, fragment)
 
 
-def test_method_svd_and_a_tiny_chunk_give_the_numbers_of_the_default(run_path: Path, tmp_path):
+def test_method_svd_and_a_tiny_chunk_give_the_numbers_of_the_default(mlp_run: Path, tmp_path):
     """The SVD route shares nothing with the Gram route but the rules; one snapshot per batch
     changes no bit."""
     outs = {}
     for name, extra in (("gram", []), ("svd", ["--method", "svd"]), ("chunk", ["--chunk-mb", "1"])):
         out = tmp_path / name
-        result = bstab("analyze", run_path, "-o", out, "--no-plots", "--no-progress", *extra)
+        result = bstab("analyze", mlp_run, "-o", out, "--no-plots", "--no-progress", *extra)
         assert result.exit_code == 0, result.output
         outs[name] = pd.read_csv(out / "stability.csv")
     np.testing.assert_allclose(outs["svd"]["S"], outs["gram"]["S"], atol=1e-6)
@@ -254,15 +240,15 @@ def test_method_svd_and_a_tiny_chunk_give_the_numbers_of_the_default(run_path: P
     assert outs["gram"]["S"].notna().all()
 
 
-def test_bad_device_is_one_clean_line(run_path: Path, tmp_path: Path):
-    result = bstab("analyze", run_path, "-o", tmp_path / "o", "--device", "tpu", "--no-progress")
-    assert_clean_failure(result, "`device`")
+def test_bad_device_is_one_clean_line(mlp_run: Path, tmp_path: Path):
+    result = bstab("analyze", mlp_run, "-o", tmp_path / "o", "--device", "tpu", "--no-progress")
+    assert_clean_failure(result, "`--device`", "`--device cpu`")
 
 
-def test_parquet_tables_equal_the_csv_tables(run_path: Path, tmp_path: Path):
+def test_parquet_tables_equal_the_csv_tables(mlp_run: Path, tmp_path: Path):
     pytest.importorskip("pyarrow")  # in the [test] extra; Parquet is written only with it
     out = tmp_path / "out"
-    assert bstab("analyze", run_path, "-o", out, "--no-plots", "--no-progress").exit_code == 0
+    assert bstab("analyze", mlp_run, "-o", out, "--no-plots", "--no-progress").exit_code == 0
     for table in TABLES:
         parquet = pd.read_parquet(out / f"{table}.parquet")
         csv = pd.read_csv(out / f"{table}.csv")

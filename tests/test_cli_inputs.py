@@ -18,7 +18,7 @@ import torch
 from helpers.cli import assert_clean_failure, bstab
 
 from basis_stability import open_run
-from basis_stability.recommend import Plan
+from basis_stability.recommend.plan import Plan
 from basis_stability.store.lock import WriterLock
 
 REFERENCE = Path(__file__).resolve().parents[1] / "checkpoints_spec" / "reference_v1.h5"
@@ -172,7 +172,7 @@ def test_default_name_skips_a_name_another_process_is_creating(tmp_path, monkeyp
 def test_default_name_that_appears_while_being_created_takes_the_next(tmp_path):
     # another process links runs/x.h5 between our free-name check and our creation
     from basis_stability.jobs import at_free_path
-    from basis_stability.record import Recorder
+    from basis_stability.recording import Recorder
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     tried = []

@@ -56,11 +56,12 @@ def test_train_auto_prints_one_summary_and_records_the_run(tmp_path):
     assert lines == [
         "OIALR auto mode never converted in 36 steps: no stability check ran (the first needs "
         "72 steps, lag 5 + 1 checks of 12 steps; converting needs at least 84 steps); "
-        "train longer (--epochs), or give --delay and --beta"
+        "train longer (`--epochs`), or give `--delay` and `--beta`"
     ]
     with open_run(out) as run:
         events = run.events()
-    assert events[-1]["event"] == "never-converted" and events[-1]["message"] == lines[0]
+    # the run file keeps the library's words (Python names); the CLI prints its flags
+    assert events[-1]["event"] == "never-converted" and _as_flags(events[-1]["message"]) == lines[0]
     assert events[-1]["step"] == 36 and events[-1]["checks"] == 0
 
 
@@ -76,7 +77,13 @@ def test_auto_run_that_checks_but_never_converts_prints_the_last_stable_share(tm
     (line,) = [line for line in result.output.splitlines() if "never converted" in line]
     assert f"last stable share {checks[-1]['stable_share']:.2f} " in line
     assert "after 2 checks; it needs 0.90 for 2 checks in a row at S >= 0.99" in line
-    assert events[-1]["event"] == "never-converted" and events[-1]["message"] == line
+    assert events[-1]["event"] == "never-converted" and _as_flags(events[-1]["message"]) == line
+
+
+def _as_flags(message: str) -> str:
+    for name in ("epochs", "delay", "beta"):
+        message = message.replace(f"`{name}`", f"`--{name}`")
+    return message
 
 
 def test_train_full_mode(tmp_path):
@@ -109,7 +116,7 @@ def test_no_auto_without_delay_or_beta_is_an_error_not_a_silent_auto_run(tmp_pat
     out = tmp_path / "x.h5"
     result = bstab("train", *FAST, "--epochs", "3", "--no-auto", "-o", out)
     line = one_error_line(result)
-    for name in ("--no-auto", "--delay", "--beta", "--plan", "drop --no-auto"):
+    for name in ("--no-auto", "--delay", "--beta", "--plan", "drop `--no-auto`"):
         assert name in line, line
     assert not out.exists()
 

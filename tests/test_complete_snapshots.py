@@ -25,7 +25,7 @@ from torch import nn
 
 from basis_stability import Recorder, open_run
 from basis_stability.errors import ConfigError, DamagedRunError, RunMismatchError
-from basis_stability.store import export_snapshot
+from basis_stability.exporting import export_snapshot
 from basis_stability.store.validate import validate_run
 
 HELPERS = Path(__file__).with_name("helpers")

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from basis_stability.record.recorder import Recorder
+from basis_stability.recording.recorder import Recorder
 from basis_stability.store.h5io import write_digest
 from basis_stability.store.summary import summarize
 from basis_stability.views import measure_coverage, select_layers
 
-RECORDER_LOG = "basis_stability.record.recorder"
+RECORDER_LOG = "basis_stability.recording.recorder"
 
 
 class _Kernel(nn.Module):

@@ -16,16 +16,16 @@ import pytest
 import torch
 from torch import nn
 
-from basis_stability.lowrank.rules import factors_pay, largest_paying_rank, next_rank
+from basis_stability.exporting.factorized import export_factorized
 from basis_stability.lowrank.surgery import (
     densify_layer_,
     factor_of,
     factorize_layer_,
     rebuild_low_rank,
 )
-from basis_stability.recommend import beta_curve, expected_share
-from basis_stability.train.export import export_factorized
-from basis_stability.train.oialr import OIALR, OIALRConfig
+from basis_stability.recommend.plan import beta_curve, expected_share
+from basis_stability.recommend.rules import factors_pay, largest_paying_rank, next_rank
+from basis_stability.training.oialr import OIALR, OIALRConfig
 
 
 # ---------------------------------------------------------------------------- the pure rules

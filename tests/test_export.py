@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from basis_stability import build_model
+from basis_stability.exporting.factorized import compare_export, count_macs, export_factorized
 from basis_stability.lowrank import factor_of, factorize_, low_rank_layers
-from basis_stability.train.export import compare_export, count_macs, export_factorized
+from basis_stability.zoo import build_model
 
 
 def _low_rank(name: str, input_shape=(1, 8, 8)) -> nn.Module:

@@ -19,8 +19,8 @@ from torch import nn
 
 import basis_stability
 from basis_stability.errors import ConfigError, NoEligibleLayersError, RunExistsError
-from basis_stability.record import Recorder
-from basis_stability.store import export_snapshot
+from basis_stability.exporting import export_snapshot
+from basis_stability.recording import Recorder
 from basis_stability.store import format as fmt
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -351,10 +351,10 @@ def test_cli_defaults_layers_dtype_and_format(runs, tmp_path):
     [
         (
             ["--snapshot", "7"],
-            "Expected `snapshot` to be in the range -3..2 (3 snapshots) but got 7",
+            "Expected `--snapshot` to be in the range -3..2 (3 snapshots) but got 7",
         ),
-        (["-o", "x.pt", "--format", "safetensors"], "`format` to be pt"),
-        (["--layers", "nope"], "`layers` to be globs matching"),
+        (["-o", "x.pt", "--format", "safetensors"], "`--format` to be pt"),
+        (["--layers", "nope"], "`--layers` to be globs matching"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_a_non_zero_exit(run32, tmp_path, args, fragment):

@@ -14,7 +14,7 @@ from basis_stability import open_run
 from basis_stability.cli import _options
 from basis_stability.errors import ConfigError
 from basis_stability.jobs import RecordJob, run_record_job
-from basis_stability.train.loop import TrainConfig, evaluate, fit
+from basis_stability.training.loop import TrainConfig, evaluate, fit
 from basis_stability.zoo import DATASETS, MODELS, build_model, load_dataset
 from basis_stability.zoo import datasets as zd
 from basis_stability.zoo import models as zm
@@ -172,7 +172,7 @@ def test_short_training_beats_the_naive_forecasts():
 
 
 def test_record_job_reports_mse(tmp_path):
-    job = RecordJob("forecaster", "co2", TrainConfig(epochs=2, batch_size=128))
+    job = RecordJob(model="forecaster", dataset="co2", train=TrainConfig(epochs=2, batch_size=128))
     result = run_record_job(job, tmp_path / "run.h5", progress=False)
     name, value = result.metric
     assert name == "val_mse" and value == result.history[-1]["val_mse"] > 0

@@ -5,6 +5,7 @@ and the expected share over the layers OIALR factorises only, the uneven-spacing
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from basis_stability.analyze import AnalysisConfig, EngineConfig, analyze
+from basis_stability import analyze
+from basis_stability.analysis import AnalysisConfig, EngineConfig
 from basis_stability.errors import ConfigError
 from basis_stability.jobs import TrainJob, oialr_config
 from basis_stability.lowrank.surgery import (
@@ -24,9 +26,10 @@ from basis_stability.lowrank.surgery import (
     eligible_layers,
     shape_reason,
 )
-from basis_stability.recommend import Plan, PlanConfig, make_plan
+from basis_stability.recommend.plan import Plan, PlanConfig, make_plan
 from basis_stability.store import RunWriter
-from basis_stability.train.oialr import OIALRConfig
+from basis_stability.training import TrainConfig
+from basis_stability.training.oialr import OIALRConfig
 from basis_stability.views import LayerView, select_layers
 
 NO_CACHE = EngineConfig(cache=False)
@@ -157,7 +160,7 @@ def test_an_interval_under_one_step_is_an_error():
     with pytest.raises(ConfigError) as err:
         OIALRConfig.from_plan(_epoch_plan(2.0, 0.01), steps_per_epoch=10)
     text = str(err.value)
-    assert "`interval_epochs`" in text and "0.01" in text and "--lag" in text
+    assert "`interval_epochs`" in text and "0.01" in text and "`lag`" in text
 
 
 def test_a_plan_for_another_model_is_refused(step_plan):
@@ -269,14 +272,14 @@ def test_a_plan_on_uneven_snapshots_warns_when_used(tmp_path, caplog):
     assert plan.uneven_spacing is True
     assert any("unevenly spaced" in n for n in plan.notes)
     plan.delay_snapshot, plan.delay_step = 2, 50  # random weights never stabilise
-    with caplog.at_level(logging.WARNING, logger="basis_stability.train.oialr"):
+    with caplog.at_level(logging.WARNING, logger="basis_stability.training.oialr"):
         OIALRConfig.from_plan(plan)
     warned = [
         r.getMessage()
         for r in caplog.records
-        if r.levelno == logging.WARNING and r.name == "basis_stability.train.oialr"
+        if r.levelno == logging.WARNING and r.name == "basis_stability.training.oialr"
     ]
-    assert len(warned) == 1 and "unevenly spaced" in warned[0] and "--lag 5ep" in warned[0]
+    assert len(warned) == 1 and "unevenly spaced" in warned[0] and "lag='5ep'" in warned[0]
 
 
 def test_an_evenly_spaced_plan_does_not_warn(step_plan, caplog):
@@ -305,11 +308,10 @@ def test_bstab_train_builds_its_plan_config_with_from_plan(step_plan, tmp_path):
 
     path = step_plan.to_json(tmp_path / "plan.json")
     torch.manual_seed(0)
-    job = TrainJob(plan=str(path))
-    job.train.epochs = 100
+    job = TrainJob(plan=str(path), train=TrainConfig(epochs=100))
     cfg = oialr_config(job, Toy(), steps_per_epoch=10)
     want = OIALRConfig.from_plan(path, 10, total_steps=1000, factorize=FactorizeConfig())
     assert cfg == want
     assert (cfg.delay, cfg.interval) == (200, 80)
-    job.interval = "3steps"  # --interval replaces the plan's
+    job = dataclasses.replace(job, interval="3steps")  # --interval replaces the plan's
     assert oialr_config(job, Toy(), steps_per_epoch=10).interval == 3

@@ -56,7 +56,7 @@ def _record_sharded(rank: int, folder: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from basis_stability.record import recorder as recorder_mod
+    from basis_stability.recording import recorder as recorder_mod
 
     # the Linears see (B, 5, L) inputs, so FSDP2 warns that they return views (none is edited)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")

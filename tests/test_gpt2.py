@@ -17,13 +17,13 @@ transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import basis_stability as bs  # noqa: E402
-from basis_stability.analyze import analyze  # noqa: E402
+from basis_stability import analyze  # noqa: E402
 from basis_stability.errors import ConfigError  # noqa: E402
+from basis_stability.exporting.factorized import compare_export, count_macs, export_factorized  # noqa: E402
 from basis_stability.lowrank import densify_, factor_of, factorize_, low_rank_layers  # noqa: E402
 from basis_stability.lowrank.layers import LowRankConv1D  # noqa: E402
-from basis_stability.record.recorder import Recorder  # noqa: E402
-from basis_stability.train.export import compare_export, count_macs, export_factorized  # noqa: E402
-from basis_stability.train.oialr import OIALR, OIALRConfig  # noqa: E402
+from basis_stability.recording.recorder import Recorder  # noqa: E402
+from basis_stability.training.oialr import OIALR, OIALRConfig  # noqa: E402
 from basis_stability.views import measure_coverage, select_layers  # noqa: E402
 
 BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

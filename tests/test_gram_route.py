@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from basis_stability.analyze import AnalysisConfig, EngineConfig, analyze
-from basis_stability.analyze.decompose import (
+from basis_stability import analyze
+from basis_stability.analysis import AnalysisConfig, EngineConfig
+from basis_stability.analysis.decompose import (
     GRAM,
     GRAM_COND,
     NONFINITE,
@@ -176,7 +177,7 @@ def test_the_cache_holds_no_basis_and_is_smaller_than_a_tall_run(tmp_path) -> No
     analyze(path, AnalysisConfig(lag=2, k=4))
     import h5py
 
-    from basis_stability.analyze.engine import default_cache_path
+    from basis_stability.analysis.engine import default_cache_path
 
     cache = default_cache_path(path, EngineConfig())
     with h5py.File(cache, "r") as f:
@@ -195,7 +196,7 @@ def test_ill_conditioned_snapshots_keep_float64_vectors_and_their_s_within_1e6(
     above cond 1e3 V is cached in float64 (V64), and only there."""
     import h5py
 
-    from basis_stability.analyze.engine import default_cache_path
+    from basis_stability.analysis.engine import default_cache_path
 
     view = LayerView.of("w", "w.weight", "linear", (64, 64))
     worst, stored_wide = 0.0, []

@@ -33,8 +33,8 @@ from transformers import (  # noqa: E402
 import basis_stability as bs  # noqa: E402
 from basis_stability.integrations.hf import OIALRTrainer, RecordTrainerCallback  # noqa: E402
 from basis_stability.lowrank.layers import LowRankLinear  # noqa: E402
-from basis_stability.recommend import PlanConfig  # noqa: E402
-from basis_stability.train.oialr import OIALRConfig  # noqa: E402
+from basis_stability.recommend.plan import PlanConfig  # noqa: E402
+from basis_stability.training.oialr import OIALRConfig  # noqa: E402
 
 N_TRAIN, BATCH = 64, 16
 STEPS_PER_EPOCH = N_TRAIN // BATCH

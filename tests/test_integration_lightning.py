@@ -29,7 +29,7 @@ import basis_stability as bs  # noqa: E402
 from basis_stability.errors import ConfigError, RunExistsError  # noqa: E402
 from basis_stability.integrations.lightning import OIALRCallback, RecordCallback  # noqa: E402
 from basis_stability.lowrank.layers import LowRankLinear  # noqa: E402
-from basis_stability.train.oialr import OIALRConfig  # noqa: E402
+from basis_stability.training.oialr import OIALRConfig  # noqa: E402
 
 N, BATCH = 64, 16
 BATCHES = N // BATCH  # batches (and, without accumulation, optimizer steps) per epoch

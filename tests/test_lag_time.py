@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 from helpers.cli import assert_clean_failure, bstab, one_error_line
 
-from basis_stability.analyze import AnalysisConfig, EngineConfig, analyze
-from basis_stability.analyze.lag import Lag, is_uneven, lag_pairs
+from basis_stability import analyze
+from basis_stability.analysis import AnalysisConfig, EngineConfig
+from basis_stability.analysis.lag import Lag, is_uneven, lag_pairs
 from basis_stability.errors import ConfigError
-from basis_stability.recommend import Interval, PlanConfig, make_plan
-from basis_stability.record import Recorder
+from basis_stability.recommend.plan import Interval, PlanConfig, make_plan
+from basis_stability.recording import Recorder
 from basis_stability.store import RunWriter
 from basis_stability.views import LayerView
 
@@ -283,7 +284,7 @@ def test_uneven_epochs_under_a_lag_in_snapshots_warn_with_the_spacing_and_the_fi
     (note,) = _uneven_notes(report)
     assert "snapshots are unevenly spaced (epochs 1, 2, 5, 10, 20)" in note
     assert "a lag of 1 snapshot pairs different time spans (1 to 10 epochs)" in note
-    assert "--lag 4ep" in note  # the median span of the lag pairs (1, 3, 5, 10)
+    assert '`lag="4ep"`' in note  # the median span of the lag pairs (1, 3, 5, 10)
     logged = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert [r.getMessage() for r in logged if "unevenly" in r.getMessage()] == [note]
     assert f"note: {note}" in report.text()
@@ -374,7 +375,7 @@ def test_a_time_lag_the_run_cannot_take_is_one_clean_line(
     result = bstab("analyze", path, "-o", tmp_path / "out", "--lag", lag, "--no-progress")
     assert result.exit_code == 1
     line = one_error_line(result)
-    assert "Expected `lag`" in line and f"'{lag}'" in line
+    assert "Expected `--lag`" in line and f"'{lag}'" in line
     assert_clean_failure(result, *fragments)
     # it fails before any SVD: no cache, no output folder
     assert not list(tmp_path.glob("run.h5.bstab-cache*")) and not list(tmp_path.glob("*cache*"))
@@ -414,7 +415,7 @@ def test_recorder_run_without_steps_refuses_a_lag_in_steps(tmp_path: Path):
 
 
 def test_an_infinite_lag_is_refused_as_not_finite_not_as_not_positive():
-    from basis_stability.analyze.lag import Lag
+    from basis_stability.analysis.lag import Lag
     from basis_stability.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"`lag` to be finite but got '1e309ep'"):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import basis_stability.lowrank.layers as layers
-from basis_stability import Recorder, open_run, select_layers
+from basis_stability import Recorder, open_run
 from basis_stability.lowrank import (
     LowRankConv,
     LowRankFactor,
@@ -19,6 +19,7 @@ from basis_stability.lowrank import (
     factor_of,
     factorize_,
 )
+from basis_stability.views import select_layers
 
 ATOL = 1e-5
 

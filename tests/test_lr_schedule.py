@@ -10,10 +10,9 @@ from torch import nn
 
 from basis_stability import open_run
 from basis_stability.errors import ConfigError
-from basis_stability.train import TrainConfig, fit
-from basis_stability.train.loop import lr_factor
-from basis_stability.train.oialr import OIALR, OIALRConfig
-from basis_stability.zoo.datasets import load_dataset
+from basis_stability.training import TrainConfig, fit
+from basis_stability.training.loop import lr_factor
+from basis_stability.training.oialr import OIALR, OIALRConfig
 
 
 def _expected(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -40,14 +39,8 @@ def test_lr_factor_is_the_recipe(schedule, warmup):
         assert 0 < got[-1] < 0.01
 
 
-def _tiny(n: int = 96):
-    data = load_dataset("digits")
-    data.x_train, data.y_train = data.x_train[:n], data.y_train[:n]
-    return data
-
-
-def test_fit_sets_every_step_and_reports_the_epochs_last_rate():
-    data = _tiny()
+def test_fit_sets_every_step_and_reports_the_epochs_last_rate(tiny_digits):
+    data = tiny_digits
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     cfg = TrainConfig(epochs=5, batch_size=32, lr=0.01, warmup=1.5, lr_schedule="cosine")
@@ -62,8 +55,8 @@ def test_fit_sets_every_step_and_reports_the_epochs_last_rate():
     np.testing.assert_allclose([h["lr"] for h in history], want[per_epoch - 1 :: per_epoch])
 
 
-def test_the_schedule_follows_the_parameters_oialr_swaps_in():
-    data = _tiny()
+def test_the_schedule_follows_the_parameters_oialr_swaps_in(tiny_digits):
+    data = tiny_digits
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.01, lr_schedule="cosine")

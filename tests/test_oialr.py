@@ -13,8 +13,8 @@ from torch import nn
 
 from basis_stability.errors import ConfigError
 from basis_stability.lowrank import factor_of
-from basis_stability.recommend import PlanConfig, beta_curve, choose_beta
-from basis_stability.train.oialr import OIALR, OIALRConfig
+from basis_stability.recommend.plan import PlanConfig, beta_curve, choose_beta
+from basis_stability.training.oialr import OIALR, OIALRConfig
 
 
 def _model(width: int = 8) -> nn.Module:

@@ -25,7 +25,7 @@ from helpers.gloo import gloo_group
 from torch import nn
 
 from basis_stability.lowrank.surgery import factor_of
-from basis_stability.train.oialr import OIALR, OIALRConfig
+from basis_stability.training.oialr import OIALR, OIALRConfig
 
 WORLD = 2
 STEPS = 15

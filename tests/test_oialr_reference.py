@@ -23,7 +23,7 @@ from torch import nn
 from basis_stability import open_run
 from basis_stability.errors import ConfigError, NoEligibleLayersError
 from basis_stability.lowrank.surgery import FactorizeConfig, eligible_layers, factorize_
-from basis_stability.train.oialr import OIALR, OIALRConfig
+from basis_stability.training.oialr import OIALR, OIALRConfig
 
 STEPS = 60
 
@@ -334,7 +334,12 @@ def test_keep_first_and_last_leaving_nothing_is_a_clear_error():
     with pytest.raises(ConfigError) as err:
         OIALR(model, optimizer, cfg)
     text = str(err.value)
-    for fragment in ("keep_first=True", "keep_last=True", "keep_first=False", "--no-keep-last"):
+    for fragment in (
+        "`keep_first=True`",
+        "`keep_last=True`",
+        "`keep_first=False`",
+        "`keep_last=False`",
+    ):
         assert fragment in text
     with pytest.raises(NoEligibleLayersError, match="keep_last=True"):
         factorize_(nn.Sequential(nn.Linear(4, 4)), FactorizeConfig(keep_last=True))
@@ -387,7 +392,7 @@ def test_cli_reference_preset_no_keep_last(tmp_path):
         (("--preset", "reference", "--auto"), ("--preset reference", "--auto")),
         (
             ("--preset", "reference", "--keep-first", "--delay", "1"),
-            ("keep_first=True", "keep_last=True", "--no-keep-first"),
+            ("`--keep-first` and `--keep-last`", "`--no-keep-first`"),
         ),
         (("--preset", "nope"), ("--preset",)),
     ],

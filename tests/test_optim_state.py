@@ -10,7 +10,7 @@ from basis_stability.errors import ConfigError
 from basis_stability.lowrank import factor_of
 from basis_stability.lowrank.layers import LowRankFactor
 from basis_stability.lowrank.optim_state import swap_parameter
-from basis_stability.train.oialr import OIALR, OIALRConfig
+from basis_stability.training.oialr import OIALR, OIALRConfig
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from basis_stability.analyze import AnalysisConfig, EngineConfig, analyze
-from basis_stability.analyze.stability import (
+from basis_stability import analyze
+from basis_stability.analysis import AnalysisConfig, EngineConfig
+from basis_stability.analysis.stability import (
     PROMOTE_COND,
     basis_reason,
     decompose,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from basis_stability.errors import ConfigError
-from basis_stability.recommend import (
+from basis_stability.recommend.plan import (
     PLAN_VERSION,
     Plan,
     PlanConfig,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import basis_stability.record.recorder as recorder_mod
+import basis_stability.recording.recorder as recorder_mod
 from basis_stability.errors import ConfigError, RunExistsError, RunFileError
-from basis_stability.record import Recorder, at, every
+from basis_stability.recording import Recorder, at, every
 from basis_stability.store import open_run
 
 

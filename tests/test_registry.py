@@ -13,13 +13,13 @@ from torch import nn
 
 from basis_stability import registry
 from basis_stability.errors import ConfigError
+from basis_stability.exporting.factorized import count_macs, export_factorized
 from basis_stability.lowrank import densify_, factor_of, factorize_, low_rank_layers
 from basis_stability.lowrank.layers import LowRankConv
 from basis_stability.lowrank.surgery import FactorizeConfig, eligible_layers
-from basis_stability.record.recorder import Recorder
+from basis_stability.recording.recorder import Recorder
 from basis_stability.registry import IN_OUT, OUT_IN, Matrix, register_layer, register_view
 from basis_stability.store import open_run
-from basis_stability.train.export import count_macs, export_factorized
 from basis_stability.views import select_layers
 
 
@@ -221,7 +221,7 @@ def test_count_macs_reads_the_registry():
 def test_stability_of_a_square_layer_does_not_depend_on_its_orientation():
     """Why a checkpoint import (no module to say how a square weight is stored) is still right:
     S(a, b) = trace(B_a^T B_b) / n is the same for the transposed pair."""
-    from basis_stability.analyze.stability import decompose, stability
+    from basis_stability.analysis.stability import decompose, stability
 
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(16, 16, generator=gen, dtype=torch.float64)

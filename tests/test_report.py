@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from basis_stability.analyze import AnalysisConfig, EngineConfig, analyze
+from basis_stability import analyze
+from basis_stability.analysis import AnalysisConfig, EngineConfig
 from basis_stability.errors import ConfigError, DamagedRunError, RunFileError
-from basis_stability.recommend import PlanConfig
+from basis_stability.recommend.plan import PlanConfig
 from basis_stability.store import RunWriter
 from basis_stability.views import LayerView
 

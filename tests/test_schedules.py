@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from basis_stability.errors import ConfigError
-from basis_stability.record.schedules import (
+from basis_stability.recording.schedules import (
     at,
     every,
     every_epoch,
@@ -83,7 +83,7 @@ def test_parse_schedule_strings():
 
 @pytest.mark.parametrize("text", ["", "weekly", "every:", "every:x", "at:1,b", "epoch:3", "log:4"])
 def test_parse_schedule_rejects_bad_strings(text):
-    with pytest.raises(ConfigError, match="Expected `--schedule`") as info:
+    with pytest.raises(ConfigError, match="Expected `schedule`") as info:
         parse_schedule(text, 50)
     assert repr(text) in str(info.value)
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from basis_stability.errors import ConfigError, RunExistsError
+from basis_stability.exporting.factorized import compare_export, export_factorized
 from basis_stability.lowrank import densify_, factor_of, factorize_
-from basis_stability.record.recorder import Recorder
+from basis_stability.recording.recorder import Recorder
 from basis_stability.store.reader import open_run
 from basis_stability.store.summary import summarize
-from basis_stability.train.export import compare_export, export_factorized
 
 
 def _mlp() -> nn.Module:

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from basis_stability.analyze import spectra
-from basis_stability.analyze.spectra import (
+from basis_stability.analysis import spectra
+from basis_stability.analysis.spectra import (
     compact_svd,
     effective_rank,
     energy_rank,
     numerical_rank,
-    rank_at_beta,
     stable_rank,
 )
+from basis_stability.recommend.rules import rank_at_beta
 
 SHAPES = [(30, 10), (12, 12), (50, 3), (7, 7), (9, 1)]
 SEEDS = [0, 1, 2]
@@ -304,7 +304,7 @@ def test_bad_eps_raises(eps: float) -> None:
 
 
 def test_batch_ranks_equal_the_one_spectrum_functions_row_by_row():
-    from basis_stability.analyze.spectra import batch_ranks
+    from basis_stability.analysis.spectra import batch_ranks
 
     rng = np.random.default_rng(3)
     rows = [np.sort(rng.random(7))[::-1] for _ in range(6)]

@@ -9,9 +9,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from basis_stability.analyze import stability as stability_module
-from basis_stability.analyze.spectra import SVD
-from basis_stability.analyze.stability import (
+from basis_stability.analysis import stability as stability_module
+from basis_stability.analysis.spectra import SVD
+from basis_stability.analysis.stability import (
     Decomposed,
     basis_reason,
     decompose,
@@ -526,7 +526,7 @@ def test_module_doctest() -> None:
 # ----------------------------------------------------------------------------- pairwise fast path
 @pytest.mark.parametrize("shape", [(12, 5), (9, 9)])
 def test_pairwise_stability_and_overlap_equal_the_one_pair_definitions(shape):
-    from basis_stability.analyze.stability import pairwise_overlap, pairwise_stability
+    from basis_stability.analysis.stability import pairwise_overlap, pairwise_stability
 
     gen = torch.Generator().manual_seed(7)
     decs = [

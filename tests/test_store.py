@@ -142,7 +142,7 @@ def test_half_precision_storage_decodes_like_torch(tmp_path, dtype, torch_dtype,
     with open_run(path) as run:
         assert run.attrs["storage_dtype"] == dtype
         assert run.info("fc").storage_dtype == dtype
-        assert run._file["layers/fc"].dtype == disk
+        assert run.h5["layers/fc"].dtype == disk
         for t in range(2):
             for i, name in enumerate(run.layer_names):
                 got = run.layer(name)[t]
@@ -163,7 +163,7 @@ def test_append_rejects_float_values_for_bfloat16_bits(tmp_path: Path):
 
 def test_create_refuses_existing_file_and_leaves_it_untouched(run_path: Path):
     before = run_path.read_bytes()
-    with pytest.raises(RunExistsError, match="force"):
+    with pytest.raises(RunExistsError, match="mode='overwrite'"):
         RunWriter.create(run_path, LAYERS[:1], model_class="Other")
     assert run_path.read_bytes() == before
     assert [p.name for p in run_path.parent.iterdir()] == ["run.h5"]  # no temporary left
@@ -224,7 +224,7 @@ def test_half_written_last_snapshot_is_ignored_by_reader_and_dropped_on_resume(r
         assert run.n_snapshots == 5
         np.testing.assert_array_equal(run.steps, [0, 10, 20, 30, 40])
         np.testing.assert_array_equal(run.layer("fc")[4], fresh[0])
-        assert run._file["layers/fc"].shape[0] == 5
+        assert run.h5["layers/fc"].shape[0] == 5
 
 
 def _foreign(path: Path) -> None:

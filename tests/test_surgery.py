@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from basis_stability import build_model
 from basis_stability.errors import ConfigError, NoEligibleLayersError
 from basis_stability.lowrank import (
     FactorizeConfig,
@@ -20,6 +19,7 @@ from basis_stability.lowrank import (
     factorize_,
     low_rank_layers,
 )
+from basis_stability.zoo import build_model
 
 LOW_RANK = (LowRankLinear, LowRankConv, LowRankMultiheadAttention)
 

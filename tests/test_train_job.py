@@ -6,13 +6,15 @@ import pytest
 
 from basis_stability.errors import ConfigError
 from basis_stability.jobs import RecordJob, TrainJob, build, oialr_config
-from basis_stability.train import TrainConfig
+from basis_stability.training import TrainConfig
 
 
 def _config(**job):
     train = TrainConfig(epochs=12)
-    model, _ = build(RecordJob("mlp", "digits", train))
-    return oialr_config(TrainJob("mlp", "digits", train, **job), model, steps_per_epoch=10)
+    model, _ = build(RecordJob(model="mlp", dataset="digits", train=train))
+    return oialr_config(
+        TrainJob(model="mlp", dataset="digits", train=train, **job), model, steps_per_epoch=10
+    )
 
 
 def test_the_reference_preset_from_python_gets_its_own_moments_not_reset():
@@ -52,5 +54,5 @@ def test_target_share_picks_auto_modes_beta_by_the_share_rule():
     ],
 )
 def test_target_share_outside_auto_mode_or_out_of_range_is_a_clear_error(job):
-    with pytest.raises(ConfigError, match="--target-share"):
+    with pytest.raises(ConfigError, match="`target_share`"):
         _config(**job)

@@ -28,14 +28,14 @@ from helpers.mounts import tmpfs  # noqa: E402
 from basis_stability import Recorder, open_run  # noqa: E402
 from basis_stability.cli import main  # noqa: E402
 from basis_stability.errors import RunLockedError, WriteFailedError  # noqa: E402
+from basis_stability.exporting.snapshot import export_snapshot  # noqa: E402
 from basis_stability.jobs import RecordJob, build  # noqa: E402
-from basis_stability.record import RecordConfig  # noqa: E402
+from basis_stability.recording import RecordConfig  # noqa: E402
 from basis_stability.store import recover  # noqa: E402
-from basis_stability.store.export import export_snapshot  # noqa: E402
 from basis_stability.store.lock import WriterLock, holder_of, lock_path  # noqa: E402
 from basis_stability.store.summary import summarize  # noqa: E402
 from basis_stability.store.validate import validate_run  # noqa: E402
-from basis_stability.train import TrainConfig  # noqa: E402
+from basis_stability.training import TrainConfig  # noqa: E402
 
 SIZES = "64,64,32"  # two Linear layers, 24 KiB of float32 per snapshot
 
@@ -101,7 +101,11 @@ def test_bstab_record_force_and_append_against_a_running_bstab_record(tmp_path):
         )
         with pytest.raises(RunLockedError, match=f"process {proc.pid}"):
             Recorder(
-                build(RecordJob("mlp", "digits", TrainConfig(), RecordConfig()))[0],
+                build(
+                    RecordJob(
+                        model="mlp", dataset="digits", train=TrainConfig(), record=RecordConfig()
+                    )
+                )[0],
                 path,
                 mode="append",
             )

@@ -14,7 +14,6 @@ from . import analyze as _analyze
 from . import record as _record
 from . import store as _store
 from . import train as _train
-from ._errors import _clean_errors as _clean_errors
 
 __all__ = ["main"]
 

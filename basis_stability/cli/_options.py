@@ -112,8 +112,8 @@ def training_config(
     warmup: float,
     lr_schedule: str,
 ):
-    """The :class:`~basis_stability.train.TrainConfig` of the shared training options."""
-    from ..train import TrainConfig
+    """The :class:`~basis_stability.training.TrainConfig` of the shared training options."""
+    from ..training import TrainConfig
 
     return TrainConfig(
         epochs=epochs,
@@ -126,7 +126,7 @@ def training_config(
     )
 
 
-def _training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by `record` and `train`: model, data and the optimizer recipe."""
     for option in reversed(_TRAINING_OPTIONS):
         fn = option(fn)

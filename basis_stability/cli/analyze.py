@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import ConfigError, expected
-from ._errors import _clean_errors
+from ._errors import clean_errors, render
 
 if TYPE_CHECKING:
-    from ..analyze.lag import Lag
+    from ..analysis.lag import Lag
 
 
 def _lag(ctx: click.Context, param: click.Parameter, value: str) -> Lag:
-    """``--lag`` as a :class:`~basis_stability.analyze.lag.Lag`; a bad one is a usage error."""
-    from ..analyze.lag import Lag
+    """``--lag`` as a :class:`~basis_stability.analysis.lag.Lag`; a bad one is a usage error."""
+    from ..analysis.lag import Lag
 
     try:
         return Lag.parse(value)
     except ConfigError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
+        raise click.BadParameter(render(str(exc), "analyze", exc.arguments), ctx, param) from None
 
 
 @click.command()
@@ -148,31 +148,8 @@ def _lag(ctx: click.Context, param: click.Parameter, value: str) -> Lag:
     help="--follow: stop after this many seconds without a new snapshot.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-@_clean_errors
-def analyze(
-    run_path: Path,
-    output: Path | None,
-    lag: Lag,
-    k: int,
-    tau: float,
-    share: float,
-    beta_rule: str,
-    min_energy: float,
-    target_share: float,
-    svd: str,
-    method: str,
-    svd_dtype: str,
-    chunk_mb: int,
-    device: str,
-    jobs: int,
-    no_cache: bool,
-    no_plots: bool,
-    force: bool,
-    follow: bool,
-    poll: float,
-    idle_timeout: float,
-    no_progress: bool,
-) -> None:
+@clean_errors
+def analyze(run_path: Path, **opts: Any) -> None:
     """Measure basis stability, top-k overlap, spectra and ranks of a run; recommend OIALR's
     delay and beta.
 
@@ -194,47 +171,56 @@ def analyze(
     Under torchrun the SVDs are shared out across the ranks (each may use its own GPU with
     --device cuda); rank 0 gathers them and writes exactly what one process would.
     """
-    from ..analyze import AnalysisConfig, EngineConfig, distributed
-    from ..analyze.follow import follow_analysis
-    from ..recommend import PlanConfig
+    from .. import api
+    from ..analysis.follow import follow_analysis
 
-    if distributed.launched_by_torchrun():
-        if follow:
-            raise ConfigError(
-                "Expected `--follow` without torchrun but got both. Follow a live run with one "
-                "process; shard a finished run's SVDs over ranks with torchrun."
-            )
-        if jobs > 1:
-            raise ConfigError(
-                expected("--jobs", "1 under torchrun", jobs, "The ranks are the workers.")
-            )
-        distributed.init_from_env()
+    _setup_torchrun(opts["follow"], opts["jobs"])
+    config, engine, plan = _configs(opts)
+    out = opts["output"] or run_path.with_name(run_path.stem + "-analysis")
 
-    config = AnalysisConfig(lag=lag, k=k)
-    engine = EngineConfig(
-        svd=svd,
-        method=method,
-        svd_dtype=svd_dtype,
-        chunk_mb=chunk_mb,
-        device=device,
-        jobs=jobs,
-        cache=not no_cache,
-    )
-    plan = PlanConfig(
-        tau=tau, share=share, beta_rule=beta_rule, min_energy=min_energy, target_share=target_share
-    )
-    out = output or run_path.with_name(run_path.stem + "-analysis")
+    def analyze_once():
+        return api.analyze(run_path, config, engine, plan, progress=not opts["no_progress"])
+
     for text in follow_analysis(
         run_path,
         out,
-        config,
-        engine,
-        plan,
-        plots=not no_plots,
-        follow=follow,
-        poll=poll,
-        idle_timeout=idle_timeout,
-        progress=not no_progress,
-        force=force,
+        analyze_once,
+        plots=not opts["no_plots"],
+        follow=opts["follow"],
+        poll=opts["poll"],
+        idle_timeout=opts["idle_timeout"],
+        force=opts["force"],
     ):
-        click.echo(text)
+        click.echo(render(text, "analyze"))  # the report's notes name Python arguments
+
+
+def _setup_torchrun(follow: bool, jobs: int) -> None:
+    """Under torchrun: one process group, no --follow, and the ranks as the workers."""
+    from ..analysis import distributed
+
+    if not distributed.launched_by_torchrun():
+        return
+    if follow:
+        raise ConfigError(
+            "Expected `--follow` without torchrun but got both. Follow a live run with one "
+            "process; shard a finished run's SVDs over ranks with torchrun."
+        )
+    if jobs > 1:
+        raise ConfigError(
+            expected("--jobs", "1 under torchrun", jobs, "The ranks are the workers.")
+        )
+    distributed.init_from_env()
+
+
+def _configs(opts: dict[str, Any]):
+    """The analysis, engine and plan configs the options describe."""
+    from ..analysis import AnalysisConfig, EngineConfig
+    from ..recommend import PlanConfig
+
+    engine = ("svd", "method", "svd_dtype", "chunk_mb", "device", "jobs")
+    plan = ("tau", "share", "beta_rule", "min_energy", "target_share")
+    return (
+        AnalysisConfig(lag=opts["lag"], k=opts["k"]),
+        EngineConfig(**{n: opts[n] for n in engine}, cache=not opts["no_cache"]),
+        PlanConfig(**{n: opts[n] for n in plan}),
+    )

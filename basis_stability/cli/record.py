@@ -7,12 +7,12 @@ from typing import Any
 
 import click
 
-from ._errors import _clean_errors
-from ._options import _training_options, check_output, training_config
+from ._errors import clean_errors, render
+from ._options import check_output, training_config, training_options
 
 
 @click.command()
-@_training_options
+@training_options
 @click.option(
     "--schedule",
     default="epoch",
@@ -64,7 +64,7 @@ from ._options import _training_options, check_output, training_config
     help="Only list the layers that would be recorded and skipped.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-@_clean_errors
+@clean_errors
 def record(
     model: str,
     dataset: str,
@@ -106,9 +106,36 @@ def record(
       bstab record --from-checkpoints 'ckpts/epoch_*.pt' -o runs/mine.h5
     """
     from .. import jobs
-    from ..record import RecordConfig
 
-    rec_cfg = RecordConfig(
+    rec_cfg = _record_config(include, exclude, types, dtype, no_biases, no_background)
+    stem = f"{model}-{dataset}-seed{seed}" if checkpoints is None else "checkpoints"
+    if not list_only:  # an existing --output is the writer's to refuse (or --force to replace)
+        check_output(output or jobs.default_run_path(stem))
+    if checkpoints is not None:
+        _record_checkpoints(checkpoints, rec_cfg, output, force, list_only, not no_progress)
+        return
+    train = training_config(epochs, batch_size, lr, optimizer, seed, warmup, lr_schedule)
+    job = jobs.RecordJob(
+        model=model, dataset=dataset, train=train, record=rec_cfg, schedule=schedule, device=device
+    )
+    if list_only:
+        _print_model_selection(job)
+        return
+    _record_training(job, stem, output, force, not no_progress)
+
+
+def _record_config(
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    types: tuple[str, ...],
+    dtype: str,
+    no_biases: bool,
+    no_background: bool,
+) -> Any:
+    """The :class:`~basis_stability.recording.RecordConfig` the options ask for."""
+    from ..recording import RecordConfig
+
+    return RecordConfig(
         include=include or None,
         exclude=exclude or None,
         types=types or None,
@@ -116,31 +143,25 @@ def record(
         biases=not no_biases,
         background=not no_background,
     )
-    stem = f"{model}-{dataset}-seed{seed}" if checkpoints is None else "checkpoints"
-    if not list_only:  # an existing --output is the writer's to refuse (or --force to replace)
-        check_output(output or jobs.default_run_path(stem))
-    if checkpoints is not None:
-        _record_checkpoints(checkpoints, rec_cfg, output, force, list_only, not no_progress)
-        return
-    job = jobs.RecordJob(
-        model,
-        dataset,
-        training_config(epochs, batch_size, lr, optimizer, seed, warmup, lr_schedule),
-        rec_cfg,
-        schedule,
-        device,
-    )
-    if list_only:
-        from ..views import select_layers
 
-        net, _ = jobs.build(job)
-        _print_selection(select_layers(net, rec_cfg.include, rec_cfg.exclude, rec_cfg.types))
-        return
+
+def _print_model_selection(job: Any) -> None:
+    """``--list``: the layers of the built model that the job would record and skip."""
+    from .. import jobs
+    from ..views import select_layers
+
+    net, _ = jobs.build(job)
+    cfg = job.record
+    _print_selection(select_layers(net, cfg.include, cfg.exclude, cfg.types))
+
+
+def _record_training(job: Any, stem: str, output: Path | None, force: bool, progress: bool) -> None:
+    """Train ``job`` into ``output`` (else the first free default name) and say where."""
+    from .. import jobs
 
     def run(path: Path) -> jobs.RecordResult:
-        return jobs.run_record_job(
-            job, path, mode="overwrite" if force and output else "create", progress=not no_progress
-        )
+        mode = "overwrite" if force and output else "create"  # a default name is always new
+        return jobs.run_record_job(job, path, mode=mode, progress=progress)
 
     result = run(output) if output else jobs.at_free_path(stem, run)
     click.echo(
@@ -154,7 +175,7 @@ def _record_checkpoints(
     pattern: str, cfg: Any, output: Path | None, force: bool, list_only: bool, progress: bool
 ) -> None:
     from ..jobs import at_free_path
-    from ..record.checkpoints import scan_checkpoints, write_checkpoints
+    from ..recording.checkpoints import scan_checkpoints, write_checkpoints
     from ..store import open_run
 
     found = scan_checkpoints(pattern, cfg)  # every file opened and checked; nothing written
@@ -178,4 +199,4 @@ def _print_selection(selection: Any) -> None:
         click.echo(f"  {v.name:40s} {v.kind:10s} {v.shape[0]}x{v.shape[1]}")
     if selection.skipped:
         click.echo(f"{len(selection.skipped)} skipped:")
-        click.echo(selection.describe_skipped())
+        click.echo(render(selection.describe_skipped(), "record"))

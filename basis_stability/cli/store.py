@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from ._errors import _clean_errors
+from ._errors import clean_errors
 from ._options import check_output
 
 
 @click.command()
 @click.argument("run_path", metavar="RUN.h5", type=click.Path(path_type=Path))
 @click.option("--no-scan", is_flag=True, help="Skip the NaN/Inf scan (reads every snapshot).")
-@_clean_errors
+@clean_errors
 def inspect(run_path: Path, no_scan: bool) -> None:
     """Print a readable summary of a run: layers, shapes, snapshots, metrics, size."""
     from ..store.summary import summarize
@@ -23,7 +23,7 @@ def inspect(run_path: Path, no_scan: bool) -> None:
 
 @click.command()
 @click.argument("run_path", metavar="RUN.h5", type=click.Path(path_type=Path))
-@_clean_errors
+@clean_errors
 def validate(run_path: Path) -> None:
     """Check a run file against the format spec (checkpoints_spec/) and list findings.
 
@@ -86,7 +86,7 @@ def validate(run_path: Path) -> None:
     help="stored: the run's storage dtype, bit for bit; float32: widen half precision.",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
-@_clean_errors
+@clean_errors
 def export(
     run_path: Path,
     snapshot: int,
@@ -113,14 +113,14 @@ def export(
       bstab export runs/cnn-digits-seed0.h5 -s 10 -o epoch10.pt
       bstab export runs/vit.h5 --layers 'blocks.*' --dtype float32
     """
-    from ..store.export import _export
-    from ..store.summary import _size
+    from ..exporting.snapshot import write_snapshot
+    from ..store.summary import human_size
 
     if output is not None:
         check_output(output)
     elif run_path.is_file():  # the default file goes beside the run
         check_output(run_path.with_name(f"{run_path.stem}-snapshot.{fmt or 'safetensors'}"))
-    result = _export(
+    result = write_snapshot(
         run_path,
         output,
         snapshot=snapshot,
@@ -131,7 +131,7 @@ def export(
     )
     click.echo(
         f"Wrote {result.path}: snapshot {result.snapshot} (epoch {result.epoch:g}, "
-        f"step {result.step}), {result.n_tensors} tensors, {_size(result.n_bytes)}"
+        f"step {result.step}), {result.n_tensors} tensors, {human_size(result.n_bytes)}"
     )
     line = result.missing_line()
     if line is not None:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from ._errors import _clean_errors
-from ._options import _training_options, check_output, training_config
+from ._errors import clean_errors, render
+from ._options import check_output, training_config, training_options
 
 
 @click.command()
 @click.option("--mode", type=click.Choice(["oialr", "full"]), default="oialr", show_default=True)
-@_training_options
+@training_options
 @click.option("--delay", default=None, help="Full-rank epochs (10) or steps (250steps).")
 @click.option("--interval", default=None, help="Epochs or steps between updates (default 5).")
 @click.option("--beta", type=float, default=None, help="Cut-off in (0, 1), e.g. 0.15.")
@@ -75,33 +76,8 @@ from ._options import _training_options, check_output, training_config
 @click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-@_clean_errors
-def train(
-    mode: str,
-    model: str,
-    dataset: str,
-    epochs: int,
-    seed: int,
-    batch_size: int,
-    lr: float,
-    optimizer: str,
-    warmup: float,
-    lr_schedule: str,
-    delay: str | None,
-    interval: str | None,
-    beta: float | None,
-    plan_path: Path | None,
-    auto: bool | None,
-    target_share: float | None,
-    preset: str,
-    keep_first: bool | None,
-    keep_last: bool | None,
-    moments: str | None,
-    output: Path | None,
-    force: bool,
-    device: str,
-    no_progress: bool,
-) -> None:
+@clean_errors
+def train(**opts: Any) -> None:
     """Train a built-in model with OIALR (or full-rank), record it, export the compact model.
 
     OIALR trains full-rank, then freezes each layer's singular bases and trains only a small
@@ -119,52 +95,60 @@ def train(
     """
     from .. import jobs
 
-    if plan_path is not None and (delay is not None or beta is not None):
-        raise click.UsageError("--plan already sets delay and beta; drop --delay/--beta.")
-    if beta is not None and not 0 < beta < 1:
-        raise click.BadParameter(
-            f"Expected --beta in (0, 1) but got {beta}. The reference uses 0.15.",
-            param_hint="--beta",
-        )
-    for text, name in ((delay, "--delay"), (interval, "--interval")):
-        jobs.parse_steps(text, name, 1)  # its form, before any work; in steps once data is known
-    if plan_path is not None:
-        from ..recommend import Plan
-
-        Plan.from_json(plan_path)  # a bad plan fails before any work
-    job = jobs.TrainJob(
-        model,
-        dataset,
-        training_config(epochs, batch_size, lr, optimizer, seed, warmup, lr_schedule),
-        mode,
-        delay,
-        interval,
-        beta,
-        str(plan_path) if plan_path else None,
-        moments,
-        device,
-        preset,
-        keep_first,
-        keep_last,
-        auto=auto,
-        target_share=target_share,
-    )
-    if mode == "oialr":
+    _check_before_work(opts["delay"], opts["interval"], opts["beta"], opts["plan_path"])
+    job = _job(opts)
+    if job.mode == "oialr":
         jobs.auto_mode(job)  # --auto/--no-auto against the schedule options, before any work
-    stem = f"train-{mode}-{model}-{dataset}-seed{seed}"
+    output, mode = opts["output"], job.mode
+    stem = f"train-{mode}-{job.model}-{job.dataset}-seed{job.train.seed}"
     check_output(output or jobs.default_run_path(stem))  # an existing file: the writer refuses it
 
     def run(path: Path) -> jobs.TrainResult:
         export = path.with_name(path.stem + "-factorized.pt") if mode == "oialr" else None
-        return jobs.run_train_job(
-            job,
-            path,
-            export,
-            mode="overwrite" if force and output else "create",
-            progress=not no_progress,
-        )
+        create = "overwrite" if opts["force"] and output else "create"
+        return jobs.run_train_job(job, path, export, mode=create, progress=not opts["no_progress"])
 
-    result = run(output) if output else jobs.at_free_path(stem, run)
+    _echo(run(output) if output else jobs.at_free_path(stem, run))
+
+
+def _check_before_work(
+    delay: str | None, interval: str | None, beta: float | None, plan_path: Path | None
+) -> None:
+    """The schedule options' own checks, before any data is loaded."""
+    from .. import jobs
+    from ..errors import ConfigError
+    from ..recommend import Plan
+    from ..recommend.rules import check_beta
+
+    if plan_path is not None and (delay is not None or beta is not None):
+        raise click.UsageError("--plan already sets delay and beta; drop --delay/--beta.")
+    if beta is not None:
+        check_beta(beta)
+    for text, name in ((delay, "delay"), (interval, "interval")):
+        jobs.parse_steps(text, name, 1)  # its form; in steps once the data is known
+    if plan_path is not None:
+        try:
+            Plan.from_json(plan_path)  # a bad plan fails before any work
+        except ConfigError as exc:  # about the file's fields (its `beta`), not this command's
+            raise ConfigError(str(exc), argument="plan") from None
+
+
+def _job(opts: dict[str, Any]):
+    """The :class:`~basis_stability.jobs.TrainJob` the options describe."""
+    from .. import jobs
+
+    names = ("epochs", "batch_size", "lr", "optimizer", "seed", "warmup", "lr_schedule")
+    passed = ("model", "dataset", "mode", "delay", "interval", "beta", "moments", "device")
+    passed += ("preset", "keep_first", "keep_last", "auto", "target_share")
+    return jobs.TrainJob(
+        train=training_config(*(opts[n] for n in names)),
+        plan=str(opts["plan_path"]) if opts["plan_path"] else None,
+        **{n: opts[n] for n in passed},
+    )
+
+
+def _echo(result) -> None:
+    """One summary line, the export comparison, and what the run left dense or unconverted."""
     tail = f", model {result.export_path}" if result.export_path else ""
     click.echo(
         f"{result.summary()} | trainable {result.trainable_share:.1%} of the "
@@ -174,6 +158,6 @@ def train(
     if result.export is not None:
         click.echo(f"export: {result.export}")
     if result.never_converted is not None:
-        click.echo(result.never_converted, err=True)
+        click.echo(render(result.never_converted, "train"), err=True)  # names Python arguments
     if result.kept_dense is not None:
-        click.echo(result.kept_dense, err=True)
+        click.echo(render(result.kept_dense, "train"), err=True)

@@ -11,8 +11,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import BstabError, ConfigError, expected
-from ..record.recorder import Recorder
-from ..record.schedules import Schedule
+from ..recording.recorder import Recorder
+from ..recording.schedules import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def schedule_from(spec: Schedule | str | None) -> Schedule | None:
     if isinstance(spec, str):
         if spec == "epoch":
             return None
-        from ..record.schedules import parse_schedule
+        from ..recording.schedules import parse_schedule
 
         return parse_schedule(spec, steps_per_epoch=1)
     raise ConfigError(
@@ -48,7 +48,7 @@ def schedule_from(spec: Schedule | str | None) -> Schedule | None:
             "schedule",
             "None, 'epoch', 'every:N', 'at:1,5,9', 'log:N:LAST' or a Schedule",
             spec,
-            "Use e.g. every(50) from basis_stability.record.",
+            "Use e.g. every(50) from basis_stability.recording.",
         )
     )
 

@@ -33,7 +33,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..lowrank.optim_state import match_model_order
 from ..lowrank.surgery import rebuild_low_rank
-from ..record.schedules import Schedule
+from ..recording.schedules import Schedule
 from ._common import RecordSession, require, scalars
 
 _tf = require("transformers", "hf", "The Hugging Face integration")
@@ -60,7 +60,7 @@ class RecordTrainerCallback(_tf.TrainerCallback):
             (``every(50)``, ``"every:50"``, ``"at:1,10,100"``, ``"log:30:5000"``).
         mode: ``create`` (refuse an existing run), ``overwrite`` or ``append``; a resumed
             ``train()`` always appends.
-        **record: :class:`~basis_stability.record.RecordConfig` fields (``include``,
+        **record: :class:`~basis_stability.recording.RecordConfig` fields (``include``,
             ``exclude``, ``types``, ``dtype``, ``initial``, ``metadata``, ``biases``).
     """
 
@@ -79,7 +79,7 @@ class RecordTrainerCallback(_tf.TrainerCallback):
 
     @property
     def recorder(self):
-        """The :class:`~basis_stability.record.Recorder` while training, else None."""
+        """The :class:`~basis_stability.recording.Recorder` while training, else None."""
         return self.session.recorder
 
     def _metrics(self, state: Any) -> dict[str, float]:
@@ -161,7 +161,7 @@ class OIALRTrainer(_tf.Trainer):
 
     Args:
         *args, **kwargs: as for ``Trainer``.
-        oialr_config: an :class:`~basis_stability.train.oialr.OIALRConfig` (delay, interval and
+        oialr_config: an :class:`~basis_stability.training.oialr.OIALRConfig` (delay, interval and
             beta in optimizer steps, or ``auto=True``); default: auto.
         oialr_filter: ``(name, module) -> bool``, the last word on which layers are factorised.
         recorder: a :class:`RecordTrainerCallback` (also pass it in ``callbacks``) to store every
@@ -169,7 +169,7 @@ class OIALRTrainer(_tf.Trainer):
 
     After ``train()``, ``trainer.oialr`` holds the controller (ranks, trainable share, events);
     an auto run that ended before conversion logs one warning line saying so (see
-    :meth:`~basis_stability.train.oialr.OIALR.never_converted_summary`).
+    :meth:`~basis_stability.training.oialr.OIALR.never_converted_summary`).
     """
 
     def __init__(
@@ -180,14 +180,14 @@ class OIALRTrainer(_tf.Trainer):
         recorder: RecordTrainerCallback | None = None,
         **kwargs: Any,
     ) -> None:
-        from ..train.oialr import OIALRConfig
+        from ..training.oialr import OIALRConfig
 
         super().__init__(*args, **kwargs)
         if self.args.world_size > 1:
             raise ConfigError(
                 f"Expected a single-process Trainer for OIALRTrainer but it runs "
                 f"{self.args.world_size} processes. OIALR changes the parameter set, which the "
-                "Trainer's DDP wrapper cannot follow; use basis_stability.train.OIALR in a plain "
+                "Trainer's DDP wrapper cannot follow; use basis_stability.OIALR in a plain "
                 "torch.distributed loop (it re-wraps DDP)."
             )
         self.oialr_config = oialr_config or OIALRConfig(auto=True)
@@ -208,7 +208,7 @@ class OIALRTrainer(_tf.Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _start_oialr(self) -> None:
-        from ..train.oialr import OIALR
+        from ..training.oialr import OIALR
 
         if self.oialr is not None:
             self.oialr.close()

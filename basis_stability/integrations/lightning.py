@@ -15,7 +15,7 @@ LightningModule's layers in place and carries the optimizer's state across (poli
 ``slice`` or ``rotate``). A checkpoint taken after conversion holds the factors; resuming from it
 rebuilds the low-rank layers at the checkpoint's ranks before Lightning loads the weights.
 It needs a single-process strategy: under DDP the parameter set changes, and Lightning's DDP
-wrapper cannot be rebuilt from a callback (use :class:`~basis_stability.train.oialr.OIALR` in a
+wrapper cannot be rebuilt from a callback (use :class:`~basis_stability.training.oialr.OIALR` in a
 plain loop, which re-wraps, for multi-process training).
 
 Needs ``pip install 'basis_stability[lightning]'`` (the ``lightning`` package).
@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..lowrank.optim_state import match_model_order
 from ..lowrank.surgery import rebuild_low_rank
-from ..record.schedules import Schedule
+from ..recording.schedules import Schedule
 from ._common import RecordSession, require
 
 _pl = require("lightning.pytorch", "lightning", "The Lightning integration")
@@ -59,7 +59,7 @@ class RecordCallback(_pl.Callback):
             forms ``"every:50"``, ``"at:1,10,100"``, ``"log:30:5000"``.
         mode: ``create`` (refuse an existing run), ``overwrite`` or ``append``; a fit resumed
             from a checkpoint always appends.
-        **record: :class:`~basis_stability.record.RecordConfig` fields (``include``,
+        **record: :class:`~basis_stability.recording.RecordConfig` fields (``include``,
             ``exclude``, ``types``, ``dtype``, ``initial``, ``metadata``, ``biases``).
 
     Snapshots are stamped with the global step and the epoch (``current_epoch + 1`` at epoch
@@ -87,7 +87,7 @@ class RecordCallback(_pl.Callback):
 
     @property
     def recorder(self):
-        """The :class:`~basis_stability.record.Recorder` while fitting, else None."""
+        """The :class:`~basis_stability.recording.Recorder` while fitting, else None."""
         return self.session.recorder
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -136,14 +136,14 @@ class OIALRCallback(_pl.Callback):
     """Train a LightningModule with OIALR inside ``fit()``.
 
     Args:
-        config: an :class:`~basis_stability.train.oialr.OIALRConfig` (delay, interval and beta in
+        config: an :class:`~basis_stability.training.oialr.OIALRConfig` (delay, interval and beta in
             optimizer steps, or ``auto=True``); default: auto.
         recorder: a :class:`RecordCallback` of the same fit, to store every OIALR decision in the
             run's ``/events``.
         filter_fn: ``(name, module) -> bool``, the last word on which layers are factorised.
 
     An auto run whose training ends before conversion logs one warning line saying so (see
-    :meth:`~basis_stability.train.oialr.OIALR.never_converted_summary`).
+    :meth:`~basis_stability.training.oialr.OIALR.never_converted_summary`).
 
     The LightningModule must build its optimizer from ``self.parameters()`` in
     ``configure_optimizers`` (one optimizer). Lightning calls ``configure_optimizers`` once, so
@@ -159,7 +159,7 @@ class OIALRCallback(_pl.Callback):
         filter_fn: Any = None,
     ) -> None:
         super().__init__()
-        from ..train.oialr import OIALRConfig
+        from ..training.oialr import OIALRConfig
 
         self.config = config or OIALRConfig(auto=True)
         self.recorder = recorder
@@ -177,7 +177,7 @@ class OIALRCallback(_pl.Callback):
                 f"Expected a single-process Lightning strategy for OIALRCallback but the "
                 f"trainer runs {trainer.world_size} processes. OIALR changes the parameter set, "
                 "which Lightning's DDP wrapper cannot follow from a callback; train with "
-                "basis_stability.train.OIALR in a plain torch.distributed loop (it re-wraps DDP)."
+                "basis_stability.OIALR in a plain torch.distributed loop (it re-wraps DDP)."
             )
         # Lightning loads a checkpoint's weights into the module before any callback sees the
         # checkpoint; the module's own on_load_checkpoint hook runs just before that, so the
@@ -198,7 +198,7 @@ class OIALRCallback(_pl.Callback):
             self._unhook = lambda: vars(pl_module).pop("on_load_checkpoint", None)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        from ..train.oialr import OIALR
+        from ..training.oialr import OIALR
 
         if len(trainer.optimizers) != 1:
             raise ConfigError(

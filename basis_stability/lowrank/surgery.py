@@ -8,7 +8,7 @@ full-rank, names can be included or excluded, and ``filter_fn(name, module)`` ha
 Every registered layer that is not converted is reported with its reason.
 
 ``aspect_rule="reference"`` applies the reference code's own rules instead (the reference preset
-of :class:`~basis_stability.train.oialr.OIALRConfig`): only ``Linear``, ``Conv1d``/``Conv2d``
+of :class:`~basis_stability.training.oialr.OIALRConfig`): only ``Linear``, ``Conv1d``/``Conv2d``
 and ``MultiheadAttention`` are candidates; a Linear is converted iff ``min(shape) >
 max(shape) / aspect_limit`` (strict), a convolution is skipped iff its fan-in ``in * prod(kernel)``
 is below ``out / aspect_limit`` (one-sided), attention always qualifies.
@@ -16,55 +16,28 @@ is below ``out / aspect_limit`` (one-sided), attention always qualifies.
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, NoEligibleLayersError, expected
+from ..errors import ConfigError, Message, NoEligibleLayersError
+from ..recommend.eligibility import (  # the rules on names and shapes; re-exported here
+    ASPECT_RULES,  # noqa: F401
+    KEPT_FIRST,
+    KEPT_LAST,
+    FactorizeConfig,
+    by_name,
+    eligible_by_shape,  # noqa: F401
+    name_reason,
+    shape_reason,
+)
 from ..registry import lookup, tall_shape
 from ..views import unwrap_model
 from .layers import LowRankConv, LowRankConv1D, LowRankLinear, LowRankMultiheadAttention
 
 LOW_RANK_TYPES = (LowRankLinear, LowRankConv, LowRankConv1D, LowRankMultiheadAttention)
-ASPECT_RULES = ("bstab", "reference")
-
-
-@dataclass
-class FactorizeConfig:
-    """Which layers become low-rank.
-
-    Attributes:
-        aspect_limit: Linear layers with tall aspect ratio m/n above this stay full-rank.
-        aspect_rule: ``bstab`` (the rule above; every convolution qualifies) or ``reference``
-            (the reference code's rules and layer types, see the module docstring).
-        keep_first: keep the first eligible layer full-rank.
-        keep_last: keep the last eligible layer full-rank.
-        include: glob patterns of module names that may be converted (default: all).
-        exclude: glob patterns of module names that stay full-rank.
-    """
-
-    aspect_limit: float = 10.0
-    aspect_rule: str = "bstab"
-    keep_first: bool = False
-    keep_last: bool = False
-    include: Sequence[str] | None = None
-    exclude: Sequence[str] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.aspect_limit >= 1:
-            raise ConfigError(expected("aspect_limit", ">= 1", self.aspect_limit, "Use e.g. 10."))
-        if self.aspect_rule not in ASPECT_RULES:
-            raise ConfigError(
-                expected(
-                    "aspect_rule",
-                    " or ".join(ASPECT_RULES),
-                    self.aspect_rule,
-                    "bstab is the default.",
-                )
-            )
 
 
 @dataclass
@@ -81,77 +54,10 @@ class SurgeryReport:
         return "\n".join(lines)
 
 
-def _by_name(name: str, patterns: Sequence[str] | None) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
-
-
-def _name_reason(name: str, cfg: FactorizeConfig) -> str | None:
-    if cfg.exclude and _by_name(name, cfg.exclude):
-        return "excluded by name"
-    if cfg.include and not _by_name(name, cfg.include):
-        return "not included by name"
-    return None
-
-
-def shape_reason(
-    name: str, kind: str, shape: Sequence[int], cfg: FactorizeConfig | None = None
-) -> str | None:
-    """Why a layer of this registry ``kind`` and tall ``shape`` (m, n) stays full-rank under
-    ``cfg``'s name and aspect rules, or None: the rules :func:`factorize_` applies, from what a
-    run file stores (so an offline plan and the live controller agree).
-
-    An ``embedding`` has no low-rank form. What only the module can tell (a grouped or padded
-    convolution, a tied weight, the reference rule's convolution fan-in) is not decided here.
-
-    Example:
-        >>> shape_reason("head", "linear", (256, 10))
-        'aspect ratio 256/10 = 25.6 > 10'
-        >>> shape_reason("fc1", "linear", (64, 32)) is None
-        True
-    """
-    cfg = cfg or FactorizeConfig()
-    why = _name_reason(name, cfg)
-    if why is not None:
-        return why
-    if kind == "embedding":
-        return "an embedding has no low-rank form (a lookup table)"
-    if kind != "linear":
-        return None
-    m, n = max(shape), min(shape)
-    if cfg.aspect_rule == "reference":
-        if n > m / cfg.aspect_limit:
-            return None
-        return f"min dimension {n} <= {m}/{cfg.aspect_limit:g} (the reference's Linear rule)"
-    if m / n > cfg.aspect_limit:
-        return f"aspect ratio {m}/{n} = {m / n:.1f} > {cfg.aspect_limit:g}"
-    return None
-
-
-def eligible_by_shape(
-    layers: Sequence[tuple[str, str, Sequence[int]]], cfg: FactorizeConfig | None = None
-) -> tuple[list[str], list[tuple[str, str]]]:
-    """The names of the ``(name, kind, tall shape)`` layers :func:`factorize_` would convert
-    (in the given order, which ``keep_first``/``keep_last`` count in), and the skipped ones with
-    their reasons: :func:`shape_reason` per layer, then ``keep_first`` and ``keep_last``."""
-    cfg = cfg or FactorizeConfig()
-    chosen, skipped = [], []
-    for name, kind, shape in layers:
-        why = shape_reason(name, kind, shape, cfg)
-        if why is None:
-            chosen.append(name)
-        else:
-            skipped.append((name, why))
-    if chosen and cfg.keep_first:
-        skipped.append((chosen.pop(0), KEPT_FIRST))
-    if chosen and cfg.keep_last:
-        skipped.append((chosen.pop(), KEPT_LAST))
-    return chosen, skipped
-
-
 def _reason(name: str, module: nn.Module, cfg: FactorizeConfig) -> str | None:
     """Why a factorisable ``module`` stays full-rank under ``cfg``, or None."""
     if cfg.aspect_rule == "reference":
-        return _name_reason(name, cfg) or _reference_reason(module, cfg.aspect_limit)
+        return name_reason(name, cfg) or _reference_reason(module, cfg.aspect_limit)
     entry = lookup(module)
     kind, shape = entry.kind_of(module), (1, 1)
     if kind == "linear":  # the only kind whose shape decides
@@ -184,7 +90,8 @@ def _refuse_named(name: str, module: nn.Module, why: str, cfg: FactorizeConfig) 
     if name in (cfg.include or ()):
         raise ConfigError(
             f"Expected `include` to name factorisable layers but {name} "
-            f"({type(module).__name__}) cannot be factorised: {why}. Drop it from `include`."
+            f"({type(module).__name__}) cannot be factorised: {why}. Drop it from `include`.",
+            argument="include",
         )
 
 
@@ -231,7 +138,7 @@ def eligible_layers(
         why_not = entry.why_not_factorisable(module) or _tied(name, module, entry, holders)
         if why_not is not None:
             _refuse_named(name, module, why_not, cfg)
-            if not _by_name(name, cfg.exclude):
+            if not by_name(name, cfg.exclude):
                 skipped.append((name, why_not))
             continue
         reason = _reason(name, module, cfg)
@@ -248,16 +155,12 @@ def eligible_layers(
     return chosen, skipped
 
 
-KEPT_FIRST = "first layer kept full-rank (keep_first)"
-KEPT_LAST = "last layer kept full-rank (keep_last)"
-
-
-def kept_all_message(model: nn.Module, skipped: list[tuple[str, str]]) -> str | None:
+def kept_all_message(model: nn.Module, skipped: list[tuple[str, str]]) -> Message | None:
     """The error when keep_first/keep_last took every eligible layer, or None when they did not.
 
     Example:
         >>> kept_all_message(nn.Linear(4, 4), [("fc", KEPT_LAST)])[:60]
-        'Expected keep_last=True to leave a layer to factorise but Li'
+        'Expected `keep_last=True` to leave a layer to factorise but '
     """
     kept = [(n, r) for n, r in skipped if r in (KEPT_FIRST, KEPT_LAST)]
     if not kept:
@@ -267,11 +170,11 @@ def kept_all_message(model: nn.Module, skipped: list[tuple[str, str]]) -> str | 
     names = ", ".join(n for n, _ in kept)
     which = "the only eligible layer" if len(kept) == 1 else f"all {len(kept)} eligible layers"
     who = "it keeps" if len(flags) == 1 else "they keep"
-    return (
-        f"Expected {' and '.join(f'{f}=True' for f in flags)} to leave a layer to factorise but "
-        f"{who} full-rank {which} of {type(model).__name__} ({names}). Set "
-        f"{' or '.join(f'{f}=False' for f in flags)} (bstab train: "
-        f"{' or '.join('--no-' + f.replace('_', '-') for f in flags)})."
+    return Message(
+        f"Expected {' and '.join(f'`{f}=True`' for f in flags)} to leave a layer to factorise "
+        f"but {who} full-rank {which} of {type(model).__name__} ({names}). Set "
+        f"{' or '.join(f'`{f}=False`' for f in flags)}.",
+        flags,
     )
 
 

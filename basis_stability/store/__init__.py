@@ -1,6 +1,5 @@
-"""Store: the versioned, crash-safe HDF5 run file (writer, lazy reader, validator, export)."""
+"""Store: the versioned, crash-safe HDF5 run file (writer, lazy reader, validator)."""
 
-from .export import export_snapshot
 from .format import FORMAT_NAME, FORMAT_VERSION
 from .reader import LayerInfo, LayerSnapshots, Run, open_run
 from .writer import RunWriter, recover
@@ -12,7 +11,12 @@ __all__ = [
     "LayerSnapshots",
     "Run",
     "RunWriter",
-    "export_snapshot",
     "open_run",
     "recover",
 ]
+
+
+def __getattr__(name: str):
+    from .._compat import moved_attribute
+
+    return moved_attribute(__name__, name)

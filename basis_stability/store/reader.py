@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import ConfigError, DamagedRunError, RunFileError
 from . import format as fmt
+from . import layout
 from . import state as st
 from .h5io import (
     has_signature,
@@ -102,9 +103,15 @@ class LayerSnapshots:
         for t in range(len(self)):
             yield self[t]
 
-    def original(self, t: int) -> np.ndarray:
-        """Snapshot ``t`` in the parameter's own shape (undoes the tall view)."""
-        mat = self[t]
+    def original(self, t: int, stored: bool = False) -> np.ndarray:
+        """Snapshot ``t`` in the parameter's own shape (undoes the tall view).
+
+        Args:
+            t: the snapshot index (negative counts from the end).
+            stored: the values exactly as stored (bfloat16 as its raw uint16 bits, checksum
+                verified) instead of float32.
+        """
+        mat = self.raw(self._check(int(t))) if stored else self[t]
         if self.info.transposed:
             mat = mat.T
         return np.ascontiguousarray(mat).reshape(self.info.orig_shape)
@@ -119,18 +126,18 @@ class Run:
         # one committed count, read before any layer is opened: a live writer grows layers
         # before /snapshots, so every layer opened afterwards holds at least this many rows
         self._tables = {  # opened once here, so damaged headers fail at open, not mid-command
-            name: file[name]
-            for name in ("snapshots", "metrics/names", "metrics/values", "events")
-            if name != "events" or "events" in file
+            spec.path: file[spec.path]
+            for spec in layout.TABLES
+            if spec is not layout.EVENTS or spec.path in file
         }
-        self.n_snapshots = len(self._tables["snapshots"])
-        self.attrs: dict[str, Any] = {k: _plain(v) for k, v in file.attrs.items()}
+        self.n_snapshots = len(self._tables[layout.SNAPSHOTS.path])
+        self.attrs: dict[str, Any] = {k: plain_value(v) for k, v in file.attrs.items()}
         self.layers: list[LayerInfo] = _layer_infos(path, file, self.n_snapshots)
         self._by_name = {info.name: info for info in self.layers}
         self._config = _parse_config(path, self.attrs.get("config", "{}"))
         self._state: _StateData | None = None  # /state, read and checked on first use
         version = str(self.attrs.get("format_version", ""))
-        if fmt.at_least(version, (1, 1)) and "events" not in file:
+        if fmt.at_least(version, layout.EVENTS.since) and layout.EVENTS.path not in file:
             raise _damaged(path, "`/events` is missing (format 1.1 and later have it)")
         if fmt.at_least(version, fmt.CHECKSUMS_SINCE) and stored_digest(file) != (
             metadata_digest(file)
@@ -143,7 +150,9 @@ class Run:
 
     @property
     def h5(self) -> h5py.File:
-        """The open (read-only) HDF5 file, for code that copies or inspects it."""
+        """The open (read-only) HDF5 file, for code that copies or inspects it (recovery, the
+        analysis cache); its layout is :mod:`basis_stability.store.layout`'s. Do not close it:
+        :meth:`close` does."""
         return self._file
 
     # ------------------------------------------------------------------ metadata
@@ -175,7 +184,7 @@ class Run:
         """The HDF5 dataset of one layer, as stored (``(rows, m, n)``, rows >= n_snapshots)."""
         self.info(name)
         encode = fmt.encode_name if _names_encoded(self._file) else str
-        return self._file["layers"][encode(name)]
+        return self._file[layout.LAYERS.path][encode(name)]
 
     def layer(self, name: str) -> LayerSnapshots:
         """The lazily-read snapshots of one layer."""
@@ -252,30 +261,36 @@ class Run:
         return self._state
 
     # ------------------------------------------------------------------ indices
-    def _index(self) -> np.ndarray:
-        return read_checked(
-            self._tables["snapshots"], slice(0, self.n_snapshots), self.path, "the snapshot table"
-        )
-
     def index(self) -> np.ndarray:
-        """The committed rows of ``/snapshots`` (step, epoch, wall_time, unix_time)."""
-        return self._index()
+        """The committed rows of ``/snapshots``: a ``(T,)`` structured array of ``step``,
+        ``epoch``, ``wall_time`` and ``unix_time``, checksum verified.
+
+        Raises:
+            DamagedRunError: the snapshot table cannot be read.
+        """
+        return read_checked(
+            self._tables[layout.SNAPSHOTS.path],
+            slice(0, self.n_snapshots),
+            self.path,
+            "the snapshot table",
+        )
 
     @property
     def steps(self) -> np.ndarray:
-        return self._index()["step"]
+        return self.index()["step"]
 
     @property
     def epochs(self) -> np.ndarray:
-        return self._index()["epoch"]
+        return self.index()["epoch"]
 
     @property
     def wall_time(self) -> np.ndarray:
-        return self._index()["wall_time"]
+        return self.index()["wall_time"]
 
     @property
     def metric_names(self) -> list[str]:
-        raw = read_checked(self._tables["metrics/names"], slice(None), self.path, "metric names")
+        names = self._tables[layout.METRIC_NAMES.path]
+        raw = read_checked(names, slice(None), self.path, "metric names")
         try:
             return [n.decode() for n in raw]
         except UnicodeDecodeError:
@@ -286,7 +301,8 @@ class Run:
 
     def events(self) -> list[dict[str, Any]]:
         """The decisions logged into the run (format 1.1: ``/events``), oldest first."""
-        ds = self._tables.get("events")  # None: format 1.0 (later formats are checked at open)
+        # None: format 1.0 (later formats are checked at open)
+        ds = self._tables.get(layout.EVENTS.path)
         if ds is None:
             return []
         if self._file.swmr_mode:
@@ -308,7 +324,7 @@ class Run:
     def metrics_array(self) -> np.ndarray:
         """``(T, K)`` float64 metrics, NaN where a snapshot did not log a metric."""
         names = self.metric_names
-        values = self._tables["metrics/values"]
+        values = self._tables[layout.METRIC_VALUES.path]
         out = np.full((self.n_snapshots, len(names)), np.nan)
         rows = min(values.shape[0], self.n_snapshots)
         cols = min(values.shape[1], len(names))
@@ -322,7 +338,7 @@ class Run:
         """One row per snapshot: ``snapshot, step, epoch, wall_time`` and every metric."""
         import pandas as pd
 
-        idx = self._index()
+        idx = self.index()
         frame = pd.DataFrame(
             {
                 "snapshot": np.arange(self.n_snapshots),
@@ -353,7 +369,7 @@ class Run:
         if self._state is not None:
             for ds in self._state.values.values():
                 ds.refresh()
-        before, self.n_snapshots = self.n_snapshots, len(self._tables["snapshots"])
+        before, self.n_snapshots = self.n_snapshots, len(self._tables[layout.SNAPSHOTS.path])
         return self.n_snapshots - before
 
     def file_size(self) -> int:
@@ -376,7 +392,14 @@ class Run:
         )
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
+    """An HDF5 attribute value as plain Python: bytes decoded (UTF-8), numpy scalars and arrays
+    as Python scalars and lists.
+
+    Example:
+        >>> plain_value(np.bytes_(b"float32")), plain_value(np.int64(3))
+        ('float32', 3)
+    """
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.generic):
@@ -468,12 +491,12 @@ def _load_state(path: Path, file: h5py.File, n_snapshots: int) -> _StateData:
     return _StateData(index, {dtype: ds for (dtype, _, _), ds in zip(index.layout(), values)}, raw)
 
 
-_LAYER_ATTRS = ("param_name", "kind", "orig_shape", "transposed", "storage_dtype")
+_LAYER_ATTRS = tuple(spec.name for spec in layout.LAYER_ATTRS if spec.required)
 
 
 def _layer_infos(path: Path, file: h5py.File, n_snapshots: int) -> list[LayerInfo]:
     """Every recorded layer, each checked against its own metadata and the file's size."""
-    group = file["layers"]
+    group = file[layout.LAYERS.path]
     if not isinstance(group, h5py.Group):
         raise _damaged(path, "`/layers` is not a group")
     decode = fmt.decode_name if _names_encoded(file) else str
@@ -521,7 +544,7 @@ def _layer_info(path: Path, name: str, ds: h5py.Dataset, n_snapshots: int) -> La
     m, n = int(ds.shape[1]), int(ds.shape[2])
     if m == 0 or n == 0:
         raise _damaged(path, f"{where} is a {m}x{n} matrix (empty)")
-    storage = _plain(a["storage_dtype"])
+    storage = plain_value(a["storage_dtype"])
     if storage not in fmt.STORAGE_DTYPES:
         raise _damaged(path, f"{where} has an unknown storage_dtype {storage!r}")
     if ds.dtype != fmt.h5_dtype(storage):
@@ -531,7 +554,7 @@ def _layer_info(path: Path, name: str, ds: h5py.Dataset, n_snapshots: int) -> La
         transposed = a["transposed"]
         if not isinstance(transposed, (bool, np.bool_)):
             raise TypeError
-        orientation = str(_plain(a.get("orientation", OUT_IN)))
+        orientation = str(plain_value(a.get("orientation", OUT_IN)))
         if orientation not in ORIENTATIONS:
             raise ValueError
         tall = tall_shape(list(orig), orientation) if orig else None
@@ -549,8 +572,8 @@ def _layer_info(path: Path, name: str, ds: h5py.Dataset, n_snapshots: int) -> La
         raise _damaged(path, f"{where} holds {ds.shape[0]} rows for {n_snapshots} snapshots")
     return LayerInfo(
         name=name,
-        param_name=str(_plain(a["param_name"])),
-        kind=str(_plain(a["kind"])),
+        param_name=str(plain_value(a["param_name"])),
+        kind=str(plain_value(a["kind"])),
         orig_shape=orig,
         shape=(m, n),
         transposed=bool(transposed),
@@ -560,7 +583,7 @@ def _layer_info(path: Path, name: str, ds: h5py.Dataset, n_snapshots: int) -> La
 
 
 def _names_encoded(file: h5py.File) -> bool:
-    version = _plain(file.attrs.get("format_version", ""))
+    version = plain_value(file.attrs.get("format_version", ""))
     return fmt.at_least(str(version), fmt.NAMES_ENCODED_SINCE)
 
 
@@ -572,12 +595,12 @@ def check_header(path: Path, file: h5py.File) -> None:
             f"{path} is an HDF5 file but not a basis_stability run (it has no "
             "root attribute `format`). Pass a file written by `bstab record`."
         )
-    if _plain(name) != fmt.FORMAT_NAME:
+    if plain_value(name) != fmt.FORMAT_NAME:
         raise RunFileError(
-            f"{path} is an HDF5 file of another kind (format {_plain(name)!r}, "
+            f"{path} is an HDF5 file of another kind (format {plain_value(name)!r}, "
             f"expected {fmt.FORMAT_NAME!r}). Pass a file written by bstab."
         )
-    version = _plain(file.attrs.get("format_version", "?"))
+    version = plain_value(file.attrs.get("format_version", "?"))
     try:
         major, _ = fmt.parse_version(version)
     except ValueError:
@@ -591,7 +614,8 @@ def check_header(path: Path, file: h5py.File) -> None:
             f"basis_stability reads ({fmt.FORMAT_VERSION}). "
             "Upgrade basis_stability."
         )
-    for required in ("layers", "snapshots", "metrics/names", "metrics/values"):
+    required_tables = [spec.path for spec in layout.TABLES if spec.since is None]
+    for required in (layout.LAYERS.path, *required_tables):
         if required not in file:
             raise RunFileError(
                 f"{path} is a basis_stability run missing `/{required}`; it is "

@@ -1,6 +1,7 @@
 """A snapshot's small state (format 1.3): biases, norm weights and buffers, packed by dtype.
 
-Layout (prose: checkpoints_spec/FORMAT.md, *State*)::
+What the index says and how rows are packed (the datasets themselves are declared in
+:mod:`.layout`; prose: checkpoints_spec/FORMAT.md, *State*)::
 
     /state/index      (L,) uint8, UTF-8 JSON written once at creation:
                       {"entries": [{"key", "dtype", "shape", "offset"}, ...],
@@ -31,11 +32,11 @@ import h5py
 import numpy as np
 
 from . import format as fmt
+from . import layout
 
-GROUP = "state"
-INDEX = "index"
+GROUP = layout.STATE.path
+INDEX = layout.STATE_INDEX.path.rsplit("/", 1)[1]
 SINCE = fmt.STATE_SINCE
-_CHECKSUM = {"fletcher32": True}
 
 
 @dataclass(frozen=True)
@@ -217,24 +218,19 @@ def unpack(row: np.ndarray, group: Sequence[StateEntry]) -> dict[str, np.ndarray
 
 # ------------------------------------------------------------------------------- HDF5
 def value_dataset(group: h5py.Group, dtype: str, width: int, rows: int = 0) -> h5py.Dataset:
-    ds = group.create_dataset(
-        dtype,
-        shape=(rows, width),
-        maxshape=(None, width),
-        chunks=(1, width),
-        dtype=h5_dtype(dtype),
-        **_CHECKSUM,
-    )
-    ds.attrs["dtype"] = np.bytes_(dtype.encode())
+    """``/state/<dtype>`` holding ``rows`` packed rows of ``width`` values, as
+    :data:`layout.STATE_VALUES` declares it."""
+    ds = layout.STATE_VALUES.create(group, dtype, shape=(rows, width), dtype=h5_dtype(dtype))
+    layout.write_attrs(ds, layout.STATE_VALUE_ATTRS, {"dtype": dtype})
     return ds
 
 
 def create_group(f: h5py.File, index: StateIndex, raw: bytes | None = None) -> h5py.Group:
     """``/state`` with its index (``raw``: the index's bytes as a file holds them, for a copy)
     and one empty value dataset per dtype."""
-    group = f.create_group(GROUP, track_order=True)
+    group = layout.STATE.create(f)
     raw = np.frombuffer(index.to_json() if raw is None else raw, dtype=np.uint8)
-    group.create_dataset(INDEX, data=raw, chunks=(min(len(raw), 1 << 20),), **_CHECKSUM)
+    layout.STATE_INDEX.create(group, INDEX, data=raw)
     for dtype, _, width in index.layout():
         value_dataset(group, dtype, width)
     return group
@@ -268,7 +264,8 @@ def value_datasets(group: h5py.Group, index: StateIndex) -> list[h5py.Dataset]:
                 f"{where} is {ds.dtype} with rows of {ds.shape[1]} values; the index says "
                 f"{h5_dtype(dtype)} rows of {width}"
             )
-        if ds.chunks != (1, width) or ds.maxshape != (None, width):
+        spec, shape = layout.STATE_VALUES, (ds.shape[0], width)
+        if ds.chunks != spec.chunks_of(shape) or ds.maxshape != spec.maxshape_of(shape):
             raise ValueError(f"{where} is not chunked one snapshot per chunk")
         out.append(ds)
     return out

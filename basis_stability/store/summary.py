@@ -10,7 +10,13 @@ import numpy as np
 from .reader import Run, open_run
 
 
-def _size(n_bytes: int) -> str:
+def human_size(n_bytes: int) -> str:
+    """A byte count as people read it: ``512 B``, ``1.5 KiB``, ``2.0 MiB``, ``3.1 GiB``.
+
+    Example:
+        >>> human_size(1536)
+        '1.5 KiB'
+    """
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n_bytes < 1024 or unit == "GiB":
             return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
@@ -88,7 +94,8 @@ def summarize(path: str | os.PathLike, scan: bool = True) -> str:
     with open_run(Path(path)) as run:
         a = run.attrs
         lines = [
-            f"{run.path}  ({_size(run.file_size())}, format {a['format']} {a['format_version']})",
+            f"{run.path}  ({human_size(run.file_size())}, "
+            f"format {a['format']} {a['format_version']})",
             f"model      {run.model_class}  (recorded {a.get('created', '?')} by basis_stability "
             f"{a.get('package_version', '?')}, torch {a.get('torch_version', '?')})",
             f"storage    {a.get('storage_dtype', '?')}",

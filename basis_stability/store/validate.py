@@ -28,7 +28,7 @@ from .h5io import (
     retrying,
     stored_digest,
 )
-from .reader import _plain, chunk_written
+from .reader import chunk_written, plain_value
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _check_attr(
         if rule.get("required"):
             report.add("error", where, f"missing attribute `{key}`")
         return
-    value = _plain(attrs[key])
+    value = plain_value(attrs[key])
     kind = rule["type"]
     if kind in ("str", "json") and not isinstance(value, str):
         report.add("error", where, f"attribute `{key}` should be a string, got {type(value)}")
@@ -94,7 +94,7 @@ def _check_attr(
 def _check_root(report: ValidationReport, f: h5py.File, spec: dict) -> None:
     for key, rule in spec["root_attributes"].items():
         _check_attr(report, "/", f.attrs, key, rule)
-    version = _plain(f.attrs.get("format_version", ""))
+    version = plain_value(f.attrs.get("format_version", ""))
     try:
         major, minor = fmt.parse_version(version)
         ours = fmt.parse_version(spec["format_version"])
@@ -178,7 +178,7 @@ def _check_events(report: ValidationReport, f: h5py.File, spec: dict) -> None:
     rule = spec["events"]
     ds = f.get(rule["path"])
     if ds is None:
-        version = _plain(f.attrs.get("format_version", "1.0"))
+        version = plain_value(f.attrs.get("format_version", "1.0"))
         if version != "1.0":
             report.add("error", "/events", f"missing (required since format {rule['since']})")
         return
@@ -214,7 +214,7 @@ def _check_layer(
         return
     for key, attr_rule in rule["attributes"].items():
         _check_attr(report, where, ds.attrs, key, attr_rule)
-    storage = _plain(ds.attrs.get("storage_dtype", ""))
+    storage = plain_value(ds.attrs.get("storage_dtype", ""))
     if storage in rule["dtypes"] and ds.dtype != np.dtype(rule["dtypes"][storage]):
         report.add("error", where, f"dtype {ds.dtype} does not store {storage}")
     m, k = ds.shape[1:]
@@ -227,7 +227,7 @@ def _check_layer(
         report.add("warning", where, f"chunks {ds.chunks}, expected one snapshot per chunk")
     if ds.maxshape[0] is not None:
         report.add("error", where, "is not extendable along snapshots")
-    orientation = _plain(ds.attrs.get("orientation", OUT_IN))
+    orientation = plain_value(ds.attrs.get("orientation", OUT_IN))
     if "orig_shape" in ds.attrs and "transposed" in ds.attrs and orientation in ORIENTATIONS:
         try:
             shape, transposed = tall_shape([int(d) for d in ds.attrs["orig_shape"]], orientation)
@@ -284,7 +284,7 @@ def _reason(exc: BaseException) -> str:
 
 def _check_checksums(report: ValidationReport, f: h5py.File) -> None:
     """Since format 1.2 every dataset carries fletcher32; older files cannot detect damage."""
-    version = str(_plain(f.attrs.get("format_version", "")))
+    version = str(plain_value(f.attrs.get("format_version", "")))
     # the format's own datasets only: HDF5's visititems crashed on a damaged file's links
     names = ["snapshots", "events", "metrics/names", "metrics/values"]
     for group_name in ("layers", st.GROUP):
@@ -416,8 +416,8 @@ def _check_state_values(
         return
     for key, rule in spec["state"]["values"]["attributes"].items():
         _check_attr(report, where, ds.attrs, key, rule)
-    if _plain(ds.attrs.get("dtype", dtype)) != dtype:
-        report.add("error", where, f"attribute `dtype` is {_plain(ds.attrs['dtype'])!r}")
+    if plain_value(ds.attrs.get("dtype", dtype)) != dtype:
+        report.add("error", where, f"attribute `dtype` is {plain_value(ds.attrs['dtype'])!r}")
     if ds.dtype != st.h5_dtype(dtype) or ds.shape[1] != width:
         report.add(
             "error",

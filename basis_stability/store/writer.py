@@ -1,5 +1,8 @@
 """Append snapshots to a run file, crash-safely (spec: checkpoints_spec/FORMAT.md).
 
+Every group, dataset and attribute it makes is declared in :mod:`.layout`: creating a run,
+resuming one and recovering one all build from those tables.
+
 Crash safety comes from three rules, each measured on these machines:
 
 1. the file is written in SWMR mode (``libver="latest"``, every dataset created before
@@ -30,22 +33,30 @@ import numpy as np
 
 from ..errors import (
     ConfigError,
+    Message,
     RunExistsError,
     RunFileError,
     RunLockedError,
     RunMismatchError,
     WriteFailedError,
     expected,
+    non_negative_int,
 )
 from ..views import LayerView
 from . import format as fmt
+from . import layout
 from . import state as st
 from .h5io import write_digest
 from .lock import WriterLock, other_openers
+from .paths import refuse_existing
 
 log = logging.getLogger(__name__)
 
 _FLAG_ERROR = "consistency flags"  # HDF5's message for a file whose SWMR writer died
+_EXISTS_FIX = Message(
+    "Pass `mode='overwrite'` to replace it, `mode='append'` to resume it, or choose another path",
+    ["mode"],
+)
 
 
 def _check_dtype(storage_dtype: str) -> str:
@@ -78,55 +89,27 @@ def _root_attrs(model_class: str, storage_dtype: str, config: Mapping[str, Any])
     }
 
 
-# ----------------------------------------------------------------- the layout, declared once
-# Every dataset carries HDF5's fletcher32 checksum (format 1.2): damaged data is an error on
-# read, never a silently different number. Rows of a layer are one chunk each.
-_CHECKSUM = {"fletcher32": True}
-
-
-def _layer_dataset(group: h5py.Group, name: str, shape: tuple[int, int], dtype, rows: int = 0):
-    return group.create_dataset(
-        name,
-        shape=(rows, *shape),
-        maxshape=(None, *shape),
-        chunks=(1, *shape),
-        dtype=dtype,
-        **_CHECKSUM,
-    )
-
-
-def _table_datasets(f: h5py.File, snapshots=None, events=None, names=None, values=None) -> None:
-    """``/snapshots``, ``/events`` and ``/metrics``, empty or holding the given rows."""
-
-    def make(path, dtype, chunks, data, ndim=1, **kw):
-        shape = (0,) * ndim if data is None else None
-        f.create_dataset(
-            path,
-            shape=shape,
-            data=data,
-            maxshape=(None,) * ndim,
-            chunks=chunks,
-            dtype=dtype,
-            **_CHECKSUM,
-            **kw,
-        )
-
-    make("snapshots", fmt.SNAPSHOT_DTYPE, (256,), snapshots)
-    make("events", fmt.EVENT_DTYPE, (16,), events)
-    f.require_group("metrics")
-    make("metrics/names", fmt.NAME_DTYPE, (64,), names)
-    make("metrics/values", "<f8", (256, 16), values, ndim=2, fillvalue=np.nan)
-
-
-def _fixed(value: object) -> np.bytes_:
-    """A string attribute as fixed-length UTF-8 bytes (format 1.2): kept in the checksummed
-    object header, where a variable-length string lives in HDF5's global heap, which has no
-    checksum and on which one damaged file made HDF5 loop forever."""
-    return np.bytes_(str(value).encode())
-
-
+# ----------------------------------------------------------------- building from the layout
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _create_tables(f: h5py.File, rows: Mapping[str, np.ndarray | None] | None = None) -> None:
+    """Every table of :data:`layout.TABLES`, empty or holding ``rows[path]`` (a recovery)."""
+    for spec in layout.TABLES:
+        spec.create(f, data=(rows or {}).get(spec.path))
+
+
+def _layer_attrs(view: LayerView, storage_dtype: str) -> dict[str, Any]:
+    """The values of :data:`layout.LAYER_ATTRS` for one recorded layer."""
+    return {
+        "param_name": view.param_name,
+        "kind": view.kind,
+        "orig_shape": view.orig_shape,
+        "transposed": view.transposed,
+        "orientation": view.orientation,
+        "storage_dtype": storage_dtype,
+    }
 
 
 def _create_skeleton(
@@ -135,21 +118,22 @@ def _create_skeleton(
     attrs: Mapping[str, Any],
     state: st.StateIndex | None = None,
 ) -> None:
-    for key, value in attrs.items():
-        f.attrs[key] = _fixed(value)
-    group = f.create_group("layers", track_order=True)
-    disk_dtype = fmt.h5_dtype(attrs["storage_dtype"])
+    """An empty run: the root attributes, one empty dataset per layer, ``/state`` (when
+    ``state`` is given) and the tables, as :mod:`.layout` declares them."""
+    layout.write_attrs(f, layout.ROOT_ATTRS, attrs)
+    group = layout.LAYERS.create(f)
+    storage = attrs["storage_dtype"]
     for view in layers:
-        ds = _layer_dataset(group, fmt.encode_name(view.name), view.shape, disk_dtype)
-        ds.attrs["param_name"] = _fixed(view.param_name)
-        ds.attrs["kind"] = _fixed(view.kind)
-        ds.attrs["orig_shape"] = np.asarray(view.orig_shape, dtype=np.int64)
-        ds.attrs["transposed"] = bool(view.transposed)
-        ds.attrs["orientation"] = _fixed(view.orientation)
-        ds.attrs["storage_dtype"] = _fixed(attrs["storage_dtype"])
+        ds = layout.LAYER.create(
+            group,
+            fmt.encode_name(view.name),
+            shape=(0, *view.shape),
+            dtype=fmt.h5_dtype(storage),
+        )
+        layout.write_attrs(ds, layout.LAYER_ATTRS, _layer_attrs(view, storage))
     if state is not None:
         st.create_group(f, state)
-    _table_datasets(f)
+    _create_tables(f)
     write_digest(f)  # last: it covers every name and attribute above
 
 
@@ -193,7 +177,7 @@ class RunWriter:
         self.layers = list(layers)
         self.storage_dtype = _text(f.attrs["storage_dtype"])
         encode = fmt.encode_name if _names_encoded(f) else str
-        self._datasets = [f["layers"][encode(v.name)] for v in self.layers]
+        self._datasets = [f[layout.LAYERS.path][encode(v.name)] for v in self.layers]
         self._layouts = [(ds.shape[1:], ds.dtype) for ds in self._datasets]  # (m, n), dtype
         self.state = _state_index(f)
         group = f.get(st.GROUP)
@@ -201,14 +185,14 @@ class RunWriter:
         self._snapshot_bytes = sum(
             ds.dtype.itemsize * int(np.prod(ds.shape[1:])) for ds in self._datasets + self._state_ds
         )
-        self._index = f["snapshots"]
-        self._names_ds = f["metrics/names"]
-        self._values_ds = f["metrics/values"]
+        self._index = f[layout.SNAPSHOTS.path]
+        self._names_ds = f[layout.METRIC_NAMES.path]
+        self._values_ds = f[layout.METRIC_VALUES.path]
         self.metric_names = [n.decode() for n in self._names_ds[:]]
         self.n_snapshots = len(self._index)
         self._t0 = time.perf_counter() - (self._index[-1]["wall_time"] if self.n_snapshots else 0)
         self._failed: str | None = None  # why the writer stopped, after a write error
-        self._has_events = "events" in f  # format 1.1 and later
+        self._has_events = layout.EVENTS.path in f  # format 1.1 and later
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -237,8 +221,8 @@ class RunWriter:
         _check_dtype(storage_dtype)
         if path.is_dir():
             raise RunFileError(f"Expected the run path to be a file but {path} is a directory.")
-        if path.exists() and not force:
-            raise _exists(path)
+        if not force:
+            refuse_existing(path, "path", _EXISTS_FIX)
         _make_parent(path)
         lock = WriterLock.acquire(path, "overwrite" if force else "create")
         try:
@@ -250,8 +234,8 @@ class RunWriter:
 
     @classmethod
     def _create_locked(cls, path, layers, lock, attrs, state, force):
-        if path.exists() and not force:  # appeared while we took the lock
-            raise _exists(path)
+        if not force:  # it may have appeared while we took the lock
+            refuse_existing(path, "path", _EXISTS_FIX)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
             f = h5py.File(tmp, "w", libver="latest")
@@ -317,8 +301,8 @@ class RunWriter:
             RunMismatchError: the run holds a different layer set or shapes, or other state.
         """
         path = Path(path)
-        if keep is not None and (isinstance(keep, bool) or keep < 0):
-            raise ConfigError(expected("keep", "a snapshot count >= 0", keep, "Use e.g. 1."))
+        if keep is not None:
+            keep = non_negative_int("keep", keep, "Use e.g. 1.", wanted="a snapshot count >= 0")
         lock = WriterLock.acquire(path, "append to")
         try:
             f = _open_for_append(path, layers, lock, state)
@@ -491,6 +475,14 @@ class RunWriter:
         )
 
     @property
+    def last_step(self) -> int | None:
+        """The optimizer step of the last committed snapshot (-1: unknown), None when the run
+        has none: where a resumed recorder counts steps on from."""
+        if not self.n_snapshots:
+            return None
+        return int(self._index[self.n_snapshots - 1]["step"])
+
+    @property
     def has_events(self) -> bool:
         """Whether the run has ``/events`` (format 1.1 and later)."""
         return self._has_events
@@ -507,7 +499,7 @@ class RunWriter:
     def write_event(self, text: bytes) -> None:
         """Append one event already encoded by :func:`encode_event` to ``/events`` and flush."""
         self._check_usable()
-        ds = self._f["events"]
+        ds = self._f[layout.EVENTS.path]
         try:
             ds.resize(ds.shape[0] + 1, axis=0)
             ds[-1] = text
@@ -604,17 +596,11 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _exists(path: Path) -> RunExistsError:
-    return RunExistsError(
-        f"{path} already exists. Pass mode='overwrite' (on the command line: --force) to "
-        "replace it, mode='append' to resume it, or choose another path; nothing was written."
-    )
-
-
 def _write_error(path: Path, action: str, exc: BaseException) -> RunFileError:
     return WriteFailedError(
-        f"Cannot {action} {path}: {_cause(exc)}. Free space or choose a writable path "
-        "(--output); nothing was written."
+        f"Cannot {action} {path}: {_cause(exc)}. Free space or choose a writable `path`; "
+        "nothing was written.",
+        argument="path",
     )
 
 
@@ -707,10 +693,10 @@ def _roll_back(
 ) -> tuple[h5py.File, int]:
     """Drop the snapshots after ``keep`` (and later events), after backing the closed file up
     (byte for byte); returns the re-opened file and its committed count."""
-    committed = len(f["snapshots"])
+    committed = len(f[layout.SNAPSHOTS.path])
     if keep is None or keep > committed:
         return f, committed
-    keep_steps = f["snapshots"][:keep]["step"]
+    keep_steps = f[layout.SNAPSHOTS.path][:keep]["step"]
     # the checkpoint's step, else the last kept snapshot's (-1: unknown, keep all events)
     last = step if step is not None else int(keep_steps[-1]) if keep else -1
     later = _events_after(f, last) if last >= 0 else []
@@ -719,7 +705,7 @@ def _roll_back(
     f.close()
     backup = _backup(path, committed)
     f = h5py.File(path, "r+", libver="latest")
-    f["snapshots"].resize(keep, axis=0)
+    f[layout.SNAPSHOTS.path].resize(keep, axis=0)
     _keep_events(f, later)  # the abandoned training's decisions go (the resumed one logs anew)
     log.warning(
         "%s: resuming at step %d after snapshot %d (training was rolled back to a checkpoint); "
@@ -734,15 +720,20 @@ def _roll_back(
     return f, keep
 
 
-def _truncate_to(f: h5py.File, committed: int) -> None:
+def _snapshot_rows(f: h5py.File) -> list[h5py.Dataset]:
+    """Every dataset whose rows are snapshots' (:attr:`layout.DatasetSpec.per_snapshot`): each
+    layer, each ``/state/<dtype>`` the state index lists, and such tables (``/metrics/values``)."""
     group = f.get(st.GROUP)
-    values = st.value_datasets(group, _state_index(f)) if group is not None else []
-    for ds in [*f["layers"].values(), *values]:
-        if ds.shape[0] != committed:
+    found = list(f[layout.LAYERS.path].values())
+    found += st.value_datasets(group, _state_index(f)) if group is not None else []
+    return found + [f[spec.path] for spec in layout.TABLES if spec.per_snapshot]
+
+
+def _truncate_to(f: h5py.File, committed: int) -> None:
+    """Drop the rows of an uncommitted snapshot (every reader already ignores them)."""
+    for ds in _snapshot_rows(f):
+        if ds.shape[0] > committed:  # never fewer: the reader refused such a run
             ds.resize(committed, axis=0)
-    values = f["metrics/values"]
-    if values.shape[0] > committed:
-        values.resize(committed, axis=0)
 
 
 def _mismatch_message(path: Path, recorded: dict, wanted: dict) -> str:
@@ -801,7 +792,7 @@ def _event_step(row: bytes) -> float | None:
 def _events_after(f: h5py.File, step: int) -> list[int]:
     """Indices of the events stamped with an optimizer step after ``step`` (those of a
     rolled-back training); events without a step are never counted."""
-    ds = f.get("events")
+    ds = f.get(layout.EVENTS.path)
     if ds is None or not len(ds):
         return []
     return [i for i, row in enumerate(ds[:]) if (_event_step(row) or -1) > step]
@@ -811,7 +802,7 @@ def _keep_events(f: h5py.File, drop: list[int]) -> None:
     """Remove the events at indices ``drop`` from ``/events``, keeping the others in order."""
     if not drop:
         return
-    ds = f["events"]
+    ds = f[layout.EVENTS.path]
     gone = set(drop)
     kept = [row for i, row in enumerate(ds[:]) if i not in gone]
     if kept:
@@ -857,8 +848,8 @@ def recover(path: str | os.PathLike, *, _lock: WriterLock | None = None) -> int:
         if openers:
             raise RunLockedError(
                 f"Cannot recover {path}: process(es) {', '.join(map(str, openers[:5]))} have it "
-                "open, and recovery replaces the file. Close them (e.g. a `bstab analyze "
-                "--follow`), then retry; nothing was changed."
+                "open, and recovery replaces the file. Close them (e.g. an analysis that "
+                "follows the run), then retry; nothing was changed."
             )
         kept = _copy_committed(path)
     finally:
@@ -896,33 +887,42 @@ def _copy_committed(path: Path) -> int:
     return kept
 
 
+def _copy_attrs(src: h5py.HLObject, dest: h5py.HLObject) -> None:
+    """Every attribute as stored (a recovered run keeps its names, attributes and digest)."""
+    for key, value in src.attrs.items():
+        dest.attrs[key] = value
+
+
 def _copy_run(run: Any, out: h5py.File) -> None:
-    """The committed part of an open run, copied into an empty file (stored names kept)."""
+    """The committed part of an open run, copied into an empty file built from :mod:`.layout`
+    (stored names and attributes kept)."""
     from .reader import read_checked
 
     src = run.h5
     n = run.n_snapshots
-    for key, value in src.attrs.items():
-        out.attrs[key] = value
-    group = out.create_group("layers", track_order=True)
-    for key, value in src["layers"].attrs.items():  # the metadata digest (format 1.2)
-        group.attrs[key] = value
-    for stored, ds in src["layers"].items():
-        new = _layer_dataset(group, stored, ds.shape[1:], ds.dtype, rows=n)
+    _copy_attrs(src, out)
+    group = layout.LAYERS.create(out)
+    _copy_attrs(src[layout.LAYERS.path], group)  # the metadata digest (format 1.2)
+    for stored, ds in src[layout.LAYERS.path].items():
+        new = layout.LAYER.create(group, stored, shape=(n, *ds.shape[1:]), dtype=ds.dtype)
         for t in range(n):  # a damaged row is a DamagedRunError, not a failed write
             new[t] = read_checked(ds, t, run.path, f"layer {stored} snapshot {t}")
-        for key, value in ds.attrs.items():
-            new.attrs[key] = value
+        _copy_attrs(ds, new)
     if st.GROUP in src:
         _copy_state(run, out)
-    names = src["metrics/names"][:]
-    _table_datasets(
-        out,
-        snapshots=src["snapshots"][:n],
-        events=src["events"][:] if "events" in src else None,  # format >= 1.1
-        names=names,
-        values=src["metrics/values"][:n, : len(names)],
-    )
+    _create_tables(out, _committed_tables(src, n))
+
+
+def _committed_tables(src: h5py.File, n: int) -> dict[str, np.ndarray | None]:
+    """The rows of each table that a copy of the first ``n`` snapshots keeps."""
+    names = src[layout.METRIC_NAMES.path][:]
+    events = src.get(layout.EVENTS.path)  # format >= 1.1; a 1.0 run's copy gains an empty one
+    return {
+        layout.SNAPSHOTS.path: src[layout.SNAPSHOTS.path][:n],
+        layout.EVENTS.path: None if events is None else events[:],
+        layout.METRIC_NAMES.path: names,
+        layout.METRIC_VALUES.path: src[layout.METRIC_VALUES.path][:n, : len(names)],
+    }
 
 
 def _copy_state(run: Any, out: h5py.File) -> None:
@@ -930,14 +930,11 @@ def _copy_state(run: Any, out: h5py.File) -> None:
     index = run.state_index  # checked by the reader
     src = run.h5[st.GROUP]
     group = st.create_group(out, index, raw=run.state_index_bytes())
-    for key, value in src.attrs.items():
-        group.attrs[key] = value
-    for key, value in src[st.INDEX].attrs.items():
-        group[st.INDEX].attrs[key] = value
+    _copy_attrs(src, group)
+    _copy_attrs(src[st.INDEX], group[st.INDEX])
     for dtype, _, _ in index.layout():
         new = group[dtype]
         new.resize(run.n_snapshots, axis=0)
         for t in range(run.n_snapshots):  # a damaged row is a DamagedRunError
             new[t] = run.state_row(dtype, t)
-        for key, value in src[dtype].attrs.items():
-            new.attrs[key] = value
+        _copy_attrs(src[dtype], new)

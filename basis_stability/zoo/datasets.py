@@ -77,7 +77,8 @@ def mnist1d(seed: int = 0) -> Dataset:
     except ImportError:
         raise ConfigError(
             "The mnist1d dataset needs the `mnist1d` package. Install it with "
-            "`pip install mnist1d` (or the [data] extra), or use --dataset digits."
+            '`pip install mnist1d` (or the [data] extra), or use `dataset="digits"`.',
+            argument="dataset",
         ) from None
     args = get_dataset_args()
     args.seed = seed
@@ -185,7 +186,8 @@ def co2_series() -> np.ndarray:
     except ImportError:
         raise ConfigError(
             "The co2 dataset needs the `statsmodels` package (it ships the series). Install it "
-            "with `pip install statsmodels` (or the [data] extra), or use --dataset digits."
+            'with `pip install statsmodels` (or the [data] extra), or use `dataset="digits"`.',
+            argument="dataset",
         ) from None
     frame = co2_data.load_pandas().data  # read from the package's own csv: no download
     weekly = frame["co2"].asfreq("W-SAT")  # already weekly on Saturdays; asfreq keeps it regular

@@ -128,8 +128,9 @@ class Forecaster(nn.Module):
                     "input_shape",
                     "(1, L): one series of L steps",
                     tuple(input_shape),
-                    "The forecaster takes windows of one series, e.g. --dataset co2.",
-                )
+                    'The forecaster takes windows of one series, e.g. `dataset="co2"`.',
+                ),
+                argument="dataset",
             )
         length = input_shape[1]
         self.embed = nn.Linear(1, dim)
@@ -177,12 +178,13 @@ def check_pair(model: str, dataset: str) -> None:
     model_task, data_task = TASKS.get(model), DATASET_TASKS.get(dataset)
     if model_task is None or data_task is None or model_task == data_task:
         return
-    models = _either([m for m, t in TASKS.items() if t == data_task])
-    datasets = _either([d for d, t in DATASET_TASKS.items() if t == model_task])
+    models = _either([f'`model="{m}"`' for m, t in TASKS.items() if t == data_task])
+    datasets = _either([f'`dataset="{d}"`' for d, t in DATASET_TASKS.items() if t == model_task])
     raise ConfigError(
-        f"Expected a {data_task} model for --dataset {dataset} but got --model {model}, a "
-        f"{model_task} model. Use --model {models} with --dataset {dataset}, or --dataset "
-        f"{datasets} with --model {model}."
+        f'Expected a {data_task} model for `dataset="{dataset}"` but got `model="{model}"`, a '
+        f'{model_task} model. Use {models} with `dataset="{dataset}"`, or {datasets} with '
+        f'`model="{model}"`.',
+        argument=("model", "dataset"),
     )
 
 

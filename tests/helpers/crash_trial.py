@@ -181,7 +181,7 @@ def verify_trial(result: TrialResult, path: Path, sizes: str = DEFAULT_SIZES) ->
         f"expected {low}..{high} committed snapshots but the file has {result.committed}: {story}"
     )
     check_snapshots(path, result.committed, sizes)
-    from basis_stability import validate_run
+    from basis_stability.store.validate import validate_run
 
     report = validate_run(path)
     assert report.ok, f"validate_run rejects the killed run: {report.findings}: {story}"

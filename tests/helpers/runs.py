@@ -16,16 +16,22 @@ SMALL_LAYERS = [
 ]
 
 
+def small_snapshots(count: int, seed: int = 0) -> list[list[np.ndarray]]:
+    """The weights :func:`small_run` writes: per snapshot, one float32 array per layer of
+    ``SMALL_LAYERS`` in its tall shape, drawn in that order from ``default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    return [
+        [rng.standard_normal(v.shape).astype(np.float32) for v in SMALL_LAYERS]
+        for _ in range(count)
+    ]
+
+
 def small_run(path: Path, count: int = 4, close: bool = True) -> RunWriter:
-    """A run of ``SMALL_LAYERS`` with ``count`` seeded random snapshots (step = epoch = t)."""
-    rng = np.random.default_rng(0)
+    """A run of ``SMALL_LAYERS`` with ``count`` seeded random snapshots (step = epoch = t);
+    its weights are ``small_snapshots(count)``."""
     writer = RunWriter.create(path, SMALL_LAYERS, model_class="Toy")
-    for t in range(count):
-        writer.append(
-            iter(rng.standard_normal(v.shape).astype(np.float32) for v in SMALL_LAYERS),
-            step=t,
-            epoch=t,
-        )
+    for t, mats in enumerate(small_snapshots(count)):
+        writer.append(iter(mats), step=t, epoch=t)
     if close:
         writer.close()
     return writer

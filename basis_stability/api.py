@@ -1,0 +1,238 @@
+"""The verbs of the public API: each wires the stages and adds no rule of its own.
+
+``record`` starts a :class:`~.recording.Recorder`; ``analyze`` measures a run
+(:mod:`.analysis`) and makes the plan from its tables (:mod:`.recommend`); ``train`` runs the
+plain loop with OIALR attached (:mod:`.training`); ``export`` writes the compact model
+(:mod:`.exporting`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, RunFileError, expected
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .analysis.config import EngineConfig
+    from .analysis.report import AnalysisConfig, Report
+    from .recommend.plan import Plan, PlanConfig
+    from .recording.recorder import RecordConfig, Recorder
+    from .recording.schedules import Schedule
+    from .training.loop import TrainConfig
+    from .training.oialr import OIALR, OIALRConfig
+    from .zoo.datasets import Dataset
+
+
+def record(
+    model: nn.Module,
+    path: str | Path,
+    config: RecordConfig | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    schedule: Schedule | None = None,
+    steps_per_epoch: int | None = None,
+    mode: str = "create",
+    **options: Any,
+) -> Recorder:
+    """Start recording ``model``'s layer weights into the run file ``path``.
+
+    With ``optimizer`` and ``schedule`` (e.g. ``every(100)``) the recorder snapshots by itself
+    after the scheduled optimizer steps; without, call ``snapshot()`` where you want one.
+    ``options`` are :class:`~.recording.RecordConfig` fields (``include``, ``dtype``...).
+
+    Returns:
+        The open :class:`~.recording.Recorder`; use it as a context manager (or ``close()``
+        it), so the last snapshot is committed and the file is closed cleanly.
+
+    Example:
+        >>> with bs.record(model, "run.h5", optimizer=opt, schedule=bs.every(50)):  # doctest: +SKIP
+        ...     train(model, opt)
+    """
+    from .recording.recorder import Recorder
+
+    if (optimizer is None) != (schedule is None):
+        given, missing = (
+            ("optimizer", "schedule") if schedule is None else ("schedule", "optimizer")
+        )
+        raise ConfigError(
+            expected(
+                missing,
+                f"given together with `{given}` (the schedule counts the optimizer's steps)",
+                None,
+                "Pass both, or neither and call snapshot() yourself.",
+            )
+        )
+    recorder = Recorder(model, path, config, mode=mode, **options)
+    if optimizer is not None:
+        recorder.attach(optimizer, schedule, steps_per_epoch=steps_per_epoch)
+    return recorder
+
+
+def analyze(
+    path: str | Path,
+    config: AnalysisConfig | None = None,
+    engine: EngineConfig | None = None,
+    plan: PlanConfig | None = None,
+    progress: bool = False,
+) -> Report | None:
+    """Analyse a run (also one still being recorded): the tables, then the OIALR plan.
+
+    ``path``, ``config``, ``engine`` and ``progress`` are :func:`~.analysis.measure`'s;
+    ``plan`` holds the thresholds of the delay and beta rules (:class:`~.recommend.PlanConfig`)
+    that :func:`~.recommend.assess` applies.
+
+    Returns:
+        A :class:`~.analysis.Report`: tidy DataFrames, notes and the plan (None when no
+        snapshot has every layer's full spectrum). Under torch.distributed every rank must
+        call this; rank 0 gets the report and the others None.
+
+    Example:
+        >>> report = bs.analyze("runs/cnn-digits-seed0.h5")  # doctest: +SKIP
+        >>> report.summary[["layer", "final_S", "stable_from_epoch"]]  # doctest: +SKIP
+    """
+    from .analysis.report import measure
+    from .recommend.plan import assess
+
+    measured = measure(path, config, engine, progress=progress)
+    return None if measured is None else assess(measured, plan)
+
+
+@dataclass
+class Training:
+    """What :func:`train` did: one metrics dict per epoch, and the OIALR controller (None for
+    full-rank training), whose ``events``, ``ranks()`` and ``trainable_share()`` tell the rest."""
+
+    history: list[dict[str, float]]
+    oialr: OIALR | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig | None = None,
+    *,
+    oialr: OIALR | OIALRConfig | Plan | str | Path | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    recorder: Recorder | None = None,
+    progress: bool = True,
+) -> Training:
+    """Train ``model`` on ``data`` with the plain loop, optionally with OIALR attached.
+
+    Args:
+        model, data: the network and a :class:`~.zoo.Dataset` (tensors and a task).
+        config: the loop's settings (:class:`~.training.TrainConfig`).
+        oialr: None for full-rank training; ``"auto"`` (auto mode, checking once per epoch
+            and updating every ``INTERVAL_EPOCHS`` epochs of this training); an
+            :class:`~.training.OIALRConfig` (in optimizer steps); a plan (a
+            :class:`~.recommend.Plan` or its plan.json) whose delay, interval and beta it
+            follows (:meth:`~.training.OIALRConfig.from_plan`); or an :class:`~.training.OIALR`
+            controller already built on ``optimizer``.
+        optimizer: defaults to the config's (:func:`~.training.make_optimizer`).
+        recorder: when given, a snapshot after every epoch with the epoch's metrics (and,
+            under OIALR, ``trainable_share``, ``factorised_share`` and ``rank/<layer>``), and
+            OIALR's decisions logged in its run file.
+        progress: a progress bar over the epochs.
+
+    Example:
+        >>> with bs.record(model, "run.h5") as rec:  # doctest: +SKIP
+        ...     done = bs.train(model, data, bs.TrainConfig(epochs=20), oialr="auto", recorder=rec)
+        >>> done.oialr.ranks()  # doctest: +SKIP
+    """
+    from .training.loop import TrainConfig, fit, make_optimizer, steps_per_epoch
+    from .training.oialr import OIALR
+
+    config = config or TrainConfig()
+    if isinstance(oialr, OIALR) and optimizer is None:
+        optimizer = oialr.optimizer  # the controller's own
+    optimizer = optimizer or make_optimizer(model, config)
+    per_epoch = steps_per_epoch(len(data.x_train), config.batch_size)
+    controller = _controller(oialr, model, optimizer, per_epoch * config.epochs, per_epoch)
+    if controller is not None and recorder is not None:
+        controller.on_event = recorder.log_event
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        if recorder is not None:
+            extra = _oialr_metrics(controller) if controller is not None else {}
+            recorder.snapshot(epoch=epoch, step=epoch * per_epoch, metrics={**metrics, **extra})
+
+    try:
+        history = fit(model, data, config, optimizer, on_epoch_end=on_epoch_end, progress=progress)
+    finally:
+        if controller is not None:
+            controller.close()
+    return Training(history, controller)
+
+
+def _controller(
+    oialr: Any, model: nn.Module, optimizer: Any, total_steps: int, per_epoch: int
+) -> OIALR | None:
+    """The OIALR controller ``train`` was asked for, attached to ``optimizer``."""
+    from .training.oialr import OIALR, OIALRConfig, epoch_defaults
+
+    if oialr is None:
+        return None
+    if isinstance(oialr, OIALR):
+        if oialr.optimizer is not optimizer:
+            raise ConfigError(
+                expected(
+                    "optimizer",
+                    "the optimizer the OIALR controller was built on",
+                    type(optimizer).__name__,
+                    "Drop `optimizer`, or build the controller on it.",
+                )
+            )
+        return oialr.attach()
+    if isinstance(oialr, str) and oialr == "auto":
+        defaults = epoch_defaults(per_epoch, total_steps)
+        cfg = OIALRConfig(
+            auto=True,
+            interval=defaults["interval"],
+            check_every=defaults["check_every"],
+            beta=None,
+            total_steps=total_steps,
+        )
+    elif isinstance(oialr, OIALRConfig):
+        cfg = oialr
+    else:
+        cfg = OIALRConfig.from_plan(oialr, per_epoch, model=model, total_steps=total_steps)
+    return OIALR(model, optimizer, cfg).attach()
+
+
+def _oialr_metrics(controller: OIALR) -> dict[str, float]:
+    """What a snapshot under OIALR records besides the loop's metrics."""
+    return {
+        "trainable_share": controller.trainable_share(),
+        "factorised_share": controller.factorised_share(),
+        **{f"rank/{name}": rank for name, rank in controller.ranks().items()},
+    }
+
+
+def export(model: nn.Module, path: str | Path | None = None) -> nn.Module:
+    """The compact copy of a model trained with OIALR: each low-rank layer as two thin factors
+    (dense layers as they are), for inference (:func:`~.exporting.export_factorized`).
+
+    Args:
+        model: the trained (partly) low-rank model; it is not changed.
+        path: when given, the exported model is also saved there with ``torch.save``.
+    """
+    import torch
+
+    from .exporting.factorized import export_factorized
+
+    exported = export_factorized(model)
+    if path is not None:
+        try:
+            torch.save(exported, path)
+        except OSError as exc:
+            raise RunFileError(
+                f"Cannot write the exported model to `path` {path} ({exc.strerror or exc}). "
+                "Choose a writable path.",
+                argument="path",
+            ) from None
+    return exported
