@@ -98,7 +98,7 @@ def test_at_free_path_gives_up_with_a_clear_error_and_passes_other_errors(
         tried.append(path)
         raise RunExistsError(str(path))
 
-    with pytest.raises(RunFileError, match="1000 names.*output"):
+    with pytest.raises(RunFileError, match="1000 names.*`path`"):
         at_free_path("cnn", always_taken, tmp_path)
     assert len(tried) == len(set(tried)) == 1000  # each name tried once
 
