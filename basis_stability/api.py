@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, RunFileError, expected
+from .errors import (
+    ConfigError,
+    Message,
+    RunFileError,
+    Shown,
+    a_or_an,
+    check_config,
+    expected,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -96,8 +104,9 @@ def analyze(
         >>> report.summary[["layer", "final_S", "stable_from_epoch"]]  # doctest: +SKIP
     """
     from .analysis.report import measure
-    from .recommend.plan import assess
+    from .recommend.plan import PlanConfig, assess
 
+    check_config("plan", plan, PlanConfig)  # before the work, not after it
     measured = measure(path, config, engine, progress=progress)
     return None if measured is None else assess(measured, plan)
 
@@ -147,6 +156,8 @@ def train(
     from .training.loop import TrainConfig, fit, make_optimizer, steps_per_epoch
     from .training.oialr import OIALR
 
+    _check_data(data)
+    check_config("config", config, TrainConfig)
     config = config or TrainConfig()
     if isinstance(oialr, OIALR) and optimizer is None:
         optimizer = oialr.optimizer  # the controller's own
@@ -167,6 +178,21 @@ def train(
         if controller is not None:
             controller.close()
     return Training(history, controller)
+
+
+def _check_data(data: object) -> None:
+    from .zoo.datasets import Dataset
+
+    if not isinstance(data, Dataset):
+        raise ConfigError(
+            expected(
+                "data",
+                "a basis_stability.zoo.Dataset",
+                Shown(a_or_an(type(data).__name__)),
+                "Wrap your tensors: Dataset(name, x_train, y_train, x_test, y_test, "
+                "num_classes), or train in your own loop with bs.record and bs.OIALR.",
+            )
+        )
 
 
 def _controller(
@@ -200,8 +226,25 @@ def _controller(
     elif isinstance(oialr, OIALRConfig):
         cfg = oialr
     else:
+        _check_plan_argument(oialr)
         cfg = OIALRConfig.from_plan(oialr, per_epoch, model=model, total_steps=total_steps)
     return OIALR(model, optimizer, cfg).attach()
+
+
+def _check_plan_argument(oialr: object) -> None:
+    """``oialr`` that is none of the other choices must be a Plan or an existing plan file."""
+    from .recommend.plan import Plan
+
+    if isinstance(oialr, Plan) or (isinstance(oialr, (str, Path)) and Path(oialr).is_file()):
+        return
+    raise ConfigError(
+        expected(
+            "oialr",
+            'None, "auto", an OIALRConfig, a Plan, the path of a plan.json or an OIALR',
+            oialr,
+            "A plan file is written by bs.analyze(run).plan.to_json(path) or `bstab analyze`.",
+        )
+    )
 
 
 def _oialr_metrics(controller: OIALR) -> dict[str, float]:
@@ -213,26 +256,47 @@ def _oialr_metrics(controller: OIALR) -> dict[str, float]:
     }
 
 
-def export(model: nn.Module, path: str | Path | None = None) -> nn.Module:
+def export(model: nn.Module, path: str | Path | None = None, *, force: bool = False) -> nn.Module:
     """The compact copy of a model trained with OIALR: each low-rank layer as two thin factors
     (dense layers as they are), for inference (:func:`~.exporting.export_factorized`).
 
     Args:
         model: the trained (partly) low-rank model; it is not changed.
-        path: when given, the exported model is also saved there with ``torch.save``.
+        path: when given, the exported model is also saved there with ``torch.save`` (through
+            a temporary file beside it, so an interrupted save leaves no half file).
+        force: overwrite an existing ``path``; without it an existing file is refused before
+            anything is exported.
+
+    Raises:
+        RunExistsError: ``path`` exists and ``force`` is false (it is left untouched).
+        RunFileError: ``path`` cannot be written.
     """
     import torch
 
     from .exporting.factorized import export_factorized
+    from .store.paths import refuse_existing, write_atomically
 
+    if path is not None and not force:
+        refuse_existing(path, "path", _OVERWRITE)
     exported = export_factorized(model)
     if path is not None:
         try:
-            torch.save(exported, path)
+            write_atomically(
+                path, lambda tmp: torch.save(exported, tmp), force=force, argument="path"
+            )
+        except IsADirectoryError:
+            raise ConfigError(
+                expected("path", "a file, not a folder", str(path), "Name a .pt file in it.")
+            ) from None
         except OSError as exc:
+            if isinstance(exc, RunFileError):
+                raise
             raise RunFileError(
                 f"Cannot write the exported model to `path` {path} ({exc.strerror or exc}). "
                 "Choose a writable path.",
                 argument="path",
             ) from None
     return exported
+
+
+_OVERWRITE = Message("Pass `force=True` to overwrite it, or choose another `path`", ["force"])

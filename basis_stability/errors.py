@@ -33,6 +33,14 @@ class Message(str):
         return message
 
 
+class Shown(str):
+    """Text that :func:`expected` shows as it is, not quoted: ``expected(..., Shown("a str"))``
+    reads "but got a str" where a plain string would read "but got 'a str'"."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def names_in(message: object) -> tuple[str, ...]:
     """The Python arguments ``message`` names: a :class:`Message`'s, none for a plain ``str``.
 
@@ -152,3 +160,61 @@ def non_negative_int(
 ) -> int:
     """``value`` as an ``int`` when it is an integer >= 0; otherwise as :func:`positive_int`."""
     return _int_at_least(name, value, 0, wanted, fix)
+
+
+def check_options(options: Iterable[str], config: type) -> None:
+    """Refuse keyword options that are not fields of the dataclass ``config``.
+
+    For functions that pass ``**options`` on to a config (``bs.record(model, path, dtype=...)``),
+    so a misspelt option fails with the valid names (and the nearest one) instead of Python's
+    bare ``TypeError`` from deep inside.
+
+    Raises:
+        ConfigError: naming the first unknown option.
+
+    Example:
+        >>> from basis_stability.recording import RecordConfig
+        >>> check_options(["dtype"], RecordConfig)
+    """
+    import dataclasses
+    import difflib
+
+    known = [f.name for f in dataclasses.fields(config)]
+    for name in options:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f"Did you mean `{near[0]}`? " if near else ""
+            raise ConfigError(
+                f"Unknown option `{name}`: it is not a {config.__name__} field. {hint}"
+                f"The fields are {', '.join(known)}.",
+                argument=(name, *near),
+            )
+
+
+def check_config(name: str, value: object, config: type) -> None:
+    """Refuse a ``value`` for the argument ``name`` that is neither None nor a ``config``.
+
+    A dict of the right fields is the common slip; the fix then shows how to build the config.
+
+    Raises:
+        ConfigError: naming ``name``, the type got and the fix.
+
+    Example:
+        >>> from basis_stability.training import TrainConfig
+        >>> check_config("config", TrainConfig(epochs=3), TrainConfig)
+    """
+    if value is None or isinstance(value, config):
+        return
+    kind = config.__name__
+    fix = (
+        f"Build one from it: {kind}(**{name})."
+        if isinstance(value, dict)
+        else f"Pass e.g. {kind}() with the fields you want, or None for the defaults."
+    )
+    got = Shown(a_or_an(type(value).__name__))
+    raise ConfigError(expected(name, f"{a_or_an(kind)} (or None)", got, fix))
+
+
+def a_or_an(word: str) -> str:
+    """``word`` with its indefinite article: ``a dict``, ``an int``, ``an OIALRConfig``."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

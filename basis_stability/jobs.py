@@ -13,8 +13,16 @@ from typing import Any, TypeVar
 import torch
 
 from .devices import resolve_device
-from .errors import ConfigError, RunExistsError, RunFileError, RunLockedError, expected
+from .errors import (
+    ConfigError,
+    Message,
+    RunExistsError,
+    RunFileError,
+    RunLockedError,
+    expected,
+)
 from .recording import RecordConfig, Recorder, every_epoch, parse_schedule
+from .store.paths import refuse_existing
 from .training.loop import HEADLINE, TrainConfig, fit, make_optimizer
 from .zoo import build_model, check_pair, load_dataset
 
@@ -475,6 +483,8 @@ def run_train_job(
 
     if job.mode not in ("full", "oialr"):
         raise ConfigError(expected("mode", "full or oialr", job.mode, "oialr is the default."))
+    if export_path is not None and mode != "overwrite":  # before any work, like the run file
+        refuse_existing(export_path, "export_path", _EXPORT_EXISTS)
     model, data = build(
         RecordJob(model=job.model, dataset=job.dataset, train=job.train, device=job.device)
     )
@@ -502,7 +512,8 @@ def run_train_job(
     result = _train_result(job, run_path, done.history, time.perf_counter() - start, oialr, data)
     result.events, result.never_converted = events, never["message"] if never else None
     if oialr is not None and export_path is not None:
-        _export(model, export_path, run_path, result, data.x_test[:256].to(job.device))
+        example = data.x_test[:256].to(job.device)
+        _export(model, export_path, run_path, result, example, force=mode == "overwrite")
     return result
 
 
@@ -545,17 +556,23 @@ def _train_result(job, run_path, history, seconds, oialr, data) -> TrainResult:
     )
 
 
-def _export(model, export_path, run_path, result: TrainResult, example: torch.Tensor) -> None:
+def _export(
+    model, export_path, run_path, result: TrainResult, example: torch.Tensor, force: bool
+) -> None:
     """Save the factorised model and compare it with its dense equivalent on ``example``."""
-    from .exporting.factorized import compare_export, dense_copy, export_factorized
+    from .api import export
+    from .exporting.factorized import compare_export, dense_copy
 
-    exported = export_factorized(model)
     try:
-        torch.save(exported, export_path)
-    except OSError as exc:
-        raise RunFileError(
-            f"Cannot write the factorised model {export_path} ({exc.strerror or exc}); the run "
-            f"{run_path} is complete. Choose a writable `export_path`."
-        ) from None
+        exported = export(model, export_path, force=force)
+    except RunFileError as exc:  # the run itself is complete: say so
+        raise type(exc)(f"{exc} The run {run_path} is complete.", argument=exc.arguments) from None
     result.export_path = Path(export_path)
     result.export = compare_export(dense_copy(model), exported, example)
+
+
+_EXPORT_EXISTS = Message(
+    "It is where this run's factorised model would be saved; move it away, or overwrite both "
+    '(`mode="overwrite"`)',
+    ["mode"],
+)

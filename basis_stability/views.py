@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import ConfigError, NoEligibleLayersError
+from .errors import ConfigError, NoEligibleLayersError, Shown, a_or_an, expected
 from .registry import (
     OUT_IN,
     Matrix,
@@ -111,7 +111,20 @@ class Selection:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    """Strip DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
+
+    Raises:
+        ConfigError: ``model`` is not a ``torch.nn.Module`` (every stage takes the model here).
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            expected(
+                "model",
+                "a torch.nn.Module",
+                Shown(a_or_an(type(model).__name__)),
+                "Pass the network itself (for a state dict, load it into its model first).",
+            )
+        )
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module

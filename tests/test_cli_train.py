@@ -198,6 +198,32 @@ def test_existing_output_needs_force(tmp_path):
     assert out.read_bytes() == b"keep me"
 
 
+def test_an_existing_factorised_model_is_refused_before_training(tmp_path):
+    out, model = tmp_path / "new.h5", tmp_path / "new-factorized.pt"
+    model.write_bytes(b"an earlier model")
+    result = bstab("train", *FAST, "--epochs", "1", "-o", out)
+    assert_clean_failure(result, str(model), "already exists", "--force", "nothing was written")
+    assert model.read_bytes() == b"an earlier model" and not out.exists()
+    forced = bstab("train", *FAST, "--epochs", "1", "-o", out, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert torch.load(model, weights_only=False)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+
+
+def test_without_output_a_taken_model_name_moves_the_run_to_the_next_free_name(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    stem = "train-oialr-mlp-digits-seed0"
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / f"{stem}-factorized.pt").write_bytes(b"keep")
+    result = bstab("train", *FAST, "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    summary = _summary(result.output)
+    assert Path(summary["run"]) == Path("runs") / f"{stem}-2.h5"
+    assert Path(summary["model"]) == Path("runs") / f"{stem}-2-factorized.pt"
+    assert (tmp_path / "runs" / f"{stem}-factorized.pt").read_bytes() == b"keep"
+
+
 def test_layers_kept_dense_are_named_in_one_line(tmp_path):
     # beta 0.2 right after initialisation keeps most values: no factors would pay
     out = tmp_path / "dense.h5"

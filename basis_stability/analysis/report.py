@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .. import _dist
-from ..errors import ConfigError, RunFileError, expected, positive_int
+from ..errors import ConfigError, RunFileError, check_config, expected, positive_int
 from ..store.reader import LayerInfo, Run, open_run
 from .cache import CacheDamagedError, SVDCache
 from .config import EngineConfig
@@ -288,6 +288,8 @@ def measure(
         call this: the decompositions are shared out across the ranks, rank 0 gets the report
         and the other ranks get None.
     """
+    check_config("config", config, AnalysisConfig)
+    check_config("engine", engine, EngineConfig)
     config, engine = config or AnalysisConfig(), engine or EngineConfig()
     with open_run(path) as run:
         if _dist.world_size() > 1:  # every rank works on rank 0's view of a run that may grow

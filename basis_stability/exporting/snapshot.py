@@ -22,16 +22,15 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, Message, NoEligibleLayersError, RunExistsError, expected
+from ..errors import ConfigError, Message, NoEligibleLayersError, expected
 from ..store import state as st
-from ..store.paths import refuse_existing
+from ..store.paths import refuse_existing, write_atomically
 from ..store.reader import LayerInfo, Run, open_run
 
 log = logging.getLogger(__name__)
@@ -40,8 +39,9 @@ FORMATS = ("safetensors", "pt")
 DTYPES = ("stored", "float32")
 METADATA_FORMAT = "basis_stability.snapshot"
 _SUFFIX_FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt"}
-_OVERWRITE = Message("Pass `force=True` to overwrite it", ["force"])
-_OVERWRITE_OR_RENAME = Message(f"{_OVERWRITE} or choose another `out_path`", ["force"])
+_OVERWRITE_OR_RENAME = Message(
+    "Pass `force=True` to overwrite it or choose another `out_path`", ["force"]
+)
 
 
 @dataclass(frozen=True)
@@ -289,37 +289,6 @@ def _metadata(
     return metadata
 
 
-def _write_atomically(out: Path, force: bool, write) -> None:
-    """``write(tmp)`` into a temporary file beside ``out``, then move it into place.
-
-    Without ``force`` the move is a hard link, which never replaces a file that appeared meanwhile.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        if force:
-            os.replace(tmp, out)
-            return
-        try:
-            os.link(tmp, out)
-            return
-        except FileExistsError:
-            raise RunExistsError(
-                f"{out} appeared while the snapshot was being exported; nothing was "
-                "overwritten. Pass `force=True` or choose another `out_path`.",
-                argument=("force", "out_path"),
-            ) from None
-        except OSError:  # a file system without hard links: check, then move
-            pass
-        refuse_existing(out, "out_path", _OVERWRITE)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _check_unique_keys(run_path: Path, infos: list[LayerInfo]) -> None:
     keys = [info.param_name for info in infos]
     if len(set(keys)) != len(keys):
@@ -397,7 +366,9 @@ def write_snapshot(
         _check_unique_keys(run_path, infos)
         tensors, missing = _snapshot_tensors(run, infos, t, dtype)
         metadata = _metadata(run, run_path, t, dtype, infos, missing)
-    _write_atomically(out, force, _file_writer(fmt_name, tensors, metadata))
+    write_atomically(
+        out, _file_writer(fmt_name, tensors, metadata), force=force, argument="out_path"
+    )
     return SnapshotExport(
         path=out,
         snapshot=t,

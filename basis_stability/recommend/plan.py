@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.lag import Interval
-from ..errors import ConfigError, expected
+from ..errors import ConfigError, check_config, expected
 from .eligibility import FactorizeConfig, eligible_by_shape
 from .rules import (
     beta_curve,
@@ -569,6 +569,7 @@ def assess(report: Report, cfg: PlanConfig | None = None) -> Report:
     Returns:
         A new report; ``report`` is not changed.
     """
+    check_config("plan", cfg, PlanConfig)  # bs.analyze's name for it
     cfg = cfg or PlanConfig()
     inputs = report.inputs
     if inputs is None:

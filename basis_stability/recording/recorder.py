@@ -39,8 +39,16 @@ import torch
 from torch import nn
 
 from .. import _dist
-from ..errors import ConfigError, RunFileError, WriteFailedError, expected
+from ..errors import (
+    ConfigError,
+    RunFileError,
+    WriteFailedError,
+    check_config,
+    check_options,
+    expected,
+)
 from ..store import state as st
+from ..store.paths import as_path
 from ..store.writer import check_metrics, encode_event
 from ..views import Coverage, LayerView, Selection, measure_coverage, select_layers, unwrap_model
 from .background import HostBuffers, WriterThread
@@ -171,11 +179,14 @@ class Recorder:
                     "Use append to continue an existing run.",
                 )
             )
+        path = as_path(path)
+        check_config("config", config, RecordConfig)
+        check_options(overrides, RecordConfig)
         self.config = RecordConfig(**{**asdict(config or RecordConfig()), **overrides})
         self.model = unwrap_model(model)
         refuse_fsdp1(self.model)
         self._select()
-        self.path = Path(path)
+        self.path = path
         self.closed = False
         self.step = 0
         self._pending: dict[str, float] = {}

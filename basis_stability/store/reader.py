@@ -30,6 +30,7 @@ from .h5io import (
     retrying,
     stored_digest,
 )
+from .paths import as_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -629,8 +630,9 @@ def open_run(path: str | os.PathLike) -> Run:
     Raises:
         RunFileError: missing path, a directory, not HDF5, truncated or corrupt, a foreign HDF5
             file, or a newer format major version. The message says what to do.
+        ConfigError: ``path`` is not a path (a number, None...).
     """
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise RunFileError(
             f"No run file at {path}. Check the path; `bstab record` prints where it wrote its run."

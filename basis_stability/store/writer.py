@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -736,40 +736,47 @@ def _truncate_to(f: h5py.File, committed: int) -> None:
             ds.resize(committed, axis=0)
 
 
-def _mismatch_message(path: Path, recorded: dict, wanted: dict) -> str:
-    missing = sorted(set(recorded) - set(wanted))
-    extra = sorted(set(wanted) - set(recorded))
-    reshaped = sorted(n for n in set(recorded) & set(wanted) if recorded[n] != wanted[n])
+def _differences(
+    before: dict, now: dict, only_before: str, only_now: str, changed: Callable[[Any], str]
+) -> str:
+    """The first ten names in each way two name -> description maps differ, joined by ``; ``."""
     parts = []
+    missing = sorted(set(before) - set(now))
+    extra = sorted(set(now) - set(before))
     if missing:
-        parts.append(f"layers in the run but not selected now: {', '.join(missing[:10])}")
+        parts.append(f"{only_before}: {', '.join(missing[:10])}")
     if extra:
-        parts.append(f"layers selected now but not in the run: {', '.join(extra[:10])}")
-    for n in reshaped[:10]:
-        parts.append(f"{n} was {recorded[n]} and is now {wanted[n]}")
+        parts.append(f"{only_now}: {', '.join(extra[:10])}")
+    for n in sorted(n for n in set(before) & set(now) if before[n] != now[n])[:10]:
+        parts.append(f"{n} was {changed(before[n])} and is now {changed(now[n])}")
+    return "; ".join(parts)
+
+
+def _mismatch_message(path: Path, recorded: dict, wanted: dict) -> str:
+    parts = _differences(
+        recorded,
+        wanted,
+        "layers in the run but not selected now",
+        "layers selected now but not in the run",
+        str,
+    )
     return (
-        f"Cannot resume {path}: the model does not match the recorded layers ("
-        + "; ".join(parts)
-        + "). Record into a new file, or select the same layers."
+        f"Cannot resume {path}: the model does not match the recorded layers ({parts}). "
+        "Record into a new file, or select the same layers."
     )
 
 
 def _state_mismatch_message(path: Path, stored: dict, offered: dict) -> str:
-    missing = sorted(set(stored) - set(offered))
-    extra = sorted(set(offered) - set(stored))
-    changed = sorted(k for k in set(stored) & set(offered) if stored[k] != offered[k])
-    parts = []
-    if missing:
-        parts.append(f"in the run but not in the model: {', '.join(missing[:10])}")
-    if extra:
-        parts.append(f"in the model but not in the run: {', '.join(extra[:10])}")
-    for k in changed[:10]:
-        (d0, s0), (d1, s1) = stored[k], offered[k]
-        parts.append(f"{k} was {d0} {s0} and is now {d1} {s1}")
+    parts = _differences(
+        stored,
+        offered,
+        "in the run but not in the model",
+        "in the model but not in the run",
+        lambda dtype_shape: f"{dtype_shape[0]} {dtype_shape[1]}",
+    )
     return (
-        f"Cannot resume {path}: the model's biases and buffers do not match the recorded state ("
-        + "; ".join(parts)
-        + "). Record into a new file, or resume with the model the run was recorded from."
+        f"Cannot resume {path}: the model's biases and buffers do not match the recorded state "
+        f"({parts}). Record into a new file, or resume with the model the run was recorded from."
     )
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import _dist
 from ..analysis.stability import decompose, stability
-from ..errors import ConfigError, expected, positive_int
+from ..errors import ConfigError, check_config, expected, positive_int
 from ..lowrank.layers import LowRankFactor
 from ..lowrank.optim_state import (
     check_policy,
@@ -431,6 +431,7 @@ class OIALR:
         config: OIALRConfig | None = None,
         filter_fn=None,
     ) -> None:
+        check_config("config", config, OIALRConfig)
         self.cfg = config or OIALRConfig(auto=True)
         self.model, self.optimizer = unwrap_model(model), optimizer
         self.filter_fn = filter_fn
