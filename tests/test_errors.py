@@ -16,7 +16,7 @@ from torch import nn
 
 from basis_stability.analysis import EngineConfig
 from basis_stability.cli import main
-from basis_stability.cli._errors import FLAGS, flag_for, render
+from basis_stability.cli._errors import FLAGS, NOT_HERE, flag_for, render
 from basis_stability.errors import (
     ConfigError,
     Message,
@@ -102,6 +102,19 @@ def test_render_touches_only_the_named_arguments_of_the_running_command():
     assert render(text, "train") == render(text, "train", ("delay", "device", "kmax"))
 
 
+def test_a_clause_naming_what_the_command_cannot_do_is_left_out():
+    text = (
+        "Expected `path` to be a new file but runs/r.h5 already exists. Pass `mode='overwrite'` "
+        "to replace it, `mode='append'` to resume it, or choose another path; nothing was written."
+    )
+    assert render(text, "record", ("path", "mode")) == (
+        "Expected `--output` to be a new file but runs/r.h5 already exists. Pass `--force` "
+        "to replace it, or choose another path; nothing was written."
+    )
+    assert render(text, None, ("path", "mode")) == text  # Python keeps every choice
+    assert render(text, "record", ("path",)) == text.replace("`path`", "`--output`")
+
+
 @pytest.mark.parametrize(
     ("command", "name", "value", "flag"),
     [
@@ -112,7 +125,8 @@ def test_render_touches_only_the_named_arguments_of_the_running_command():
         ("record", "mode", '"overwrite"', "--force"),
         ("train", "mode", "'overwrite'", "--force"),
         ("train", "mode", '"full"', "--mode full"),
-        ("train", "mode", '"append"', None),  # the run file's mode: train has no flag for it
+        ("train", "mode", '"append"', NOT_HERE),  # resuming a run: train has no flag for it
+        ("record", "mode", "'append'", NOT_HERE),
         ("export", "force", "True", "--force"),
         ("analyze", "lag", '"4ep"', "--lag 4ep"),
         ("analyze", "kmax", None, None),
@@ -147,6 +161,9 @@ def test_every_command_has_a_table_and_every_flag_in_it_is_an_option_of_its_comm
             assert re.fullmatch(r"[A-Za-z_]\w*(=\w+)?", key), (command, key)
             if flag is None:  # "no flag for this value": the name itself must have one
                 assert key.partition("=")[0] in table, (command, key)
+                continue
+            if flag == NOT_HERE:  # a value the command cannot do: always one value
+                assert "=" in key, (command, key)
                 continue
             for part in flag.split("/"):
                 assert part.split()[0] in options, f"bstab {command} has no {part}"

@@ -29,6 +29,10 @@ import click
 
 from ..errors import BstabError
 
+#: A :data:`FLAGS` entry for what a command cannot do: the clause of the fix naming it (from the
+#: comma before it to the next comma, semicolon or period) is left out of the message.
+NOT_HERE = ""
+
 # the options record and train share (_options.training_options), and the run file they write
 _TRAINING: dict[str, str | None] = {
     "model": "--model",
@@ -54,6 +58,7 @@ _TRAINING: dict[str, str | None] = {
 FLAGS: dict[str, dict[str, str | None]] = {
     "record": {
         **_TRAINING,
+        "mode=append": NOT_HERE,  # resuming a run file: record has no flag for it
         "schedule": "--schedule",
         "dtype": "--dtype",
         "include": "--include",
@@ -66,7 +71,7 @@ FLAGS: dict[str, dict[str, str | None]] = {
     "train": {
         **_TRAINING,
         "mode": "--mode",
-        "mode=append": None,  # the run file's mode (resume it): train has no flag for it
+        "mode=append": NOT_HERE,  # resuming a run file: train has no flag for it
         "delay": "--delay",
         "interval": "--interval",
         "beta": "--beta",
@@ -116,6 +121,8 @@ FLAGS: dict[str, dict[str, str | None]] = {
 
 # a backticked Python argument, alone or with a value: `delay`, `device="cpu"`, `force=True`
 _SPAN = re.compile(r"`([A-Za-z_]\w*)(?:=([^`\s][^`]*))?`")
+# a clause after a comma holding one such span, up to the next comma, semicolon or period
+_CLAUSE = re.compile(r",[^,;.`]*`[A-Za-z_]\w*(?:=[^`\s][^`]*)?`[^,;.`]*(?=[,;.])")
 
 
 def flag_for(command: str, name: str, value: str | None = None) -> str | None:
@@ -150,6 +157,13 @@ def render(text: str, command: str | None, arguments: Collection[str] | None = N
     """
     if command is None:
         return text
+
+    def clause(match: re.Match[str]) -> str:
+        span = _SPAN.search(match[0])
+        named = span is not None and (arguments is None or span[1] in arguments)
+        return "" if named and flag_for(command, span[1], span[2]) == NOT_HERE else match[0]
+
+    text = _CLAUSE.sub(clause, text)
 
     def flag(match: re.Match[str]) -> str:
         name, value = match[1], match[2]

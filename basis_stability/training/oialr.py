@@ -379,8 +379,8 @@ def _plan_steps(plan: Plan, what: str, steps_per_epoch: int | None, where: str) 
                 "not stable yet ("
                 + str(plan.rules.get("delay", {}).get("why", "no delay"))
                 + "). Train the recorded run longer and analyse it again, pass `delay=...`, or "
-                "use auto mode (OIALRConfig(auto=True)).",
-                argument="delay",
+                "use auto mode (`auto=True`).",
+                argument=("delay", "auto"),
             )
     else:
         steps, epochs, field_name = plan.interval_steps, plan.interval_epochs, "interval_epochs"
