@@ -752,14 +752,15 @@ def _differences(
     return "; ".join(parts)
 
 
+_LAYERS_DIFFER = (
+    "layers in the run but not selected now",
+    "layers selected now but not in the run",
+)
+_STATE_DIFFERS = ("in the run but not in the model", "in the model but not in the run")
+
+
 def _mismatch_message(path: Path, recorded: dict, wanted: dict) -> str:
-    parts = _differences(
-        recorded,
-        wanted,
-        "layers in the run but not selected now",
-        "layers selected now but not in the run",
-        str,
-    )
+    parts = _differences(recorded, wanted, *_LAYERS_DIFFER, str)
     return (
         f"Cannot resume {path}: the model does not match the recorded layers ({parts}). "
         "Record into a new file, or select the same layers."
@@ -768,11 +769,7 @@ def _mismatch_message(path: Path, recorded: dict, wanted: dict) -> str:
 
 def _state_mismatch_message(path: Path, stored: dict, offered: dict) -> str:
     parts = _differences(
-        stored,
-        offered,
-        "in the run but not in the model",
-        "in the model but not in the run",
-        lambda dtype_shape: f"{dtype_shape[0]} {dtype_shape[1]}",
+        stored, offered, *_STATE_DIFFERS, lambda dtype_shape: "{} {}".format(*dtype_shape)
     )
     return (
         f"Cannot resume {path}: the model's biases and buffers do not match the recorded state "
