@@ -11,6 +11,7 @@ The public API is a few verbs and the nouns they take and return, imported lazil
     import basis_stability as bs
     with bs.record(model, "run.h5", schedule=bs.every(100)) as rec: ...
     report = bs.analyze("run.h5")
+    comparison = bs.compare(["full.h5", "oialr.h5"])
     history = bs.train(model, data, bs.TrainConfig(epochs=30), oialr=report.plan)
     compact = bs.export(model)
 """
@@ -32,15 +33,18 @@ _API = {
     # verbs
     "record": "api",
     "analyze": "api",
+    "compare": "api",
     "train": "api",
     "export": "api",
     "export_snapshot": "exporting.snapshot",
+    "html_report": "reporting.page",
     # nouns
     "Recorder": "recording.recorder",
     "every": "recording.schedules",
     "open_run": "store.reader",
     "Run": "store.reader",
     "Report": "analysis.report",
+    "Comparison": "analysis.compare",
     "Plan": "recommend.plan",
     "OIALR": "training.oialr",
     "register_layer": "registry",
@@ -49,6 +53,7 @@ _API = {
     "BstabError": "errors",
     # configs
     "RecordConfig": "recording.recorder",
+    "LiveStability": "analysis.live",
     "AnalysisConfig": "analysis.report",
     "EngineConfig": "analysis.config",
     "PlanConfig": "recommend.plan",
@@ -79,8 +84,9 @@ _MOVED = {
     "export_factorized": "exporting",
     "compare_export": "exporting",
 }
-# subpackages reachable as attributes; ``plots`` imports matplotlib only when asked for
-_SUBMODULES = ("plots", "zoo")
+# subpackages reachable as attributes; ``plots`` (one run) and ``plots_compare`` (several runs)
+# import matplotlib only when asked for
+_SUBMODULES = ("plots", "plots_compare", "zoo")
 
 __all__ = ["__version__", *sorted(_API), *_SUBMODULES]
 

@@ -1,7 +1,8 @@
 """The verbs of the public API: each wires the stages and adds no rule of its own.
 
 ``record`` starts a :class:`~.recording.Recorder`; ``analyze`` measures a run
-(:mod:`.analysis`) and makes the plan from its tables (:mod:`.recommend`); ``train`` runs the
+(:mod:`.analysis`) and makes the plan from its tables (:mod:`.recommend`); ``compare`` lays the
+analyses of several runs side by side (:mod:`.analysis.compare`); ``train`` runs the
 plain loop with OIALR attached (:mod:`.training`); ``export`` writes the compact model
 (:mod:`.exporting`).
 """
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .analysis.compare import Comparison, RunInput
     from .analysis.config import EngineConfig
+    from .analysis.live import LiveStability
     from .analysis.report import AnalysisConfig, Report
     from .recommend.plan import Plan, PlanConfig
     from .recording.recorder import RecordConfig, Recorder
@@ -45,12 +48,15 @@ def record(
     schedule: Schedule | None = None,
     steps_per_epoch: int | None = None,
     mode: str = "create",
+    live: LiveStability | None = None,
     **options: Any,
 ) -> Recorder:
     """Start recording ``model``'s layer weights into the run file ``path``.
 
     With ``optimizer`` and ``schedule`` (e.g. ``every(100)``) the recorder snapshots by itself
     after the scheduled optimizer steps; without, call ``snapshot()`` where you want one.
+    ``live=bs.LiveStability(tensorboard="runs/tb")`` logs each layer's S against the snapshot
+    before, and the mean S, at every snapshot (:class:`~.analysis.live.LiveStability`).
     ``options`` are :class:`~.recording.RecordConfig` fields (``include``, ``dtype``...).
 
     Returns:
@@ -75,7 +81,7 @@ def record(
                 "Pass both, or neither and call snapshot() yourself.",
             )
         )
-    recorder = Recorder(model, path, config, mode=mode, **options)
+    recorder = Recorder(model, path, config, mode=mode, live=live, **options)
     if optimizer is not None:
         recorder.attach(optimizer, schedule, steps_per_epoch=steps_per_epoch)
     return recorder
@@ -109,6 +115,87 @@ def analyze(
     check_config("plan", plan, PlanConfig)  # before the work, not after it
     measured = measure(path, config, engine, progress=progress)
     return None if measured is None else assess(measured, plan)
+
+
+def compare(
+    paths: list[str | Path],
+    out_dir: str | Path | None = None,
+    *,
+    config: AnalysisConfig | None = None,
+    engine: EngineConfig | None = None,
+    plan: PlanConfig | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> Comparison | None:
+    """Analyse two or more runs and lay them side by side: seeds, full rank against OIALR,
+    learning rates.
+
+    Each run is analysed as :func:`analyze` does (same ``config``, ``engine`` and ``plan``;
+    SVDs cached beside each run) and labelled by its file stem without the parts all stems
+    share. Runs are aligned by epoch; layers not in every run are compared where present.
+
+    Args:
+        paths: the run files, the first being the reference of the differences. A file given
+            twice is compared once (with a note).
+        out_dir: when given, the tables (CSV) and figures (PNG, SVG) are written there,
+            checked before any analysis (:mod:`.analysis.compare_output`).
+        force: overwrite files in ``out_dir`` named like the outputs; without it an existing
+            one is refused and nothing is written.
+
+    Returns:
+        A :class:`~.analysis.compare.Comparison`: ``runs``, ``layers`` (final S per run and
+        the difference to the first), ``layer_ranks``, ``network``, ``metrics``, ``notes`` and
+        ``text()``. Under torch.distributed every rank must call this; rank 0 gets it, the
+        others None.
+
+    Raises:
+        ConfigError: fewer than two different runs, or ``out_dir`` is a file.
+        RunFileError: a run is missing or damaged (the message names it).
+        RunExistsError: ``out_dir`` holds an output file and ``force`` is false.
+
+    Example:
+        >>> cmp = bs.compare(["runs/full.h5", "runs/oialr.h5"], "runs/cmp")  # doctest: +SKIP
+        >>> cmp.layers  # doctest: +SKIP
+    """
+    from . import _dist
+    from .analysis.compare import check_paths, combine, short_labels
+    from .analysis.compare_output import check_out_dir, write_comparison
+    from .recommend.plan import PlanConfig
+
+    check_config("plan", plan, PlanConfig)
+    runs, notes = check_paths(paths)
+    if out_dir is not None:
+        check_out_dir(out_dir, force)
+    labelled = zip(runs, short_labels(runs))
+    inputs = [
+        _compare_input(path, label, config, engine, plan, progress) for path, label in labelled
+    ]
+    if not _dist.is_writer():
+        return None  # under torch.distributed only rank 0 gathers the reports
+    comparison = combine(inputs, notes)
+    if out_dir is not None:
+        write_comparison(comparison, out_dir, force)
+    return comparison
+
+
+def _compare_input(
+    path: Path,
+    label: str,
+    config: AnalysisConfig | None,
+    engine: EngineConfig | None,
+    plan: PlanConfig | None,
+    progress: bool,
+) -> RunInput | None:
+    """One run of :func:`compare`: its label, analysis and snapshot table (None off rank 0)."""
+    from . import _dist
+    from .analysis.compare import RunInput, snapshot_table
+
+    report = analyze(path, config, engine, plan, progress=progress)
+    if report is None:
+        if _dist.world_size() > 1:
+            return None
+        raise RunFileError(f"Cannot compare {path}: its analysis returned nothing.")
+    return RunInput(label, report, snapshot_table(path))
 
 
 @dataclass

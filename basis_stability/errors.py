@@ -14,8 +14,11 @@ the names), and ``argument=`` adds any other name the message mentions. The CLI
 
 from __future__ import annotations
 
+import importlib
+import math
 import numbers
 from collections.abc import Iterable
+from typing import Any
 
 
 class Message(str):
@@ -107,6 +110,22 @@ class WriteFailedError(RunFileError):
 
 class CheckpointError(BstabError, ValueError):
     """A set of checkpoints cannot be turned into a run."""
+
+
+class MissingExtraError(BstabError, ImportError):
+    """An optional feature was asked for but the package it needs is not installed."""
+
+
+def require(module: str, extra: str, what: str, *, package: str | None = None) -> Any:
+    """Import ``module`` or fail naming the extra that installs it (``package``: the missing
+    distribution's name, when it is not ``module``'s first part)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(
+            f"{what} needs the `{package or module.split('.')[0]}` package, which is not "
+            f"installed. Install it with: pip install 'basis_stability[{extra}]'"
+        ) from None
 
 
 def expected(
@@ -218,3 +237,17 @@ def check_config(name: str, value: object, config: type) -> None:
 def a_or_an(word: str) -> str:
     """``word`` with its indefinite article: ``a dict``, ``an int``, ``an OIALRConfig``."""
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def significant(value: float, digits: int = 3) -> str:
+    """``value`` rounded to ``digits`` significant digits, in plain notation, trailing zeros cut.
+
+    Epochs of step-based snapshots are fractions (``3.6363636``); messages, tables and plot labels
+    print them through this one function: ``3.64``, ``0.0435``, ``40``, ``1234`` (the integer part
+    is never rounded away, and never written as ``1.23e+03``).
+    """
+    if not math.isfinite(value) or value == 0:
+        return f"{value:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text

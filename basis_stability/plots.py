@@ -6,6 +6,11 @@ returns its ``Figure``). Nothing here reads a file or computes an SVD; :func:`sa
 only function that writes, and it writes only the figure it is given. Layers are always drawn in
 model order, i.e. the order in which they first appear in the frame.
 
+Made for papers: every layer is labelled (the font shrinks and a new figure grows rather than
+labels being thinned), with the name :func:`short_names` gives it (the prefix all layers share is
+dropped and named once on the axis, never characters cut); epochs are rounded to three significant
+digits; legends and line labels sit outside the data.
+
 This module imports matplotlib, so ``basis_stability/__init__.py`` never imports it. It never
 chooses a backend either: scripts get matplotlib's default, notebooks keep theirs.
 """
@@ -13,6 +18,7 @@ chooses a backend either: scripts get matplotlib's default, notebooks keep their
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,20 +27,25 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm
+from matplotlib.collections import LineCollection
+from matplotlib.colors import Colormap, FuncNorm, Normalize, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import FuncFormatter, PercentFormatter
 
-from .errors import ConfigError, expected, positive_int
+from .errors import ConfigError, expected, positive_int, significant
 
 S_LABEL = "stability S = tr(B_aᵀB_b)/n"
 MAX_TICK_LABELS = 25
-# Heatmap colours: S lives in [-1, 1] but everything the method decides happens between 0.8 and
-# 1.0 (the paper's curves sit at 0.76-1.0; tau is ~0.9-0.99). A fixed two-slope norm (-1, 0.8, 1)
-# keeps the full range, so figures of different runs compare, yet gives [0.8, 1] half of a
-# sequential, colour-blind-safe map (viridis): bright = settled basis, dark = moving.
-S_TICKS = (-1.0, 0.0, 0.8, 0.9, 0.95, 1.0)  # >= 1/8 of the bar apart under that norm
+# Heatmap colours: columns where 1 means "did not move" get the "nines" scale of
+# stability_heatmap (linear in -log10(1 - S)); any other column a linear scale over its range.
+SETTLED_AT_ONE = ("S", "O_left", "O_right")
+S_RESOLVED = 1e-6  # 1 - S below this is round-off (float32 storage, the SVD; see S_err)
+UNDEFINED_GREY = "0.72"  # NaN cells: a grey that viridis never takes
+LABEL_PTS = (9.0, 4.5)  # largest and smallest font (points) of layer labels
+ROW_PITCH = 1.3  # row height per point of label font: labels this far apart never overlap
+LINE_STYLES = ("-", "--", ":", "-.")  # with the 20 colours of _line_style: 80 distinct lines
+NOTE_PAD = 16.0  # points between an axes and its title: room for a marker's note
 PAIR_WORDS = {
     "consecutive": "consecutive snapshots",
     "final": "vs the final snapshot",
@@ -93,7 +104,64 @@ def _check_layer(df: pd.DataFrame, arg: str, layer: str) -> None:
         raise ConfigError(expected(arg, "a layer of the frame", layer, f"Known layers: {shown}."))
 
 
+# --------------------------------------------------------------------------- layer names
+def _parts(name: str) -> list[str]:
+    """``name`` split after each '.' or '/': 'a.b/c' -> ['a.', 'b/', 'c'] (they join back)."""
+    return [p for p in re.split(r"(?<=[./])", name) if p]
+
+
+def common_prefix(names: Sequence[str]) -> str:
+    """The leading dotted components all ``names`` share, ending in its separator ('' if none).
+
+    Whole components only, and never a whole name: at least the last component of every name
+    stays. With fewer than two names nothing is shared.
+
+    Example:
+        >>> common_prefix(["bert.encoder.layer.0.attention.key", "bert.encoder.layer.1.output"])
+        'bert.encoder.layer.'
+    """
+    split = [_parts(str(n)) for n in names]
+    if len(split) < 2:
+        return ""
+    shared = 0
+    limit = min(len(parts) for parts in split) - 1
+    while shared < limit and len({tuple(parts[: shared + 1]) for parts in split}) == 1:
+        shared += 1
+    return "".join(split[0][:shared])
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """The layer labels of every plot: ``names`` without their :func:`common_prefix`.
+
+    Each label is a suffix of its name, made of whole components, so distinct names keep
+    distinct labels; nothing is cut from the right or from inside a component.
+
+    Example:
+        >>> short_names(["bert.encoder.layer.0.attention.key", "bert.encoder.layer.1.output"])
+        ['0.attention.key', '1.output']
+    """
+    cut = len(common_prefix(names))
+    return [str(n)[cut:] for n in names]
+
+
+def _layer_axis_label(names: Sequence[str], what: str = "layer (model order)") -> str:
+    """``what``, plus the prefix :func:`short_names` dropped, if any."""
+    prefix = common_prefix(names)
+    return f"{what}; prefix {prefix} dropped" if prefix else what
+
+
 # --------------------------------------------------------------------------- shared helpers
+def _fit_title(ax: Axes, parts: Sequence[str]) -> None:
+    """Title ``ax`` with ``parts`` joined by '; ', breaking lines between parts until the title
+    is no wider than the axes (so it never runs over a colour bar's labels)."""
+    for per_line in range(len(parts), 0, -1):
+        lines = ["; ".join(parts[i : i + per_line]) for i in range(0, len(parts), per_line)]
+        title = ax.set_title("\n".join(lines))
+        ax.figure.draw_without_rendering()
+        if title.get_window_extent().width <= ax.get_window_extent().width:
+            return
+
+
 def _layer_order(df: pd.DataFrame) -> list[str]:
     """Layers in model order (first appearance in the frame)."""
     return list(pd.unique(df["layer"]))
@@ -112,28 +180,74 @@ def _label_points(key: str) -> float:
     return FontProperties(size=plt.rcParams[key]).get_size_in_points()
 
 
+def _height_pts(ax: Axes) -> float:
+    """The axes' height in points once the figure's layout has run."""
+    ax.figure.draw_without_rendering()
+    return ax.get_window_extent().height * 72.0 / ax.figure.dpi
+
+
 def _tick_step(n: int, room_pts: float, label_pts: float) -> int:
     """Show every k-th of ``n`` labels so that each gets ``label_pts`` and at most 25 show."""
     fits = max(1, int(room_pts // label_pts))
     return max(1, math.ceil(n / min(fits, MAX_TICK_LABELS)))
 
 
-def _thin_ticks(ax: Axes, axis: str, labels: Sequence[str]) -> None:
-    """Put a tick on every row (axis 'y') or column ('x') but a label only on every k-th.
+def _thin_epoch_ticks(ax: Axes, labels: Sequence[str]) -> None:
+    """Put a tick on every column but a label only on every k-th (epochs: a numeric axis).
 
-    k is chosen from the axes' size in points so that labels never overlap, and so that at most
-    25 show: each y label needs ~1.8 font heights, each x label ~0.7 font sizes per character.
+    k is chosen from the axes' width in points so that labels never overlap, and so that at
+    most 25 show: each label needs ~0.7 font sizes per character.
     """
-    width, height = ax.get_position().size * ax.figure.get_size_inches() * 72  # points
-    font = _label_points(f"{axis}tick.labelsize")
-    if axis == "y":
-        step = _tick_step(len(labels), height, 1.8 * font)
-    else:
-        step = _tick_step(len(labels), width, (0.7 * max(map(len, labels)) + 1.5) * font)
+    ax.figure.draw_without_rendering()
+    width = ax.get_window_extent().width * 72.0 / ax.figure.dpi  # points
+    font = _label_points("xtick.labelsize")
+    step = _tick_step(len(labels), width, (0.7 * max(map(len, labels)) + 1.5) * font)
     shown = np.arange(0, len(labels), step)
-    set_ticks = ax.set_yticks if axis == "y" else ax.set_xticks
-    set_ticks(shown, [labels[i] for i in shown])
-    set_ticks(np.arange(len(labels)), minor=True)
+    ax.set_xticks(shown, [labels[i] for i in shown])
+    ax.set_xticks(np.arange(len(labels)), minor=True)
+
+
+def _rows_height(n_rows: int, font: float = LABEL_PTS[0]) -> float:
+    """Inches ``n_rows`` labelled rows need at ``font`` points."""
+    return n_rows * ROW_PITCH * font / 72.0
+
+
+def _label_rows(ax: Axes, names: Sequence[str]) -> None:
+    """Label every row of an image with its short name, in the largest font that fits.
+
+    The font shrinks from 9 to 4.5 points with the rows' height. Only when even 4.5 points do
+    not fit (a small axes given by the caller) is every k-th row labelled, and the axis label
+    says so.
+    """
+    labels = short_names(names)
+    pitch = _height_pts(ax) / max(len(labels), 1)
+    font = min(LABEL_PTS[0], pitch / ROW_PITCH)
+    what = "layer (model order)"
+    step = 1
+    if font < LABEL_PTS[1]:
+        font = LABEL_PTS[1]
+        step = math.ceil(ROW_PITCH * font / pitch)
+        what = f"layer (model order; one label per {step} rows: enlarge the axes for all)"
+    shown = np.arange(0, len(labels), step)
+    ax.set_yticks(shown, [labels[i] for i in shown], fontsize=font)
+    ax.set_yticks(np.arange(len(labels)), minor=True)
+    ax.set_ylabel(_layer_axis_label(names, what))
+
+
+def _plain_log(ax: Axes) -> None:
+    """Write the ticks of a log y axis spanning under two decades as plain numbers (60, 0.2),
+    not as 6×10¹; wider spans keep matplotlib's powers of ten."""
+    lo, hi = ax.get_ylim()
+    if lo <= 0 or hi / lo >= 100:
+        return
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: significant(value, 2)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: _minor_label(value, lo, hi)))
+
+
+def _minor_label(value: float, lo: float, hi: float) -> str:
+    """Label minor log ticks 2x and 5x (all of them within one decade), as plain numbers."""
+    lead = round(value / 10.0 ** math.floor(math.log10(value)), 6)
+    return significant(value, 2) if hi / lo < 10 or lead in (2.0, 5.0) else ""
 
 
 def _epoch_colours(epochs: np.ndarray, cmap: str = "viridis") -> ScalarMappable:
@@ -170,47 +284,162 @@ def _pair_words(stability: pd.DataFrame, pair: str) -> str:
     return PAIR_WORDS.get(pair, pair)
 
 
+def _nines_norm(values: np.ndarray) -> FuncNorm:
+    """The heatmap's colour scale for S: linear in -log10(1 - S), from the lowest S to the top.
+
+    Its top is 1 - 10^-k for the largest power of ten at or below the smallest 1 - S shown
+    that exceeds 1e-6, the resolution of S (k between 3 and 6); its bottom the lowest S shown,
+    or one decade below the top if that is lower (so 0.99 is always on the bar). The data fills
+    the bar. S above the top (1.0 itself, or round-off beyond it) takes the top colour, which
+    the colour bar marks with '≥'.
+    """
+    finite = values[np.isfinite(values)]
+    resolved = (1.0 - finite)[1.0 - finite > S_RESOLVED]
+    smallest = float(resolved.min()) if resolved.size else S_RESOLVED
+    floor = min(max(10.0 ** math.floor(math.log10(smallest) + 1e-9), S_RESOLVED), 1e-3)
+    bottom = min(float(finite.min()) if finite.size else 1.0, 1.0 - 10.0 * floor)
+
+    def forward(x):
+        return -np.log10(np.clip(1.0 - np.asarray(x, float), floor, None))
+
+    def inverse(y):
+        return 1.0 - 10.0 ** -np.asarray(y, float)
+
+    return FuncNorm((forward, inverse), vmin=bottom, vmax=1.0 - floor)
+
+
+def _nines_ticks(norm: Normalize, saturated: bool) -> tuple[list[float], list[str]]:
+    """Colour-bar ticks 0.9, 0.99, 0.999, ... (and 0, -1, the bottom) within the norm's range."""
+    top = round(-math.log10(1.0 - norm.vmax))
+    ticks = {1.0 - 10.0**-k: f"{1.0 - 10.0**-k:.{k}f}" for k in range(1, top + 1)}
+    ticks.update({t: f"{t:g}" for t in (0.0, -1.0) if t >= norm.vmin})
+    decades = top + math.log10(1.0 - norm.vmin)  # the bar's length in decades of 1 - S
+    # the bottom (the lowest S) when it is a quarter decade from every other tick
+    if all(abs(float(norm(norm.vmin)) - float(norm(t))) * decades > 0.25 for t in ticks):
+        ticks[norm.vmin] = significant(norm.vmin, 2)
+    order = sorted(ticks)
+    labels = [ticks[t] for t in order]
+    if saturated:
+        labels[-1] = "≥ " + labels[-1]  # the top tick is the top of the bar
+    return order, labels
+
+
+def _tau_outline(ax: Axes, stable: np.ndarray, tau: float) -> None:
+    """Draw the cell edges between S ≥ tau and S < tau (or undefined) as one white line set."""
+    edges = []
+    rows, cols = stable.shape
+    for i, j in zip(*np.nonzero(stable[:, 1:] != stable[:, :-1])):  # left/right neighbours
+        edges.append([(j + 0.5, i - 0.5), (j + 0.5, i + 0.5)])
+    for i, j in zip(*np.nonzero(stable[1:, :] != stable[:-1, :])):  # upper/lower neighbours
+        edges.append([(j - 0.5, i + 0.5), (j + 0.5, i + 0.5)])
+    line = LineCollection(
+        edges, colors="white", linewidths=1.6, gid="tau", label=f"S = τ = {tau:g}"
+    )
+    ax.add_collection(line, autolim=False)
+
+
+def _heatmap_colours(values: np.ndarray, value: str) -> tuple[Normalize, list, list]:
+    """The norm of a column and its colour-bar ticks and labels (nines for S-like columns)."""
+    if value in SETTLED_AT_ONE:
+        norm = _nines_norm(values)
+        saturated = bool(np.any(values[np.isfinite(values)] > norm.vmax))
+        return (norm, *_nines_ticks(norm, saturated))
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    return Normalize(lo, hi if hi > lo else lo + 1.0), None, None
+
+
+def _heatmap_notes(ax: Axes, bar, values: np.ndarray, value: str, tau: float | None) -> list:
+    """Draw the tau outline (on the image and the bar) and say in words what the colours mean."""
+    notes = []
+    if value in SETTLED_AT_ONE:
+        notes.append("colour: log scale of 1 − S")
+        if tau is not None:
+            _tau_outline(ax, np.nan_to_num(values, nan=-np.inf) >= tau, tau)
+            bar.ax.axhline(tau, color="white", lw=1.6)
+            notes.append(f"white line: τ = {tau:g}")
+    if np.isnan(values).any():
+        notes.append("grey = undefined")
+    return notes
+
+
+def _epoch_axis_label(epochs: np.ndarray) -> str:
+    """The heatmap's x label; it warns when the columns are not evenly spaced in time (a
+    step or log schedule), since every snapshot gets one column of the same width."""
+    gaps = np.diff(epochs)
+    even = gaps.size < 2 or bool(np.allclose(gaps, gaps[0], rtol=0.01))
+    return "epoch (of the later snapshot b)" + (
+        "" if even else ": one column per snapshot, unevenly spaced"
+    )
+
+
+def _heatmap_size(table: pd.DataFrame) -> tuple[float, float]:
+    """Inches of a new heatmap figure: room for every layer label at 9 pt, up to 30 inches."""
+    n_layers, n_epochs = table.shape
+    label = 0.6 * LABEL_PTS[0] * max(len(n) for n in short_names(list(table.index))) / 72
+    width = min(4.0 + 0.3 * n_epochs, 14.0) + label
+    return width, min(max(3.0, 1.6 + _rows_height(n_layers)), 30.0)
+
+
 def stability_heatmap(
-    stability: pd.DataFrame, pair: str = "lag", value: str = "S", ax: Axes | None = None
+    stability: pd.DataFrame,
+    pair: str = "lag",
+    value: str = "S",
+    ax: Axes | None = None,
+    tau: float | None = None,
 ) -> Axes:
     """Draw a layer x epoch heatmap of the stability of one pair kind (the paper's figure).
 
-    Rows are layers in model order, columns the epoch of the later snapshot b. Undefined values
-    (NaN) are grey. With many layers only every k-th row is labelled; a new figure grows with the
-    number of layers.
+    Rows are layers in model order, every one labelled by its short name (:func:`short_names`);
+    columns the epoch of the later snapshot b.
+
+    The colour scale of S (and of O_left, O_right) is linear in -log10(1 - S), labelled in S:
+    0.9, 0.99, 0.999 and 0.9999 are equally far apart, bright = settled. S bunches near 1: on
+    the default run every layer passes 0.97 early, so a linear (or two-slope) scale paints
+    everything that matters one yellow, while the question the plot answers, "when does each
+    layer cross tau = 0.99?", is a question about the second nine. A sequential map over
+    [S_min, 1] would still give 0.99-1 a sliver. The bar runs from the lowest S shown to
+    1 - 10^-k just below the highest (S of 1 - 1e-6 and above is round-off, and takes the top
+    colour, marked '≥' on the bar). With ``tau``, a white line outlines the cells with S ≥ tau
+    and marks tau on the bar. Other columns get a linear scale over their range.
+
+    Undefined values (NaN: no partner snapshot, a basis that is not unique, NaN weights) are
+    light grey, a colour viridis never takes; the title says so when there are any.
 
     Args:
         stability: the stability frame (columns layer, pair, epoch_b and ``value``).
         pair: which pair kind to show: "lag", "consecutive", "final" or "initial".
         value: the column coloured, e.g. "S", "O_left" or "O_right".
-        ax: axes to draw on; a new figure is made when None.
+        ax: axes to draw on; a new figure, sized for every layer label, is made when None.
+        tau: the stability threshold to outline (the plan's ``rules["delay"]["tau"]``).
 
     Returns:
-        The axes, with the image in ``ax.images[0]`` and its colour bar.
+        The axes, with the image (the values, unchanged) in ``ax.images[0]`` and its colour bar.
 
     Example:
-        >>> ax = stability_heatmap(stability, pair="lag")
+        >>> ax = stability_heatmap(stability, pair="lag", tau=0.99)
         >>> ax.images[0].get_array().shape  # (layers, epochs)
         (3, 5)
     """
     _check_frame(stability, "stability", ["layer", "pair", "epoch_b"])
     _check_column(stability, "stability", "value", value)
     table = _stability_matrix(stability, pair, value)
-    n_layers, n_epochs = table.shape
-    ax = _axes(ax, (min(4.0 + 0.3 * n_epochs, 14.0), min(max(3.0, 1.5 + 0.2 * n_layers), 16.0)))
-    cmap: Colormap = plt.get_cmap("viridis").with_extremes(bad="0.8")
-    norm = TwoSlopeNorm(vmin=-1.0, vcenter=0.8, vmax=1.0)  # a fresh one: norms are mutable
-    image = ax.imshow(table.to_numpy(float), cmap=cmap, norm=norm, aspect="auto")
+    values = table.to_numpy(float)  # (layers, epochs)
+    ax = _axes(ax, _heatmap_size(table))
+    norm, ticks, tick_labels = _heatmap_colours(values, value)
+    cmap: Colormap = plt.get_cmap("viridis").with_extremes(bad=UNDEFINED_GREY)
+    image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
     words = _pair_words(stability, pair)
     name = "stability S" if value == "S" else value
-    bar = ax.figure.colorbar(image, ax=ax, ticks=S_TICKS)
+    bar = ax.figure.colorbar(image, ax=ax, ticks=ticks)
+    if tick_labels is not None:
+        bar.set_ticklabels(tick_labels)
     bar.set_label(f"{name} ({words})")
-    _thin_ticks(ax, "y", [str(layer) for layer in table.index])
-    _thin_ticks(ax, "x", [f"{epoch:g}" for epoch in table.columns])
-    ax.set_xlabel("epoch (of the later snapshot b)")
-    ax.set_ylabel("layer (model order)")
-    grey = "; grey = undefined" if table.isna().to_numpy().any() else ""
-    ax.set_title(f"Per-layer {name}, {words}{grey}")
+    notes = [f"{name}, {words}", *_heatmap_notes(ax, bar, values, value, tau)]
+    _fit_title(ax, ["Per-layer " + notes[0], *notes[1:]])
+    _thin_epoch_ticks(ax, [significant(epoch) for epoch in table.columns])
+    ax.set_xlabel(_epoch_axis_label(np.asarray(table.columns, float)))
+    _label_rows(ax, [str(layer) for layer in table.index])
     return ax
 
 
@@ -223,7 +452,8 @@ def mean_stability(
     """Draw the network-level stability curves, the chosen delay and the threshold tau.
 
     Plots mean_S and weighted_S against epoch; stable_share (when present) is a dashed line on
-    a twin axis at the right.
+    a twin axis at the right. On a new figure the legend sits outside the axes, at the right; on
+    a given ``ax`` it goes where it covers the fewest points (matplotlib's "best").
 
     Args:
         network: the network frame (columns epoch, mean_S, weighted_S, optional stable_share).
@@ -241,21 +471,23 @@ def mean_stability(
     """
     _check_frame(network, "network", ["epoch", "mean_S", "weighted_S"])
     df = network.sort_values("epoch")
-    ax = _axes(ax)
+    own_figure = ax is None
+    ax = _axes(ax, (8.5, 4.0))  # wide enough for the legend at the right
     ax.plot(df["epoch"], df["mean_S"], marker="o", ms=3, label="mean S over layers")
     ax.plot(df["epoch"], df["weighted_S"], marker="s", ms=3, label="mean S weighted by m·n")
     if tau is not None:
         ax.axhline(tau, color="0.4", ls="--", lw=1, label=f"threshold τ = {tau:g}")
     if delay_epoch is not None:
-        _mark_x(ax, delay_epoch, f"delay d = epoch {delay_epoch:g}", f"delay d = {delay_epoch:g}")
+        epoch = significant(delay_epoch)
+        _mark_x(ax, delay_epoch, f"delay d = epoch {epoch}", f"delay d = {epoch}")
     axes = [ax]
     if "stable_share" in df.columns and df["stable_share"].notna().any():
         axes.append(_twin_share(ax, "parameter share of layers with S ≥ τ (%)"))
         axes[1].plot(df["epoch"], df["stable_share"], color="C2", ls="--", label="stable share")
-    _legend(axes, "lower right")
+    _legend(axes, own_figure)
     ax.set_xlabel("epoch")
     ax.set_ylabel(S_LABEL)
-    ax.set_title("Network-level basis stability")
+    ax.set_title("Network-level basis stability", pad=NOTE_PAD)
     return ax
 
 
@@ -270,29 +502,34 @@ def _twin_share(ax: Axes, ylabel: str) -> Axes:
     return twin
 
 
-def _legend(axes: Sequence[Axes], loc: str) -> None:
-    """One legend, on the first axes, for the labelled series of all ``axes``."""
+def _legend(axes: Sequence[Axes], own_figure: bool) -> None:
+    """One legend for the labelled series of all ``axes``, off the data: outside at the right
+    of a figure this module made (constrained layout leaves it room), else where it covers the
+    fewest points of the first axes."""
     pairs = [each.get_legend_handles_labels() for each in axes]
     handles = [h for hs, _ in pairs for h in hs]
     labels = [label for _, ls in pairs for label in ls]
-    axes[0].legend(handles, labels, loc=loc, fontsize="small")
+    if own_figure:
+        axes[0].figure.legend(handles, labels, loc="outside right upper", fontsize="small")
+    else:
+        axes[0].legend(handles, labels, loc="best", fontsize="small")
 
 
 def _mark_x(ax: Axes, x: float, label: str, note: str) -> None:
-    """Vertical line at ``x`` (gid 'marker') with a note at the top, kept inside the axes."""
+    """Vertical line at ``x`` (gid 'marker') with a note just above the axes, off the data
+    (the caller's title leaves it room: ``pad=NOTE_PAD``)."""
     ax.axvline(x, color="k", ls=":", lw=1.2, label=label, gid="marker")
     lo, hi = ax.get_xlim()
-    right_half = x > (lo + hi) / 2
+    where = (x - lo) / (hi - lo)
     ax.annotate(
         note,
         xy=(x, 1.0),
         xycoords=("data", "axes fraction"),
-        xytext=(-4 if right_half else 4, -4),
+        xytext=(0, 3),
         textcoords="offset points",
-        ha="right" if right_half else "left",
-        va="top",
+        ha="left" if where < 0.2 else "right" if where > 0.8 else "center",
+        va="bottom",
         fontsize="small",
-        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
     )
 
 
@@ -342,6 +579,7 @@ def spectrum(
     ax.figure.colorbar(colours, ax=ax, label="epoch")
     if log:
         ax.set_yscale("log")
+        _plain_log(ax)
     ax.set_xlabel("index i (descending σ)")
     ax.set_ylabel(_sigma_label(relative))
     ax.set_title(f"Singular values of {layer} over training")
@@ -356,8 +594,15 @@ def _evenly_spaced(items: list[str], count: int) -> list[str]:
     return [items[i] for i in picks]
 
 
-def _short(name: str, width: int = 28) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1) :]
+def _wrapped(label: str, width: int = 30) -> str:
+    """``label`` broken into lines of about ``width`` characters after a '.' or '/' (never inside
+    a component), for panel titles."""
+    lines = [""]
+    for part in _parts(label):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 def spectra_grid(
@@ -378,7 +623,8 @@ def spectra_grid(
         relative: plot sigma / sigma_1 (comparable across layers) instead of sigma.
 
     Returns:
-        The figure; panel titles are the layer names.
+        The figure; panel titles are the :func:`short_names` of the drawn layers, broken
+        after a '.' when long (the suptitle names the dropped prefix).
 
     Example:
         >>> fig = spectra_grid(spectra, max_layers=9)
@@ -399,32 +645,108 @@ def spectra_grid(
         nrows, ncols, figsize=size, layout="constrained", sharey=relative, squeeze=False
     )
     colours = _epoch_colours(spectra["epoch"].to_numpy())
-    for n, (ax, layer) in enumerate(zip(grid.flat, chosen)):
+    titles = short_names(chosen)
+    for n, (ax, layer, title) in enumerate(zip(grid.flat, chosen, titles)):
         _draw_spectrum(ax, spectra[spectra["layer"] == layer], colours, column)
         ax.set_yscale("log")
-        ax.set_title(_short(layer), fontsize="small")
+        ax.set_title(_wrapped(title), fontsize="small")
         ax.set_xlabel("index i" if n + ncols >= len(chosen) else "")
-        ax.set_ylabel(_sigma_label(relative) if n % ncols == 0 else "")
+    for ax in grid.flat[: len(chosen)]:
+        _plain_log(ax)  # after all panels: with sharey the limits are the shared ones
     for ax in grid.flat[len(chosen) :]:
         ax.set_visible(False)
     fig.colorbar(colours, ax=grid.flat[: len(chosen)], label="epoch")
-    kind = "relative singular values σ_i / σ₁" if relative else "singular values σ"
-    note = f"all {len(chosen)} layers"
-    if len(chosen) < len(wanted):
-        note = f"{len(chosen)} of {len(wanted)} layers, evenly spaced"
-    fig.suptitle(f"Spectra over training: {kind} ({note})")
+    fig.supylabel(_sigma_label(relative))  # once: a label per row would outgrow its panels
+    fig.suptitle(_grid_title(chosen, len(wanted), relative))
     return fig
 
 
+def _grid_title(chosen: Sequence[str], wanted: int, relative: bool) -> str:
+    kind = "relative singular values σ_i / σ₁" if relative else "singular values σ"
+    note = f"all {len(chosen)} layers"
+    if len(chosen) < wanted:
+        note = f"{len(chosen)} of {wanted} layers, evenly spaced"
+    prefix = common_prefix(chosen)
+    dropped = f"; panels named after {prefix}" if prefix else ""
+    return f"Spectra over training: {kind} ({note}{dropped})"
+
+
 # --------------------------------------------------------------------------- ranks and beta
+def _spread(targets: Sequence[float], gap: float) -> np.ndarray:
+    """Label heights (axes fraction) closest to ``targets`` with at least ``gap`` between any
+    two, inside [0, 1] when they fit there, centred on 0.5 when they do not."""
+    order = np.argsort(targets, kind="stable")
+    pos = np.clip(np.asarray(targets, float)[order], 0.0, 1.0)
+    for i in range(1, len(pos)):  # push up
+        pos[i] = max(pos[i], pos[i - 1] + gap)
+    if len(pos):
+        pos[-1] = min(pos[-1], 1.0)
+    for i in range(len(pos) - 2, -1, -1):  # then down from the top
+        pos[i] = min(pos[i], pos[i + 1] - gap)
+    if len(pos) and pos[0] < 0.0:  # more labels than fit: evenly spaced, centred
+        pos = 0.5 + gap * (np.arange(len(pos)) - (len(pos) - 1) / 2)
+    out = np.empty_like(pos)
+    out[order] = pos
+    return out
+
+
+def _line_style(j: int) -> tuple[tuple[float, ...], str]:
+    """Colour and dash of the j-th line: the ten default colours, their ten light partners of
+    tab20, then the same dashed, dotted and dash-dotted: 80 lines that all look different."""
+    colour = j % 20
+    pair = plt.get_cmap("tab20")(2 * (colour - 10) + 1) if colour >= 10 else f"C{colour}"
+    return to_rgba(pair), LINE_STYLES[j // 20 % len(LINE_STYLES)]
+
+
+def _end_labels(ax: Axes, ends: list[tuple[str, float, float, str]], missing: list[str]) -> None:
+    """Name each line at its right end, in its colour, in a column outside the axes.
+
+    ``ends`` holds (label, x, y, colour) of each line's last finite point; ``missing`` the
+    labels of layers without a line, listed (grey, gid 'undefined') at the bottom of the column.
+    Labels are spread so that no two overlap, each joined to its line end by a thin leader.
+    """
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi)  # fixed: the labels' heights are fractions of this range
+    height = _height_pts(ax)
+    count = len(ends) + len(missing)
+    font = max(min(8.0, height / max(count, 1) / ROW_PITCH), LABEL_PTS[1])
+    targets = [(y - lo) / (hi - lo) for _, _, y, _ in ends] + [-1.0] * len(missing)
+    heights = _spread(targets, ROW_PITCH * font / height)
+    for (label, x, y, colour), at in zip(ends, heights):
+        ax.annotate(
+            label,
+            xy=(x, y),
+            xytext=(1.03, at),
+            textcoords="axes fraction",
+            color=colour,
+            fontsize=font,
+            va="center",
+            annotation_clip=False,
+            arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.5, "shrinkA": 1, "shrinkB": 2},
+        )
+    for label, at in zip(missing, heights[len(ends) :]):
+        ax.text(
+            1.03,
+            at,
+            f"{label}: no finite value",
+            transform=ax.transAxes,
+            color="0.4",
+            fontsize=font,
+            va="center",
+            gid="undefined",
+        )
+
+
 def rank_trajectories(
     ranks: pd.DataFrame, column: str = "stable_rank", ax: Axes | None = None
 ) -> Axes:
     """Draw one rank measure of every layer against epoch, one line per layer.
 
-    Up to 12 layers get a legend; more are coloured by depth with a "layer depth" colour bar.
-    Layers without a finite value (NaN/Inf weights throughout) get no line; a note on the axes
-    names them.
+    Every line is named at its right end by its short name (:func:`short_names`), in its
+    colour, in a column outside the axes where labels are spread so none overlap (a new figure
+    grows with the number of layers). Lines cycle through the ten default colours, then
+    dashed, dotted and dash-dotted. Layers without a finite value (NaN/Inf weights throughout)
+    get no line; the label column names them, in grey, at its bottom.
 
     Args:
         ranks: the ranks frame (columns layer, epoch and ``column``).
@@ -432,7 +754,8 @@ def rank_trajectories(
         ax: axes to draw on; a new figure is made when None.
 
     Returns:
-        The axes; ``ax.lines`` holds one line per drawn layer in model order.
+        The axes; ``ax.lines`` holds one line per drawn layer in model order, ``ax.texts`` the
+        labels.
 
     Example:
         >>> ax = rank_trajectories(ranks, column="effective_rank")
@@ -442,43 +765,34 @@ def rank_trajectories(
     _check_frame(ranks, "ranks", ["layer", "epoch"])
     _check_column(ranks, "ranks", "column", column)
     layers = _layer_order(ranks)
-    drawable = np.isfinite(ranks[column].to_numpy(float))
-    undefined = [name for name in layers if not drawable[(ranks["layer"] == name).to_numpy()].any()]
-    ax = _axes(ax)
-    depth = ScalarMappable(Normalize(0, max(len(layers) - 1, 1)), plt.get_cmap("viridis"))
-    few = len(layers) <= 12
+    labels = dict(zip(layers, short_names([str(n) for n in layers])))
+    ax = _axes(ax, (7.5, max(4.0, 1.4 + _rows_height(len(layers), 8.0))))
+    ends, missing = [], []
     for j, (layer, one) in enumerate(ranks.groupby("layer", sort=False)):
-        if layer in undefined:
-            continue
         one = one.sort_values("epoch")
-        if few:  # ten distinct colours, then dashed
-            style = {"color": f"C{j % 10}", "ls": "-" if j < 10 else "--"}
-        else:
-            style = {"color": depth.to_rgba(j), "lw": 1.0}
-        ax.plot(one["epoch"], one[column], label=str(layer), **style)
-    if few and len(undefined) < len(layers):
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", title="layer")
-    elif not few:
-        ax.figure.colorbar(depth, ax=ax, label="layer depth (0 = first layer)")
-    if undefined:
-        shown = ", ".join(map(str, undefined[:5])) + (" ..." if len(undefined) > 5 else "")
-        ax.text(
-            0.02,
-            0.98,
-            f"not drawn (no finite value): {shown}",
-            transform=ax.transAxes,
-            va="top",
-            fontsize="small",
-            gid="undefined",
+        values = one[column].to_numpy(float)
+        finite = np.nonzero(np.isfinite(values))[0]
+        if not finite.size:
+            missing.append(labels[layer])
+            continue
+        colour, style = _line_style(j)
+        ax.plot(one["epoch"], values, color=colour, ls=style, label=str(layer))
+        ends.append(
+            (labels[layer], float(one["epoch"].iloc[finite[-1]]), values[finite[-1]], colour)
         )
     ax.set_xlabel("epoch")
     ax.set_ylabel(RANK_LABELS.get(column, column))
-    ax.set_title(f"{column.replace('_', ' ').capitalize()} of each layer over training")
+    title = f"{column.replace('_', ' ').capitalize()} of each layer over training"
+    prefix = common_prefix([str(n) for n in layers])
+    ax.set_title(title + (f"\n(layers named after {prefix})" if prefix else ""))
+    _end_labels(ax, ends, missing)
     return ax
 
 
 def beta_curve(beta_curve: pd.DataFrame, beta: float | None = None, ax: Axes | None = None) -> Axes:
     """Draw the trainable share against the cut-off beta, and the kept energy on a twin axis.
+
+    The legend sits outside the axes on a new figure (see :func:`mean_stability`).
 
     Args:
         beta_curve: the beta_curve frame (columns beta, trainable_share, optional min_energy and
@@ -496,7 +810,8 @@ def beta_curve(beta_curve: pd.DataFrame, beta: float | None = None, ax: Axes | N
     """
     _check_frame(beta_curve, "beta_curve", ["beta", "trainable_share"])
     df = beta_curve.sort_values("beta")
-    ax = _axes(ax)
+    own_figure = ax is None
+    ax = _axes(ax, (8.5, 4.0))  # wide enough for the legend at the right
     ax.plot(df["beta"], df["trainable_share"], marker="o", ms=3, label="trainable share")
     ax.set_ylim(0.0, max(1.05 * df["trainable_share"].max(), 0.05))
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
@@ -510,10 +825,10 @@ def beta_curve(beta_curve: pd.DataFrame, beta: float | None = None, ax: Axes | N
         axes.append(_twin_share(ax, "kept spectral energy Σσ²_kept / Σσ² (%)"))
     for c, ls in zip(energy, ("--", ":")):
         axes[1].plot(df["beta"], df[c], color="C1", ls=ls, label=c.replace("_", " ") + " kept")
-    _legend(axes, "center right")
+    _legend(axes, own_figure)
     ax.set_xlabel("cut-off β (keep σ_i ≥ β σ₁)")
     ax.set_ylabel("trainable share of parameters, Σr²/Σmn (%)")
-    ax.set_title("Trainable share and kept energy vs cut-off β")
+    ax.set_title("Trainable share and kept energy vs cut-off β", pad=NOTE_PAD)
     return ax
 
 

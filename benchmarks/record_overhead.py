@@ -7,13 +7,17 @@
     (``background=False``). Two figures per variant: the wall-time ratio to the baseline, and
     the direct cost, the time spent inside recorder calls ÷ training time (creation with its
     initial snapshot, every snapshot, and closing, which waits for the last background write).
-    The targets are on the direct cost.
+    The targets are on the direct cost. Side by side, the background variants again with live
+    stability (``live=LiveStability(tensorboard=...)``: every layer's S against the snapshot
+    before and the mean S, computed on the writer thread and written to TensorBoard), and the
+    ratio of their direct cost and wall time to the same variant without it.
 (b) Snapshots of several 512x512 Linear layers written by the recorder (both ways; timed to the
     end of close(), so the background writes are all in), against a bare h5py append of the
     same bytes: one file, one extendable dataset per layer chunked ``(1, m, n)``, resize + write
     each layer + flush per snapshot. Throughput in MB/s (1 MB = 1e6 bytes). The bare append runs
     twice, without and with HDF5's fletcher32 checksum filter (which the recorder applies since
-    format 1.2), so the checksum's own cost shows side by side.
+    format 1.2), so the checksum's own cost shows side by side. The background recorder runs
+    once more with live stability: 512x512 layers are where its float64 SVDs show.
 (c) Whether h5py holds the GIL while it writes: the longest pause of a pure-Python loop on this
     thread while another thread runs one ``write_direct`` of 128 MiB (fletcher32), and while the
     recorder's background writer writes the snapshots of (b).
@@ -40,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from basis_stability import Recorder, every
+from basis_stability import LiveStability, Recorder, every
 from basis_stability.jobs import RecordJob, build
 from basis_stability.training import TrainConfig, fit, make_optimizer
 
@@ -51,7 +55,8 @@ from _timing import interleaved, verdict  # noqa: E402
 TARGETS = {"per-epoch": 0.005, "every(10)": 0.02, "throughput": 0.8}
 SCHEDULES = ("per-epoch", "every(10)")
 MODES = {"background": True, "sync": False}  # the label -> RecordConfig.background
-VARIANTS = ["baseline"] + [f"{s}, {m}" for s in SCHEDULES for m in MODES]
+LIVE = "background + live S"  # the background recorder with live=LiveStability(tensorboard=...)
+VARIANTS = ["baseline"] + [f"{s}, {m}" for s in SCHEDULES for m in [*MODES, LIVE]]
 
 
 # ---------------------------------------------------------------- (a) training overhead
@@ -104,19 +109,20 @@ def train_once(variant: str, epochs: int, path: Path) -> float:
     steps_per_epoch = math.ceil(len(data.x_train) / job.train.batch_size)
     schedule, _, mode = variant.partition(", ")
     background = MODES.get(mode, True)
+    live = LiveStability(tensorboard=path.with_suffix(".tb")) if mode == LIVE else None
     TimedRecorder.spent = 0.0
     start = time.perf_counter()
     if variant == "baseline":
         fit(model, data, job.train, optimizer=optimizer, progress=False)
     elif schedule == "per-epoch":
-        with TimedRecorder(model, path, background=background) as rec:
+        with TimedRecorder(model, path, background=background, live=live) as rec:
 
             def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
                 rec.snapshot(epoch=epoch, step=epoch * steps_per_epoch, metrics=metrics)
 
             fit(model, data, job.train, optimizer, on_epoch_end=on_epoch_end, progress=False)
     elif schedule == "every(10)":
-        with TimedRecorder(model, path, background=background) as rec:
+        with TimedRecorder(model, path, background=background, live=live) as rec:
             rec.attach(optimizer, every(10), steps_per_epoch=steps_per_epoch)
             fit(
                 model,
@@ -140,9 +146,13 @@ def big_model(n_layers: int, width: int) -> nn.Sequential:
     return nn.Sequential(*(nn.Linear(width, width) for _ in range(n_layers)))
 
 
-def write_recorder(model: nn.Module, n_snapshots: int, path: Path, background: bool) -> float:
-    """Seconds for the recorder to write ``n_snapshots`` snapshots (file already created)."""
-    rec = Recorder(model, path, initial=False, background=background)
+def write_recorder(
+    model: nn.Module, n_snapshots: int, path: Path, background: bool, live: bool = False
+) -> float:
+    """Seconds for the recorder to write ``n_snapshots`` snapshots (file already created);
+    ``live``: with live stability too (its TensorBoard folder beside the run)."""
+    measure = LiveStability(tensorboard=path.with_suffix(".tb")) if live else None
+    rec = Recorder(model, path, initial=False, background=background, live=measure)
     start = time.perf_counter()
     for t in range(n_snapshots):
         rec.snapshot(step=t, epoch=t)
@@ -268,6 +278,9 @@ def main() -> None:
                 "recorder, sync": lambda: write_recorder(
                     model, n_snapshots, folder / "sync.h5", False
                 ),
+                "recorder, live S": lambda: write_recorder(
+                    model, n_snapshots, folder / "live.h5", True, live=True
+                ),
                 "bare h5py": lambda: write_bare(arrays, n_snapshots, folder / "bare.h5"),
                 "bare h5py + fletcher32": lambda: write_bare(
                     arrays, n_snapshots, folder / "sum.h5", checksum=True
@@ -287,7 +300,14 @@ def main() -> None:
     print_table(train_rows(med, repeats), ("training (median)", "wall", "ratio", "direct"))
     print("\ndirect cost of each repeat, in run order (a busy machine shows as outliers):")
     for variant in VARIANTS[1:]:
-        print(f"  {variant:<22s} " + "  ".join(f"{100 * x:5.2f} %" for x in IN_RECORDER[variant]))
+        print(f"  {variant:<30s} " + "  ".join(f"{100 * x:5.2f} %" for x in IN_RECORDER[variant]))
+    live_header = ("live S (median)", "without", "with live", "with ÷ without")
+    print_table(live_rows(med, repeats), live_header)
+    print(
+        f"  {'live S, 512x512 layers of (b)':<22s}  {mb / med['recorder']:.0f} MB/s without, "
+        f"{mb / med['recorder, live S']:.0f} MB/s with: "
+        f"{med['recorder, live S'] / med['recorder']:.2f}x the time"
+    )
     print_table(write_rows(med, mb), ("writing (median)", "value", "ratio"))
     print("\n(c) longest pause of a Python loop on the training thread while h5py writes:")
     for name, (pause, seconds) in gil.items():
@@ -301,6 +321,9 @@ def train_rows(med: dict[str, float], repeats: int) -> list[tuple[str, ...]]:
     for variant in VARIANTS[1:]:
         IN_RECORDER[variant] = IN_RECORDER[variant][-repeats:]  # drop the warm-up
         direct = statistics.median(IN_RECORDER[variant])
+        if variant.endswith(LIVE):  # an option on top: compared with its variant below
+            rows.append((variant, f"{med[variant]:.3f} s", "", f"{100 * direct:.2f} %", "", ""))
+            continue
         target = TARGETS[variant.partition(", ")[0]]
         rows.append(
             (
@@ -310,6 +333,36 @@ def train_rows(med: dict[str, float], repeats: int) -> list[tuple[str, ...]]:
                 f"{100 * direct:.2f} %",
                 f"<= {100 * target:.1f} %",
                 verdict(direct, target, higher_is_better=False),
+            )
+        )
+    return rows
+
+
+def live_rows(med: dict[str, float], repeats: int) -> list[tuple[str, ...]]:
+    """Per schedule, the background recorder's direct cost and wall time without and with live
+    stability, and their ratio (with ÷ without)."""
+    rows = []
+    for schedule in SCHEDULES:
+        without, with_live = f"{schedule}, background", f"{schedule}, {LIVE}"
+        d0, d1 = (statistics.median(IN_RECORDER[v][-repeats:]) for v in (without, with_live))
+        rows.append(
+            (
+                f"{schedule}: direct cost",
+                f"{100 * d0:.2f} %",
+                f"{100 * d1:.2f} %",
+                f"{d1 / d0:.2f}x",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"{schedule}: wall time",
+                f"{med[without]:.3f} s",
+                f"{med[with_live]:.3f} s",
+                f"{med[with_live] / med[without]:.3f}",
+                "",
+                "",
             )
         )
     return rows

@@ -336,6 +336,7 @@ CONFIGS = {
     "TrainConfig": "basis_stability.training",
     "OIALRConfig": "basis_stability.training.oialr",
     "FactorizeConfig": "basis_stability.lowrank",
+    "LiveStability": "basis_stability.analysis.live",
 }
 
 

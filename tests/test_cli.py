@@ -43,8 +43,8 @@ def test_record_builtin_models_then_inspect_and_validate(model, tmp_path):
     }[model]
     assert kinds == expected_kinds
     if model == "vit-tiny":
-        assert "blocks.layers.0.self_attn.in_proj" in names
-        assert "blocks.layers.0.self_attn.out_proj" in names
+        assert "blocks.0.self_attn.in_proj" in names
+        assert "blocks.0.self_attn.out_proj" in names
     summary = bstab("inspect", out)
     assert summary.exit_code == 0
     for name in names:
@@ -93,7 +93,7 @@ def test_record_float16_storage(tmp_path):
         == 0
     )
     with h5py.File(out, "r", libver="latest", swmr=True) as f:
-        assert f["layers/1"].dtype == np.float16
+        assert f["layers/fc1"].dtype == np.float16
 
 
 def test_default_output_path_never_overwrites(tmp_path, monkeypatch):
@@ -123,7 +123,7 @@ def test_existing_output_is_refused_then_replaced_with_force(tmp_path):
 def test_list_shows_selected_and_skipped_layers():
     result = bstab("record", "--model", "vit-tiny", "--list")
     assert result.exit_code == 0
-    assert "blocks.layers.0.self_attn.in_proj" in result.output
+    assert "blocks.0.self_attn.in_proj" in result.output
     assert "no matrix view for LayerNorm" in result.output
 
 
@@ -242,3 +242,12 @@ def test_record_from_checkpoints_list_shows_the_selection_and_writes_nothing(tmp
     assert re.search(r"^\s+2\s+linear\s+4x3$", result.output, re.M)
     assert "0.bias" in result.output  # skipped, with its reason
     assert not out.exists()
+
+
+def test_progress_bars_stay_out_of_output_that_is_not_a_terminal(tmp_path):
+    from basis_stability.cli._options import show_progress
+
+    result = bstab("record", "--model", "mlp", "--epochs", "2", "-o", tmp_path / "r.h5")
+    assert result.exit_code == 0, result.output
+    assert "%|" not in result.output  # no tqdm bar redraws in a log
+    assert show_progress(no_progress=True) is False

@@ -53,7 +53,7 @@ def test_analyze_prints_the_table_and_writes_tables_plan_and_plots(mlp_run: Path
     assert plan == api.plan
     # ranks are for the layers OIALR factorises; the 256x10 head (ratio 25.6 > 10) is named
     assert set(plan.ranks) | set(plan.excluded_layers) == set(names)
-    assert list(plan.excluded_layers) == ["5"]
+    assert list(plan.excluded_layers) == [names[-1]] == ["head"]
     written = int(result.output.split("wrote ")[1].split()[0])
     assert written == len([p for p in out.iterdir() if p.name != MANIFEST])
     assert set(json.loads((out / MANIFEST).read_text())["files"]) == {

@@ -105,8 +105,8 @@ def test_train_with_explicit_delay_beta_interval_cuts_ranks(tmp_path):
     share = float(_summary(result.output)["share"])
     assert share < 100.0
     names, values, _ = _metrics(out)
-    ranks = values[:, names.index("rank/3")]
-    assert {"rank/1", "rank/3"} <= set(names) and "rank/5" not in names  # 256x10 head: full
+    ranks = values[:, names.index("rank/fc2")]
+    assert {"rank/fc1", "rank/fc2"} <= set(names) and "rank/head" not in names  # 256x10 head: full
     assert np.isnan(ranks[0]) and ranks[-1] < 256  # full-rank at first, cut by the end
     assert np.all(np.diff(ranks[~np.isnan(ranks)]) <= 0)
     assert values[-1, names.index("trainable_share")] == pytest.approx(share / 100, abs=1e-3)
@@ -156,7 +156,7 @@ def test_train_with_a_plan_of_the_same_model(mlp_plan, tmp_path):
     assert result.exit_code == 0, result.output
     assert float(_summary(result.output)["share"]) < 100.0  # converted at the plan's delay
     names, values, _ = _metrics(out)
-    converted = ~np.isnan(values[:, names.index("rank/3")])
+    converted = ~np.isnan(values[:, names.index("rank/fc2")])
     first = int(np.argmax(converted))  # the first snapshot (epoch) after conversion
     assert first == int(np.ceil(plan["delay_step"] / 12))  # 12 steps per epoch at batch 128
 
@@ -233,8 +233,8 @@ def test_layers_kept_dense_are_named_in_one_line(tmp_path):
     lines = [x for x in result.output.splitlines() if x.startswith("OIALR kept")]
     assert len(lines) == 1, result.output
     assert "kept 2 of 2 eligible layers dense" in lines[0] and "(k (m + n) >= m n)" in lines[0]
-    assert "1 (256x64: beta rank" in lines[0] and "> 51, the largest paying" in lines[0]
+    assert "fc1 (256x64: beta rank" in lines[0] and "> 51, the largest paying" in lines[0]
     assert float(_summary(result.output)["share"]) == 100.0  # counted whole
     with open_run(out) as run:
         convert = next(e for e in run.events() if e["event"] == "convert")
-    assert convert["dense"] == ["1", "3"] and convert["layers"] == 0
+    assert convert["dense"] == ["fc1", "fc2"] and convert["layers"] == 0

@@ -219,16 +219,16 @@ def test_bstab_record_no_biases_flag(tmp_path):
     with open_run(out) as run:
         assert run.state_keys == []
         assert {k.key for k in run.model_keys} - {i.param_name for i in run.layers} == {
-            "1.bias",
-            "3.bias",
-            "5.bias",
+            "fc1.bias",
+            "fc2.bias",
+            "head.bias",
         }
     result = bstab(
         "record", "--model", "mlp", "--epochs", "1", "--no-progress", "-o", out, "--force"
     )
     assert result.exit_code == 0, result.output
     with open_run(out) as run:
-        assert run.state_keys == ["1.bias", "3.bias", "5.bias"]
+        assert run.state_keys == ["fc1.bias", "fc2.bias", "head.bias"]
 
 
 class Tied(nn.Module):

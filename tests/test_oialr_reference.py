@@ -370,9 +370,9 @@ def test_cli_reference_preset_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     with open_run(out) as run:
         names, values = run.metric_names, run.metrics_array()
-    # mlp 64-256-256-10: the head fails the reference's Linear rule, keep_last keeps layer 3
-    assert "rank/1" in names and "rank/3" not in names and "rank/5" not in names
-    ranks = values[:, names.index("rank/1")]
+    # mlp 64-256-256-10: the head fails the reference's Linear rule, keep_last keeps fc2
+    assert "rank/fc1" in names and "rank/fc2" not in names and "rank/head" not in names
+    ranks = values[:, names.index("rank/fc1")]
     # converted and cut at step 11 (before the 12th, the first of epoch 2): 32 <= k < 64
     assert ranks[0] != ranks[0] and 32 <= ranks[1] < 64 and ranks[-1] <= ranks[1]
 
@@ -383,7 +383,7 @@ def test_cli_reference_preset_no_keep_last(tmp_path):
     result = bstab("train", *FAST, "--preset", "reference", "--no-keep-last", *args, "-o", out)
     assert result.exit_code == 0, result.output
     with open_run(out) as run:
-        assert {"rank/1", "rank/3"} <= set(run.metric_names)
+        assert {"rank/fc1", "rank/fc2"} <= set(run.metric_names)
 
 
 @pytest.mark.parametrize(

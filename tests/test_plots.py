@@ -11,9 +11,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.text import Text
 
 from basis_stability import plots
-from basis_stability.errors import ConfigError
+from basis_stability.errors import ConfigError, significant
 
 matplotlib.use("Agg")  # tests only: the library never picks a backend
 
@@ -133,6 +134,61 @@ def _marker_x(ax) -> float:
     return float(xs[0])
 
 
+def _shown_ticks(axis) -> tuple[list, list]:
+    """(labels of the ticks inside the view, labels of all ticks) of one axis."""
+    lo, hi = sorted(axis.get_view_interval())
+    slack = 1e-9 * max(abs(lo), abs(hi), 1.0)
+    shown, every = [], []
+    for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
+        labels = [tick.label1, tick.label2]
+        every += labels
+        if lo - slack <= tick.get_loc() <= hi + slack:
+            shown += labels
+    return shown, every
+
+
+def _texts(fig) -> list:
+    """Every text a drawn figure shows (tick labels in view, titles, notes, legends)."""
+    fig.canvas.draw()
+    shown, ticks = [], set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            inside, every = _shown_ticks(axis)
+            shown += inside
+            ticks.update(map(id, every))
+    shown += [t for t in fig.findobj(Text) if id(t) not in ticks]
+    return [t for t in shown if t.get_visible() and t.get_text().strip()]
+
+
+def _box(text):
+    """The box of the text itself (an annotation's extent would include its leader line)."""
+    return Text.get_window_extent(text)
+
+
+def assert_no_overlapping_text(fig) -> None:
+    boxes = [(t.get_text(), _box(t)) for t in _texts(fig)]
+    clash = [
+        (a, b)
+        for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2)
+        if box_a.overlaps(box_b)
+    ]
+    assert not clash, clash[:5]
+
+
+def bert_names(n_blocks: int = 2) -> list[str]:
+    """Hugging Face BERT's names of the recorded matrices of ``n_blocks`` encoder blocks."""
+    parts = [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+        "output.dense_2",  # a seventh, so two blocks give the issue's 14 layers
+    ]
+    return [f"bert.encoder.layer.{i}.{part}" for i in range(n_blocks) for part in parts]
+
+
 # --------------------------------------------------------------------------- heatmap
 def test_heatmap_image_is_the_pivoted_values_in_model_order():
     frame = stability_frame(LAYERS)
@@ -157,30 +213,106 @@ def test_heatmap_other_pair_and_value_and_nan_cells():
     assert "grey = undefined" in ax.get_title()
 
 
-def test_heatmap_with_60_layers_thins_labels_that_do_not_overlap():
+def test_heatmap_with_60_layers_labels_every_row_without_overlap():
     layers = [f"encoder.layers.{j}.self_attn.out_proj" for j in range(60)]
     ax = plots.stability_heatmap(stability_frame(layers, n_snaps=40))
     fig = ax.figure
-    fig.canvas.draw()
     assert fig.get_figheight() > 8  # grew with the number of layers
-    for labels in (ax.get_yticklabels(), ax.get_xticklabels()):
-        shown = [t for t in labels if t.get_visible() and t.get_text()]
-        assert 2 <= len(shown) <= 25
-        boxes = [t.get_window_extent() for t in shown]
-        assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
-    assert ax.get_yticklabels()[0].get_text() == layers[0]
-    rows = {*ax.get_yticks(), *ax.get_yticks(minor=True)}
-    assert rows == set(range(60))  # every row still has a tick mark
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        f"{j}.self_attn.out_proj" for j in range(60)
+    ]
+    assert "encoder.layers." in ax.get_ylabel()  # the dropped prefix is named once
+    assert list(ax.get_yticks()) == list(range(60))
+    assert_no_overlapping_text(fig)
+    shown = [t for t in ax.get_xticklabels() if t.get_text()]
+    assert 2 <= len(shown) <= 25  # epochs, a numeric axis, may be thinned
 
 
-def test_heatmap_on_a_given_small_axes_thins_labels():
-    fig, ax = plt.subplots(figsize=(4, 2))
+def test_heatmap_on_a_given_small_axes_shrinks_the_font_then_says_it_thins():
+    fig, ax = plt.subplots(figsize=(4, 6))
     out = plots.stability_heatmap(stability_frame([f"l{j}" for j in range(30)]), ax=ax)
-    assert out is ax and fig.get_figheight() == 2
-    fig.canvas.draw()
-    boxes = [t.get_window_extent() for t in ax.get_yticklabels()]
-    assert len(boxes) < 30
+    assert out is ax and fig.get_figheight() == 6  # the caller's figure keeps its size
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"l{j}" for j in range(30)]
+    assert ax.get_yticklabels()[0].get_fontsize() < 9  # shrunk to fit
+    assert_no_overlapping_text(fig)
+    fig, ax = plt.subplots(figsize=(4, 2))  # not even 4.5 pt fit: thinned, and said so
+    plots.stability_heatmap(stability_frame([f"l{j}" for j in range(30)]), ax=ax)
+    assert len(ax.get_yticklabels()) < 30 and "enlarge the axes" in ax.get_ylabel()
+    boxes = [t.get_window_extent() for t in _texts(fig) if t in ax.get_yticklabels()]
     assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+
+
+def test_heatmap_of_bert_layers_labels_each_by_its_distinct_part():
+    names = bert_names()
+    ax = plots.stability_heatmap(stability_frame(names), tau=0.99)
+    want = [name.removeprefix("bert.encoder.layer.") for name in names]  # 14 rows, none cut
+    assert [t.get_text() for t in ax.get_yticklabels()] == want
+    assert_no_overlapping_text(ax.figure)
+
+
+def test_heatmap_colour_scale_is_even_in_nines_and_covers_the_data():
+    frame = stability_frame(LAYERS)
+    lag = frame.index[frame.pair == "lag"]
+    frame.loc[lag, "S"] = 0.95
+    frame.loc[lag[:3], "S"] = [0.6, 1.0, 0.99997]
+    ax = plots.stability_heatmap(frame)
+    image = ax.images[0]
+    data = np.ma.getdata(image.get_array())[np.isfinite(np.ma.getdata(image.get_array()))]
+    norm = image.norm
+    assert norm.vmin <= data.min() == 0.6
+    assert norm.vmax == pytest.approx(1 - 1e-5)  # the smallest 1 - S below 1 is 3e-5
+    shades = np.asarray(norm(data))
+    assert shades.min() >= 0.0 and shades.max() <= 1.0  # every value inside the colour range
+    assert norm(1.0) == 1.0  # S = 1 exactly takes the top colour
+    nines = np.asarray(norm([0.9, 0.99, 0.999, 0.9999]))
+    np.testing.assert_allclose(np.diff(nines), np.diff(nines)[0])  # equal steps per nine
+    # an independent formula: position = log10((1 - vmin) / (1 - S)) / log10((1 - vmin) / 1e-5)
+    want = np.log10(0.4 / (1 - 0.99)) / np.log10(0.4 / 1e-5)
+    assert float(norm(0.99)) == pytest.approx(want)
+    labels = [t.get_text() for t in image.colorbar.ax.get_yticklabels()]
+    assert labels == ["0.6", "0.9", "0.99", "0.999", "0.9999", "≥ 0.99999"]
+
+
+def test_heatmap_nan_cells_are_grey_not_a_colour_of_the_scale():
+    frame = stability_frame(LAYERS)
+    frame.loc[(frame.pair == "lag") & (frame.layer == "conv"), "S"] = np.nan
+    ax = plots.stability_heatmap(frame)
+    image = ax.images[0]
+    grey = image.cmap.get_bad()
+    assert np.allclose(grey[:3], grey[0])  # a grey
+    scale = image.cmap(np.linspace(0, 1, 256))[:, :3]
+    assert np.abs(scale - grey[:3]).sum(axis=1).min() > 0.2  # far from every colour of the map
+    assert "grey = undefined" in ax.get_title()
+
+
+def test_heatmap_tau_line_runs_between_stable_and_unstable_cells():
+    rows = [
+        {"layer": layer, "pair": "lag", "epoch_b": float(e), "S": s}
+        for layer, values in (("a", [0.9, 0.995, 0.999]), ("b", [0.9, 0.95, 0.999]))
+        for e, s in enumerate(values)
+    ]
+    ax = plots.stability_heatmap(pd.DataFrame(rows), tau=0.99)
+    (outline,) = [c for c in ax.collections if c.get_gid() == "tau"]
+    got = {tuple(map(tuple, np.round(seg, 6))) for seg in outline.get_segments()}
+    # a: unstable | stable stable; b: unstable unstable | stable; a/b differ in column 1
+    want = {
+        ((0.5, -0.5), (0.5, 0.5)),  # a, between columns 0 and 1
+        ((1.5, 0.5), (1.5, 1.5)),  # b, between columns 1 and 2
+        ((0.5, 0.5), (1.5, 0.5)),  # column 1, between a and b
+    }
+    assert got == want
+    assert "τ = 0.99" in ax.get_title()
+
+
+def test_heatmap_epochs_are_rounded():
+    frame = stability_frame(LAYERS, n_snaps=4)
+    frame["epoch_b"] = frame["epoch_b"] * 40 / 55  # 40 epochs over 11 snapshots: 3.63636...
+    ax = plots.stability_heatmap(frame)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["7.27", "10.9"]
+    assert ax.get_xlabel() == "epoch (of the later snapshot b)"  # evenly spaced
+    frame = stability_frame(LAYERS, n_snaps=6)
+    frame["epoch_b"] = 2.0 ** frame["b"]  # a log schedule: the label says columns are uneven
+    assert "unevenly spaced" in plots.stability_heatmap(frame).get_xlabel()
 
 
 def test_heatmap_rejects_unknown_pair_and_duplicate_rows():
@@ -193,6 +325,19 @@ def test_heatmap_rejects_unknown_pair_and_duplicate_rows():
 
 
 # --------------------------------------------------------------------------- network curve
+def _legend_texts(ax) -> list[str]:
+    legend = ax.get_legend() or ax.figure.legends[0]
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def assert_legend_off_the_axes(ax) -> None:
+    fig = ax.figure
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(each.get_window_extent()) for each in fig.axes)
+
+
 def test_mean_stability_marks_delay_and_tau_and_plots_the_curves():
     net = network_frame()
     ax = plots.mean_stability(net, delay_epoch=25.0, tau=0.95)
@@ -203,9 +348,31 @@ def test_mean_stability_marks_delay_and_tau_and_plots_the_curves():
     np.testing.assert_allclose(ax.lines[1].get_ydata(), net.weighted_S)
     assert any(t.get_text() == "delay d = 25" for t in ax.texts)
     np.testing.assert_allclose(_twin(ax).lines[0].get_ydata(), net.stable_share)
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    legend = _legend_texts(ax)
     assert len(legend) == 5 and "stable share" in legend
     assert ax.get_ylabel() == "stability S = tr(B_aᵀB_b)/n" and ax.get_xlabel() == "epoch"
+    assert_legend_off_the_axes(ax)
+    assert_no_overlapping_text(ax.figure)
+
+
+def test_mean_stability_rounds_a_fractional_delay_and_keeps_the_note_off_the_data():
+    ax = plots.mean_stability(network_frame(), delay_epoch=40 / 11, tau=0.99)
+    (note,) = ax.texts
+    assert note.get_text() == "delay d = 3.64"
+    assert "delay d = epoch 3.64" in _legend_texts(ax)
+    ax.figure.canvas.draw()
+    assert note.get_window_extent().y0 >= ax.get_window_extent().y1 - 1  # above the axes
+    assert_no_overlapping_text(ax.figure)
+
+
+def test_mean_stability_on_a_given_axes_puts_the_legend_where_it_fits():
+    fig, ax = plt.subplots()
+    plots.mean_stability(network_frame(), ax=ax)
+    assert ax.get_legend() is not None and not fig.legends
+    fig.canvas.draw()
+    box = ax.get_legend().get_window_extent()
+    points = np.vstack([ax.transData.transform(line.get_xydata()) for line in ax.lines[:2]])
+    assert not box.count_contains(points)  # no point of the two curves under the legend
 
 
 def test_mean_stability_without_share_delay_or_tau():
@@ -259,22 +426,60 @@ def test_spectra_grid_all_given_layers_hides_spare_panels():
         plots.spectra_grid(spectra_frame(LAYERS), layers=["nope"])
 
 
+def test_spectra_grid_titles_drop_the_common_prefix_and_cut_no_characters():
+    names = bert_names()
+    fig = plots.spectra_grid(spectra_frame(names, n_snaps=2, n=3))
+    titles = [ax.get_title().replace("\n", "") for ax in fig.axes if ax.get_title()]
+    assert titles == [name.removeprefix("bert.encoder.layer.") for name in names]
+    assert "bert.encoder.layer." in fig.get_suptitle()
+    assert_no_overlapping_text(fig)
+
+
+def test_log_axes_spanning_under_two_decades_write_plain_numbers():
+    frame = spectra_frame(LAYERS, n=3)
+    frame["sigma"] = 30 + 40 * frame["sigma_rel"]  # 30..70: under one decade
+    ax = plots.spectrum(frame, "conv")
+    ax.figure.canvas.draw()
+    inside, _ = _shown_ticks(ax.yaxis)
+    labels = [t.get_text() for t in inside if t.get_visible() and t.get_text()]
+    assert {"30", "40", "50", "60", "70"} <= set(labels), labels
+    assert all(float(s) > 0 for s in labels)  # plain numbers: no 6×10¹ (mathtext) left
+
+
 # --------------------------------------------------------------------------- ranks and beta
-def test_rank_trajectories_legend_for_few_layers():
+def _end_labels(ax) -> list:
+    return [t for t in ax.texts if t.get_gid() != "undefined"]
+
+
+def test_rank_trajectories_name_each_line_at_its_end():
     frame = ranks_frame(LAYERS)
     ax = plots.rank_trajectories(frame)
     assert [line.get_label() for line in ax.lines] == LAYERS
     np.testing.assert_allclose(ax.lines[1].get_ydata(), frame[frame.layer == "conv"].stable_rank)
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == LAYERS
-    assert len(ax.figure.axes) == 1
+    labels = _end_labels(ax)
+    assert [t.get_text() for t in labels] == LAYERS
+    assert [t.get_color() for t in labels] == [line.get_color() for line in ax.lines]
+    for text, line in zip(labels, ax.lines):  # each label points at its line's last point
+        assert text.xy == (line.get_xdata()[-1], line.get_ydata()[-1])
+    assert ax.get_legend() is None and not ax.figure.legends and len(ax.figure.axes) == 1
     assert "stable rank" in ax.get_ylabel() and ax.get_xlabel() == "epoch"
 
 
-def test_rank_trajectories_colour_bar_for_many_layers():
-    ax = plots.rank_trajectories(ranks_frame([f"l{j}" for j in range(20)]), column="energy_rank")
-    assert len(ax.lines) == 20 and ax.get_legend() is None
-    assert ax.figure.axes[-1].get_ylabel().startswith("layer depth")
-    assert ax.lines[0].get_color() != ax.lines[-1].get_color()
+@pytest.mark.parametrize("n_layers", [14, 60])
+def test_rank_trajectories_labels_of_many_layers_are_distinct_and_do_not_overlap(n_layers):
+    names = bert_names(2) if n_layers == 14 else [f"blocks.{j}.mlp.fc1" for j in range(60)]
+    frame = ranks_frame(names)
+    frame["stable_rank"] = 3.0 + 0.01 * frame["snapshot"]  # all lines end at the same height
+    ax = plots.rank_trajectories(frame, column="stable_rank")
+    prefix = "bert.encoder.layer." if n_layers == 14 else "blocks."
+    assert [t.get_text() for t in _end_labels(ax)] == [n.removeprefix(prefix) for n in names]
+    styles = {(line.get_color(), line.get_linestyle()) for line in ax.lines}
+    assert len(styles) == n_layers  # no two lines look alike
+    fig = ax.figure
+    fig.canvas.draw()
+    right = ax.get_window_extent().x1
+    assert all(_box(t).x0 > right for t in _end_labels(ax))  # off the data
+    assert_no_overlapping_text(fig)
 
 
 def test_rank_trajectories_skip_and_name_a_layer_without_finite_values():
@@ -284,11 +489,12 @@ def test_rank_trajectories_skip_and_name_a_layer_without_finite_values():
     assert [line.get_label() for line in ax.lines] == ["fc2", "attn"]
     np.testing.assert_allclose(ax.lines[1].get_ydata(), frame[frame.layer == "attn"].stable_rank)
     notes = [t.get_text() for t in ax.texts if t.get_gid() == "undefined"]
-    assert notes == ["not drawn (no finite value): conv"]
+    assert notes == ["conv: no finite value"]
     frame["stable_rank"] = np.nan  # nothing finite at all: an empty, annotated figure
     ax = plots.rank_trajectories(frame)
     assert not ax.lines and ax.get_legend() is None
-    assert "fc2, conv, attn" in ax.texts[-1].get_text()
+    assert [t.get_text() for t in ax.texts] == [f"{n}: no finite value" for n in LAYERS]
+    assert_no_overlapping_text(ax.figure)
 
 
 def test_beta_curve_marks_the_chosen_beta_and_its_share():
@@ -299,7 +505,49 @@ def test_beta_curve_marks_the_chosen_beta_and_its_share():
     share = np.interp(0.2, frame.beta, frame.trainable_share)
     assert any(t.get_text() == f"β = 0.2: {share:.1%} trainable" for t in ax.texts)
     np.testing.assert_allclose(_twin(ax).lines[0].get_ydata(), frame.min_energy)
-    assert "chosen β = 0.2" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "chosen β = 0.2" in _legend_texts(ax)
+    assert_legend_off_the_axes(ax)
+    assert_no_overlapping_text(ax.figure)
+
+
+# --------------------------------------------------------------------------- layer names
+def test_common_prefix_of_bert_names_is_the_encoder_path():
+    names = [*bert_names(2), "bert.encoder.layer.11.output.dense"]
+    assert plots.common_prefix(names) == "bert.encoder.layer."
+    assert plots.short_names(names)[:2] == ["0.attention.self.query", "0.attention.self.key"]
+    assert plots.short_names(names)[-1] == "11.output.dense"
+    with_head = [*names, "classifier"]
+    assert plots.common_prefix(with_head) == ""  # nothing shared: full names
+    assert plots.short_names(with_head) == with_head
+
+
+@pytest.mark.parametrize(
+    ("names", "want"),
+    [
+        (["model.layers.0.mlp", "model.layers.1.mlp"], ["0.mlp", "1.mlp"]),
+        (["enc.a", "enc.a.b"], ["a", "a.b"]),  # a name never vanishes entirely
+        (["only.one.name"], ["only.one.name"]),
+        (["enc/0", "enc/1"], ["0", "1"]),  # checkpoint groups split at '/'
+        (["layer10", "layer11"], ["layer10", "layer11"]),  # whole components only
+        (["conv1", "conv2", "fc1", "head"], ["conv1", "conv2", "fc1", "head"]),
+    ],
+)
+def test_short_names_are_unique_whole_component_suffixes(names, want):
+    got = plots.short_names(names)
+    assert got == want
+    assert len(set(got)) == len(names)
+    assert all(name.endswith(short) for name, short in zip(names, got))
+
+
+def test_significant_rounds_epochs_to_three_digits_without_exponents():
+    assert [significant(x) for x in (40 / 11, 25 / 11, 40.0, 1 / 23, 1234.5, 0.5)] == [
+        "3.64",
+        "2.27",
+        "40",
+        "0.0435",
+        "1234",
+        "0.5",
+    ]
 
 
 # --------------------------------------------------------------------------- bad input

@@ -80,7 +80,7 @@ def _run_bash(code: str, where: str) -> None:
 
 
 def _quiet(command: str) -> list[str]:
-    return ["--no-progress"] if command in ("record", "analyze", "train") else []
+    return ["--no-progress"] if command in ("record", "analyze", "report", "train") else []
 
 
 def test_readme_has_the_two_commands_first():

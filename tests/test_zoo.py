@@ -158,6 +158,39 @@ def test_classifiers_map_a_batch_to_one_logit_per_class(name: str, shape: tuple[
         assert convs == {nn.Conv2d if len(shape) == 3 else nn.Conv1d}
 
 
+BLOCK = ["self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2"]
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "layers"),
+    [
+        ("mlp", (1, 8, 8), ["fc1", "fc2", "head"]),
+        ("cnn", (1, 8, 8), ["conv1", "conv2", "conv3", "fc1", "head"]),
+        (
+            "vit-tiny",
+            (1, 8, 8),
+            ["patch_embed", *[f"blocks.{b}.{p}" for b in (0, 1) for p in BLOCK], "head"],
+        ),
+        (
+            "forecaster",
+            (1, 24),
+            ["embed", *[f"blocks.{b}.{p}" for b in (0, 1) for p in BLOCK], "head"],
+        ),
+    ],
+)
+def test_builtin_models_record_named_layers_not_sequential_indices(name, shape, layers):
+    from basis_stability.views import select_layers
+
+    model = build_model(name, shape, 6, seed=0)
+    assert [view.name for view in select_layers(model).views] == layers
+
+
+def test_vit_blocks_start_equal_as_nn_transformer_encoder_clones_did():
+    model = build_model("vit-tiny", (1, 8, 8), 10, seed=0)
+    first, second = (dict(block.state_dict()) for block in model.blocks)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
 def test_mlp_parameter_count_is_the_formula():
     d, w, c = 64, 256, 10
     want = (d * w + w) + (w * w + w) + (w * c + c)

@@ -15,11 +15,15 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, RunFileError, expected
 from .report import Report
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -156,40 +160,48 @@ def write_tables(report: Report, out: Path) -> list[Path]:
     return paths
 
 
-def write_plots(report: Report, out: Path, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
-    """The standard figures of a report (needs two snapshots for the stability ones). Layers
-    without a finite value (NaN/Inf weights throughout) are left out of the spectrum figures."""
+def figures(report: Report) -> Iterator[tuple[str, Figure]]:
+    """The standard figures of a report, each with its name in :data:`PLOTS`, in that order
+    (the stability ones need two snapshots; layers without a finite value, NaN/Inf weights
+    throughout, are left out of the spectrum figures). The caller saves and closes each one;
+    without an interactive session matplotlib draws off-screen (Agg)."""
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("agg", "svg", "pdf") and not _interactive():
         matplotlib.use("Agg")
+
+    from .. import plots
+
+    plan = report.plan
+    if len(report.stability):
+        tau = plan.rules["delay"]["tau"] if plan else None
+        ax = plots.stability_heatmap(report.stability, pair="lag", tau=tau)
+        yield "stability_heatmap", ax.figure
+        delay = plan.delay_epoch if plan else None
+        yield "mean_stability", plots.mean_stability(report.network, delay, tau).figure
+    if len(report.spectra):
+        yield "spectra_grid", plots.spectra_grid(report.spectra)
+        drawn = report.summary[report.summary["layer"].isin(report.spectra["layer"])]
+        biggest = drawn.sort_values("params").iloc[-1]["layer"]
+        yield "spectrum_largest_layer", plots.spectrum(report.spectra, biggest).figure
+    if len(report.ranks):
+        yield "stable_rank", plots.rank_trajectories(report.ranks).figure
+    if plan is not None and len(report.beta_curve):
+        yield "beta_curve", plots.beta_curve(report.beta_curve, beta=plan.beta).figure
+
+
+def write_plots(report: Report, out: Path, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """The standard :func:`figures` of a report, each saved in every format of ``formats``."""
     import matplotlib.pyplot as plt
 
     from .. import plots
 
-    plan, paths = report.plan, []
-
-    def save(fig, stem):
-        paths.extend(plots.save_figure(fig, out / stem, formats))
-
-    if len(report.stability):
-        ax = plots.stability_heatmap(report.stability, pair="lag")
-        save(ax.figure, "stability_heatmap")
-        delay = plan.delay_epoch if plan else None
-        ax = plots.mean_stability(
-            report.network, delay_epoch=delay, tau=plan.rules["delay"]["tau"] if plan else None
-        )
-        save(ax.figure, "mean_stability")
-    if len(report.spectra):
-        save(plots.spectra_grid(report.spectra), "spectra_grid")
-        drawn = report.summary[report.summary["layer"].isin(report.spectra["layer"])]
-        biggest = drawn.sort_values("params").iloc[-1]["layer"]
-        save(plots.spectrum(report.spectra, biggest).figure, "spectrum_largest_layer")
-    if len(report.ranks):
-        save(plots.rank_trajectories(report.ranks).figure, "stable_rank")
-    if plan is not None and len(report.beta_curve):
-        save(plots.beta_curve(report.beta_curve, beta=plan.beta).figure, "beta_curve")
-    plt.close("all")
+    paths = []
+    try:
+        for stem, fig in figures(report):
+            paths.extend(plots.save_figure(fig, out / stem, formats))
+    finally:
+        plt.close("all")
     return paths
 
 

@@ -32,8 +32,10 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .spectra import SVD, compact_svd
@@ -52,6 +54,7 @@ __all__ = [
     "condition_number",
     "decompose",
     "matched_cosines",
+    "mean_stability",
     "overlap",
     "pairwise_overlap",
     "pairwise_stability",
@@ -247,6 +250,23 @@ def stability(a: Decomposed, b: Decomposed) -> Measure:
         )
     n = min(a.basis.shape)  # the number of singular values, also for a wide matrix
     return Measure(float((a.basis * b.basis).sum()) / n)
+
+
+def mean_stability(values: Sequence[float], sizes: Sequence[float]) -> float:
+    """The network's mean S: the mean over layers weighted by their sizes ``m n``, over the
+    layers whose S is defined (a NaN S, from a basis that is not unique, is left out); NaN
+    when none is.
+
+    Example:
+        >>> mean_stability([1.0, 0.5, float("nan")], [100, 300, 50])
+        0.625
+    """
+    s = np.asarray(values, dtype=np.float64)
+    w = np.asarray(sizes, dtype=np.float64)
+    known = ~np.isnan(s)
+    if not known.any():
+        return math.nan
+    return float((s[known] * w[known]).sum() / w[known].sum())
 
 
 def stability_bound(a: Decomposed, b: Decomposed) -> float:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from ..errors import significant
+
 if TYPE_CHECKING:
     from .report import Report
 
 
 def _num(value: float, fmt: str) -> str:
-    return (
-        "-"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else (format(value, fmt))
-    )
+    """``value`` in format ``fmt``, or '-' when missing; fmt 'epoch' rounds to 3 digits."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return significant(value) if fmt == "epoch" else format(value, fmt)
 
 
 def _overlap(r) -> str:
@@ -44,7 +45,7 @@ def layer_table(report: Report) -> list[str]:
                 f"{r.m}x{r.n}",
                 _num(r.final_S, ".3f"),
                 _overlap(r),
-                _num(r.stable_from_epoch, "g"),
+                _num(r.stable_from_epoch, "epoch"),
                 _num(r.stable_rank, ".1f"),
                 _num(r.effective_rank, ".1f"),
                 "-"
@@ -71,18 +72,20 @@ def network_lines(report: Report) -> list[str]:
     if len(net) and net["weighted_S"].notna().any():
         lag = plan.rules["delay"].get("lag", plan.interval_snapshots) if plan else "?"
         low = net["weighted_S"].idxmin()
+        first, lowest = significant(net["epoch"].iloc[0]), significant(net["epoch"][low])
         lines.append(
             f"mean stability (lag {lag}, parameter-weighted): first {net['weighted_S'].iloc[0]:.3f}"
-            f" at epoch {net['epoch'].iloc[0]:g}, lowest {net['weighted_S'][low]:.3f} at epoch "
-            f"{net['epoch'][low]:g}, last {net['weighted_S'].iloc[-1]:.3f}"
+            f" at epoch {first}, lowest {net['weighted_S'][low]:.3f} at epoch "
+            f"{lowest}, last {net['weighted_S'].iloc[-1]:.3f}"
         )
     if plan is None:
         return lines
     rules = plan.rules
     if plan.delay_snapshot is not None:
         step = f", step {plan.delay_step}" if plan.delay_step is not None else ""
+        epoch = _num(plan.delay_epoch, "epoch")
         lines.append(
-            f"delay: epoch {_num(plan.delay_epoch, 'g')}{step} (snapshot {plan.delay_snapshot}): "
+            f"delay: epoch {epoch}{step} (snapshot {plan.delay_snapshot}): "
             f"from there >= {rules['delay']['share']:.0%} of parameters sit in layers with "
             f"S >= {rules['delay']['tau']}"
             + (" (of those whose S is defined; see the notes)" if _any_excluded(net) else "")

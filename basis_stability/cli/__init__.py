@@ -11,7 +11,9 @@ import logging
 import click
 
 from . import analyze as _analyze
+from . import compare as _compare
 from . import record as _record
+from . import report as _report
 from . import store as _store
 from . import train as _train
 
@@ -33,6 +35,8 @@ for _command in (
     _store.validate,
     _store.export,
     _analyze.analyze,
+    _compare.compare,
+    _report.report,
     _train.train,
 ):
     main.add_command(_command)

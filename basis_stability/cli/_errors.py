@@ -107,6 +107,18 @@ FLAGS: dict[str, dict[str, str | None]] = {
         "idle_timeout": "--idle-timeout",
         "progress=False": "--no-progress",
     },
+    "report": {
+        "out": "--output",
+        "force": "--force",
+        "cache=False": "--no-cache",
+        "progress=False": "--no-progress",
+    },
+    "compare": {
+        "out_dir": "--output",
+        "lag": "--lag",
+        "force": "--force",
+        "progress=False": "--no-progress",
+    },
     "inspect": {"scan=False": "--no-scan"},
     "validate": {},
     "export": {

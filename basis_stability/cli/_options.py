@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,12 @@ class _PositiveFloat(click.ParamType):
             name = f"--{param.name.replace('_', '-')}" if param is not None else "value"
             self.fail(expected(name, "a finite number > 0", value, "Use e.g. 1e-3."), param, ctx)
         return number
+
+
+def show_progress(no_progress: bool) -> bool:
+    """Progress bars unless ``--no-progress``, and only on a terminal: redirected to a log, a
+    bar's every redraw would be a line of it."""
+    return not no_progress and sys.stderr.isatty()
 
 
 def check_output(path: Path, option: str = "--output") -> None:

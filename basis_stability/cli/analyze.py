@@ -9,6 +9,7 @@ import click
 
 from ..errors import ConfigError, expected
 from ._errors import clean_errors, render
+from ._options import show_progress
 
 if TYPE_CHECKING:
     from ..analysis.lag import Lag
@@ -147,7 +148,7 @@ def _lag(ctx: click.Context, param: click.Parameter, value: str) -> Lag:
     show_default=True,
     help="--follow: stop after this many seconds without a new snapshot.",
 )
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars (shown only on a terminal).")
 @clean_errors
 def analyze(run_path: Path, **opts: Any) -> None:
     """Measure basis stability, top-k overlap, spectra and ranks of a run; recommend OIALR's
@@ -179,7 +180,9 @@ def analyze(run_path: Path, **opts: Any) -> None:
     out = opts["output"] or run_path.with_name(run_path.stem + "-analysis")
 
     def analyze_once():
-        return api.analyze(run_path, config, engine, plan, progress=not opts["no_progress"])
+        return api.analyze(
+            run_path, config, engine, plan, progress=show_progress(opts["no_progress"])
+        )
 
     for text in follow_analysis(
         run_path,

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ._errors import clean_errors, render
-from ._options import check_output, training_config, training_options
+from ._options import check_output, show_progress, training_config, training_options
 
 
 @click.command()
@@ -63,7 +63,7 @@ from ._options import check_output, training_config, training_options
     is_flag=True,
     help="Only list the layers that would be recorded and skipped.",
 )
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars (shown only on a terminal).")
 @clean_errors
 def record(
     model: str,
@@ -112,7 +112,9 @@ def record(
     if not list_only:  # an existing --output is the writer's to refuse (or --force to replace)
         check_output(output or jobs.default_run_path(stem))
     if checkpoints is not None:
-        _record_checkpoints(checkpoints, rec_cfg, output, force, list_only, not no_progress)
+        _record_checkpoints(
+            checkpoints, rec_cfg, output, force, list_only, show_progress(no_progress)
+        )
         return
     train = training_config(epochs, batch_size, lr, optimizer, seed, warmup, lr_schedule)
     job = jobs.RecordJob(
@@ -121,7 +123,7 @@ def record(
     if list_only:
         _print_model_selection(job)
         return
-    _record_training(job, stem, output, force, not no_progress)
+    _record_training(job, stem, output, force, show_progress(no_progress))
 
 
 def _record_config(

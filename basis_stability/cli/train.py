@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ._errors import clean_errors, render
-from ._options import check_output, training_config, training_options
+from ._options import check_output, show_progress, training_config, training_options
 
 
 @click.command()
@@ -75,7 +75,7 @@ from ._options import check_output, training_config, training_options
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars (shown only on a terminal).")
 @clean_errors
 def train(**opts: Any) -> None:
     """Train a built-in model with OIALR (or full-rank), record it, export the compact model.
@@ -106,7 +106,9 @@ def train(**opts: Any) -> None:
     def run(path: Path) -> jobs.TrainResult:
         export = path.with_name(path.stem + "-factorized.pt") if mode == "oialr" else None
         create = "overwrite" if opts["force"] and output else "create"
-        return jobs.run_train_job(job, path, export, mode=create, progress=not opts["no_progress"])
+        return jobs.run_train_job(
+            job, path, export, mode=create, progress=show_progress(opts["no_progress"])
+        )
 
     _echo(run(output) if output else jobs.at_free_path(stem, run))
 

@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..errors import BstabError, ConfigError, expected
+from ..errors import ConfigError, MissingExtraError, expected, require
+from ..recording.live import LiveOption, check_live
 from ..recording.recorder import Recorder
 from ..recording.schedules import Schedule
 
 log = logging.getLogger(__name__)
 
-
-class MissingExtraError(BstabError, ImportError):
-    """An integration was asked for but its framework is not installed."""
-
-
-def require(module: str, extra: str, what: str) -> Any:
-    """Import ``module`` or fail with the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingExtraError(
-            f"{what} needs the `{module.split('.')[0]}` package, which is not installed. "
-            f"Install it with: pip install 'basis_stability[{extra}]'"
-        ) from None
+# MissingExtraError and require live in errors.py; the adapters import them from here
+__all__ = ["MissingExtraError", "RecordSession", "require", "scalars", "schedule_from"]
 
 
 def schedule_from(spec: Schedule | str | None) -> Schedule | None:
@@ -73,7 +62,8 @@ class RecordSession:
     The framework calls :meth:`open` when training starts, :meth:`step` after every optimizer
     step, :meth:`epoch_end` at the end of every epoch, :meth:`state`/:meth:`restore` with its
     checkpoints and :meth:`close` at the end. A restored session appends to the same run, after
-    the snapshots that existed when the checkpoint was taken.
+    the snapshots that existed when the checkpoint was taken. With ``live``, the framework
+    calls :meth:`send_live` after its snapshots to hand the live values to its loggers.
     """
 
     def __init__(
@@ -83,7 +73,11 @@ class RecordSession:
         *,
         mode: str = "create",
         record: Mapping[str, Any] | None = None,
+        live: LiveOption | None = None,
     ) -> None:
+        check_live(live)
+        self.live = live
+        self._sending = True  # False once sending live values to the framework failed
         self.path = Path(path)
         self.schedule = schedule_from(schedule)
         self.mode = mode
@@ -104,6 +98,7 @@ class RecordSession:
                 mode="append" if resuming else self.mode,
                 keep=self.resume_at,
                 resume_step=self.resume_step,
+                live=self.live,
                 **self.record,
             )
         return self.recorder
@@ -135,6 +130,28 @@ class RecordSession:
             return
         self.last_step = step
         self.recorder.snapshot(step=step, epoch=epoch, metrics=scalars(metrics or {}))
+
+    def send_live(self, send: Callable[[int, dict[str, float]], None], wait: bool = False) -> None:
+        """Hand the live values measured since the last call to ``send(step, values)`` (the
+        framework's loggers), oldest first; ``wait``: first wait for the snapshots in flight.
+        A failure of ``send`` is warned of once and stops the sending, never the recording."""
+        if self.recorder is None or self.live is None:
+            return
+        for step, values in self.recorder.live_metrics(wait=wait):
+            if not self._sending:
+                continue
+            try:
+                send(step, values)
+            except Exception as exc:  # the loggers' failure: the recording goes on
+                self._sending = False
+                log.warning("could not log the live values of %s: %s", self.path, exc)
+                warnings.warn(
+                    f"Logging the live values of the recording {self.path} to the framework's "
+                    f"loggers failed ({type(exc).__name__}: {exc}); no more are sent. The "
+                    "recording goes on.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def snapshots(self) -> int:
         """Snapshots in the run (counted on the writing rank; other ranks report 0)."""

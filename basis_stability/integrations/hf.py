@@ -30,6 +30,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..analysis.live import TAG_PREFIX, LiveStability
 from ..errors import ConfigError
 from ..lowrank.optim_state import match_model_order
 from ..lowrank.surgery import rebuild_low_rank
@@ -46,6 +47,12 @@ OIALR_STATE_NAME = "oialr.json"
 _SKIP = {"epoch", "step", "total_flos"}
 
 
+def _live(key: str) -> bool:
+    """Whether a logged key is a live value (``stability/...``, possibly with the ``train/``
+    prefix an integration adds): the run has them already, so snapshots do not store them."""
+    return key.startswith(TAG_PREFIX) or key.startswith(f"train/{TAG_PREFIX}")
+
+
 def _inner(optimizer: Any) -> Any:
     """The torch optimizer inside accelerate's wrapper (hooks must go on the real one)."""
     return getattr(optimizer, "optimizer", optimizer)
@@ -60,6 +67,13 @@ class RecordTrainerCallback(_tf.TrainerCallback):
             (``every(50)``, ``"every:50"``, ``"at:1,10,100"``, ``"log:30:5000"``).
         mode: ``create`` (refuse an existing run), ``overwrite`` or ``append``; a resumed
             ``train()`` always appends.
+        live: e.g. ``basis_stability.LiveStability()``: at every snapshot after the first, each
+            layer's S against the snapshot before (``stability/S/<layer>``) and the mean S
+            (``stability/S_mean``) go through ``trainer.log`` at the snapshot's step, so to
+            every ``report_to`` integration, every callback's ``on_log`` and
+            ``state.log_history``, shortly after the snapshot (they are measured on the
+            recorder's writer thread). A callback is not given its trainer, so call
+            :meth:`attach`.
         **record: :class:`~basis_stability.recording.RecordConfig` fields (``include``,
             ``exclude``, ``types``, ``dtype``, ``initial``, ``metadata``, ``biases``).
     """
@@ -70,9 +84,11 @@ class RecordTrainerCallback(_tf.TrainerCallback):
         schedule: Schedule | str | None = None,
         *,
         mode: str = "create",
+        live: LiveStability | None = None,
         **record: Any,
     ) -> None:
-        self.session = RecordSession(path, schedule, mode=mode, record=record)
+        self.session = RecordSession(path, schedule, mode=mode, record=record, live=live)
+        self.trainer: Any = None  # the Trainer whose log() gets the live values (attach)
         self._pending: tuple[float, int] | None = None  # an epoch end awaiting its evaluation
         self._logged = 0  # log_history entries already attached to a snapshot
         self._eval: dict[str, float] = {}
@@ -82,10 +98,40 @@ class RecordTrainerCallback(_tf.TrainerCallback):
         """The :class:`~basis_stability.recording.Recorder` while training, else None."""
         return self.session.recorder
 
+    def attach(self, trainer: Any) -> RecordTrainerCallback:
+        """Record ``trainer``'s training (add this callback to it unless it has it) and send
+        the live values through its ``log``.
+
+        Example:
+            >>> rec = RecordTrainerCallback("run.h5", live=bs.LiveStability())  # doctest: +SKIP
+            >>> rec.attach(Trainer(model, args, train_dataset=data))  # doctest: +SKIP
+            >>> rec.trainer.train()  # doctest: +SKIP
+        """
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self.trainer = trainer
+        return self
+
+    def _send_live(self, wait: bool = False) -> None:
+        if self.trainer is not None:
+            self.session.send_live(self._log_at, wait=wait)
+
+    def _log_at(self, step: int, values: dict[str, float]) -> None:
+        """``trainer.log(values)`` at optimizer step ``step``: the integrations stamp a log
+        with ``state.global_step``, so it is that step during the call."""
+        state = self.trainer.state
+        now, state.global_step = state.global_step, step
+        try:
+            self.trainer.log(dict(values))
+        finally:
+            state.global_step = now
+
     def _metrics(self, state: Any) -> dict[str, float]:
         merged: dict[str, float] = {}
         for entry in state.log_history[self._logged :]:
-            merged.update({k: v for k, v in scalars(entry).items() if k not in _SKIP})
+            merged.update(
+                {k: v for k, v in scalars(entry).items() if k not in _SKIP and not _live(k)}
+            )
         self._logged = len(state.log_history)
         merged.update(self._eval)
         self._eval = {}
@@ -102,6 +148,12 @@ class RecordTrainerCallback(_tf.TrainerCallback):
             self.session.resume_after_step(state.global_step)
         self._logged = len(state.log_history)
         self.session.open(model)
+        if self.session.live is not None and self.trainer is None:
+            log.warning(
+                "RecordTrainerCallback(live=...) is not attached to its Trainer, so the live "
+                "values reach no report_to logger (TensorBoard only when LiveStability has a "
+                "directory, and callback.recorder.live_metrics()); call callback.attach(trainer)"
+            )
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any):
         self._flush(state)  # the weights have not moved since the epoch ended
@@ -109,6 +161,7 @@ class RecordTrainerCallback(_tf.TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any):
         if self.session.schedule is not None and self.session.schedule(state.global_step):
             self.session.step(state.global_step, float(state.epoch), self._metrics(state))
+        self._send_live()
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any):
         if self.session.schedule is None:
@@ -117,9 +170,11 @@ class RecordTrainerCallback(_tf.TrainerCallback):
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any):
         self._eval.update({k: v for k, v in scalars(metrics or {}).items() if k not in _SKIP})
         self._flush(state)
+        self._send_live()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any):
         self._flush(state)
+        self._send_live(wait=True)
         self.session.close()
 
 
@@ -164,8 +219,9 @@ class OIALRTrainer(_tf.Trainer):
         oialr_config: an :class:`~basis_stability.training.oialr.OIALRConfig` (delay, interval and
             beta in optimizer steps, or ``auto=True``); default: auto.
         oialr_filter: ``(name, module) -> bool``, the last word on which layers are factorised.
-        recorder: a :class:`RecordTrainerCallback` (also pass it in ``callbacks``) to store every
-            OIALR decision in the run's ``/events``.
+        recorder: a :class:`RecordTrainerCallback` to store every OIALR decision in the run's
+            ``/events``; it is attached to this trainer (added to its callbacks if absent, and
+            its live stability sent through this trainer's ``log``).
 
     After ``train()``, ``trainer.oialr`` holds the controller (ranks, trainable share, events);
     an auto run that ended before conversion logs one warning line saying so (see
@@ -193,6 +249,8 @@ class OIALRTrainer(_tf.Trainer):
         self.oialr_config = oialr_config or OIALRConfig(auto=True)
         self.oialr_filter = oialr_filter
         self.oialr_recorder = recorder
+        if recorder is not None:  # its live values go through this trainer's log
+            recorder.attach(self)
         self.oialr = None
         self._oialr_restored: dict[str, Any] | None = None
         self.add_callback(_OIALRStep(self))

@@ -27,13 +27,16 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..lowrank.optim_state import match_model_order
 from ..lowrank.surgery import rebuild_low_rank
 from ..recording.schedules import Schedule
 from ._common import RecordSession, require
+
+if TYPE_CHECKING:
+    from ..analysis.live import LiveStability
 
 _pl = require("lightning.pytorch", "lightning", "The Lightning integration")
 log = logging.getLogger(__name__)
@@ -59,6 +62,11 @@ class RecordCallback(_pl.Callback):
             forms ``"every:50"``, ``"at:1,10,100"``, ``"log:30:5000"``.
         mode: ``create`` (refuse an existing run), ``overwrite`` or ``append``; a fit resumed
             from a checkpoint always appends.
+        live: e.g. ``basis_stability.LiveStability()``: at every snapshot after the first, each
+            layer's S against the snapshot before (``stability/S/<layer>``) and the mean S
+            (``stability/S_mean``) go to every logger of the trainer
+            (``logger.log_metrics(values, step=<the snapshot's step>)``), shortly after the
+            snapshot (they are measured on the recorder's writer thread).
         **record: :class:`~basis_stability.recording.RecordConfig` fields (``include``,
             ``exclude``, ``types``, ``dtype``, ``initial``, ``metadata``, ``biases``).
 
@@ -72,10 +80,11 @@ class RecordCallback(_pl.Callback):
         schedule: Schedule | str | None = None,
         *,
         mode: str = "create",
+        live: LiveStability | None = None,
         **record: Any,
     ) -> None:
         super().__init__()
-        self.session = RecordSession(path, schedule, mode=mode, record=record)
+        self.session = RecordSession(path, schedule, mode=mode, record=record, live=live)
 
     @property
     def state_key(self) -> str:
@@ -96,14 +105,24 @@ class RecordCallback(_pl.Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         step = trainer.global_step
         self.session.step(step, _epoch_of(trainer, step), trainer.callback_metrics)
+        self._send_live(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self.session.epoch_end(
             float(trainer.current_epoch + 1), trainer.global_step, trainer.callback_metrics
         )
+        self._send_live(trainer)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._send_live(trainer, wait=True)  # before the loggers are finalised
         self.session.close()
+
+    def _send_live(self, trainer: Any, wait: bool = False) -> None:
+        def send(step: int, values: dict[str, float]) -> None:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+
+        self.session.send_live(send, wait=wait)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self.session.close()  # every committed snapshot is already on disk

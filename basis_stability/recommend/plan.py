@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.lag import Interval
+from ..analysis.stability import mean_stability
 from ..errors import ConfigError, check_config, expected
 from .eligibility import FactorizeConfig, eligible_by_shape
 from .rules import (
@@ -465,12 +466,12 @@ def network_table(
     known = lagged["S"].notna()
     frame = lagged.assign(
         size=size,
-        wS=lagged["S"] * size,
         known=known * size,
         why=np.where(known, "", lagged["layer"] + " (" + lagged["reason"].fillna("S is NaN") + ")"),
     )
     g = frame.groupby("b", sort=True)
     shares = [stable_share(d["S"].to_numpy(), d["size"].to_numpy(), tau) for _, d in g]
+    weighted = [mean_stability(d["S"].to_numpy(), d["size"].to_numpy()) for _, d in g]
     with np.errstate(divide="ignore", invalid="ignore"):
         out = pd.DataFrame(
             {
@@ -478,7 +479,7 @@ def network_table(
                 "epoch": g["epoch_b"].first().to_numpy(),
                 "step": g["step_b"].first().to_numpy(),
                 "mean_S": g["S"].mean().to_numpy(),
-                "weighted_S": (g["wS"].sum() / g["known"].sum()).to_numpy(),
+                "weighted_S": np.array(weighted, dtype=np.float64),
                 "stable_share": np.array(shares, dtype=np.float64),
                 "known_share": (g["known"].sum() / g["size"].sum()).to_numpy(),
                 "excluded": g["why"].agg(lambda w: "; ".join(x for x in w if x)).to_numpy(),

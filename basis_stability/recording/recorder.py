@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -54,6 +55,7 @@ from ..views import Coverage, LayerView, Selection, measure_coverage, select_lay
 from .background import HostBuffers, WriterThread
 from .config import TORCH_DTYPES, RecordConfig, check_step
 from .gather import gather_to_rank0, is_dtensor, refuse_fsdp1
+from .live import LiveHook, LiveOption, LiveValues, check_live
 from .schedules import Schedule
 from .state_plan import (
     STATE_NAMES,
@@ -135,6 +137,13 @@ class Recorder:
             beside the run, never deleted.
         resume_step: with ``keep``, the checkpoint's optimizer step: events logged after it
             (by the rolled-back training) are dropped too (default: the last kept snapshot's).
+        live: values measured at every snapshot while recording, e.g.
+            ``basis_stability.LiveStability(tensorboard="runs/tb")``: each layer's S against
+            the snapshot before and the mean S, logged at the snapshot's step and kept for
+            :meth:`live_metrics`. Measured on the writing rank, from the host copy of the
+            snapshot, on the background writer thread (on the calling thread with
+            ``background=False``); a failure there is warned of once and never stops the
+            recording.
 
     Under torch.distributed only global rank 0 opens and writes the file; on other ranks every
     method is a cheap no-op, so the same code runs on all ranks. A model sharded by FSDP2
@@ -168,8 +177,10 @@ class Recorder:
         mode: str = "create",
         keep: int | None = None,
         resume_step: int | None = None,
+        live: LiveOption | None = None,
         **overrides: Any,
     ) -> None:
+        check_live(live)
         if mode not in _MODES:
             raise ConfigError(
                 expected(
@@ -205,6 +216,18 @@ class Recorder:
         self._buffers = HostBuffers()
         self._slot = 0  # which of the (at most two) sets of buffers the next copy fills
         self._handed = 0  # snapshots handed to the background writer so far, counted in the run
+        # live values (S at every snapshot) on the writing rank, from its initial snapshot on
+        writes_live = live is not None and _dist.is_writer()
+        self._live = LiveHook(live, self.views, path) if writes_live else None
+        try:
+            self._start(mode, keep, resume_step)
+        except BaseException:
+            if self._live is not None:
+                self._live.close()
+            raise
+
+    def _start(self, mode: str, keep: int | None, resume_step: int | None) -> None:
+        """Open the run (on the writing rank) with its initial snapshot, and the writer thread."""
         if self._sharded:
             self._open_sharded(mode, keep, resume_step)
             return
@@ -426,7 +449,21 @@ class Recorder:
 
     def _write(self, writer, *, step: int, epoch: float, metrics: Mapping[str, float]) -> int:
         state = self._state_rows() if self._state.entries else None
-        return writer.append(self._matrices(), step=step, epoch=epoch, metrics=metrics, state=state)
+        # one layer at a time, unless live values need every matrix once the snapshot is in
+        matrices = self._matrices() if self._live is None else list(self._matrices())
+        index = writer.append(matrices, step=step, epoch=epoch, metrics=metrics, state=state)
+        if self._live is not None:
+            start = time.perf_counter()
+            self._live.observe(step, matrices, self.config.dtype)
+            self._live.waited(time.perf_counter() - start)
+        return index
+
+    def _append(self, matrices: list[np.ndarray], *, step: int, **snapshot: Any) -> None:
+        """The background writer's operation: write and commit a snapshot, then measure it
+        for the live values (from the same host buffers, before the next snapshot reuses them)."""
+        self._writer.append(matrices, step=step, **snapshot)
+        if self._live is not None:
+            self._live.observe(step, matrices, self.config.dtype)
 
     def _copy_matrices(self) -> list[np.ndarray]:
         """Every recorded matrix copied into its host buffer, in the storage dtype."""
@@ -472,12 +509,15 @@ class Recorder:
             state = list(self._state_rows(self._copy_state)) if self._state.entries else None
             self._buffers.ready()  # the copies are complete: the caller may change the weights
         finally:
+            measuring, start = self._live is not None and self._thread.busy, time.perf_counter()
             self._wait()  # the snapshot before is committed, or its failure raised (over any other)
+            if measuring:  # the part of the wait its live measurement took
+                self._live.waited(min(time.perf_counter() - start, self._live.last))
         self._writer.check_ready()
         values = check_metrics(metrics)
         index = self._writer.n_snapshots
         self._thread.submit(
-            self._writer.append, matrices, step=step, epoch=epoch, metrics=values, state=state
+            self._append, matrices, step=step, epoch=epoch, metrics=values, state=state
         )
         self._handed = index + 1
         return index
@@ -526,6 +566,8 @@ class Recorder:
                 keeps every snapshot committed before it).
         """
         self._check_open("snapshot()")
+        if self._live is not None:
+            self._live.report()  # a failure of the live values, warned of once
         if step is None:
             step = self.step if self._hook is not None else -1
         step = check_step(step)
@@ -543,6 +585,19 @@ class Recorder:
         if self._thread is not None:
             return self._hand_off(step=step, epoch=float(epoch), metrics=merged)
         return self._write(self._writer, step=step, epoch=float(epoch), metrics=merged)
+
+    def live_metrics(self, wait: bool = False) -> list[LiveValues]:
+        """The live values (``live=``) of the snapshots measured since the last call, oldest
+        first, as ``(step, {tag: value})``; also after :meth:`close`.
+
+        With ``live=LiveStability(...)`` these are ``stability/S/<layer>`` (S against the
+        snapshot before) and ``stability/S_mean``; the first snapshot of a recording has none.
+        ``wait=True`` first waits for the snapshots handed to the background writer
+        (:meth:`flush`). Empty without ``live`` and on ranks that do not write.
+        """
+        if wait:
+            self.flush()
+        return self._live.take() if self._live is not None else []
 
     def flush(self) -> None:
         """Wait until every snapshot and event given so far is committed and flushed to disk.
@@ -684,6 +739,8 @@ class Recorder:
                 self._thread.close()
             if self._writer is not None:
                 self._writer.close()
+            if self._live is not None:
+                self._live.close()
 
     def __enter__(self) -> Recorder:
         return self

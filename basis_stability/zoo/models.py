@@ -8,7 +8,9 @@ digits (8x8 images) and MNIST-1D (length-40 signals). ``forecaster`` is a regres
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,43 +21,69 @@ from .datasets import CLASSIFICATION, REGRESSION
 from .datasets import TASKS as DATASET_TASKS
 
 
+def _named(*layers: tuple[str, nn.Module]) -> nn.Sequential:
+    """A Sequential whose children have names, so recorded layers read ``fc1``, not ``1``."""
+    return nn.Sequential(OrderedDict(layers))
+
+
 def mlp(input_shape: Sequence[int], num_classes: int, width: int = 256) -> nn.Module:
-    """Three Linear layers with ReLU."""
+    """Three Linear layers with ReLU: ``fc1``, ``fc2`` and ``head``."""
     d = math.prod(input_shape)
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(d, width),
-        nn.ReLU(),
-        nn.Linear(width, width),
-        nn.ReLU(),
-        nn.Linear(width, num_classes),
+    return _named(
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(d, width)),
+        ("act1", nn.ReLU()),
+        ("fc2", nn.Linear(width, width)),
+        ("act2", nn.ReLU()),
+        ("head", nn.Linear(width, num_classes)),
     )
 
 
 def cnn(input_shape: Sequence[int], num_classes: int, width: int = 32) -> nn.Module:
-    """Three convolutions (the middle one strided), global average pooling, two Linear layers."""
+    """Three convolutions ``conv1``-``conv3`` (``conv2`` strided), global average pooling, and
+    two Linear layers ``fc1`` and ``head``."""
     conv = {2: nn.Conv1d, 3: nn.Conv2d}[len(input_shape)]
     pool = {2: nn.AdaptiveAvgPool1d, 3: nn.AdaptiveAvgPool2d}[len(input_shape)]
     c = input_shape[0]
-    return nn.Sequential(
-        conv(c, width, 3, padding=1),
-        nn.ReLU(),
-        conv(width, 2 * width, 3, padding=1, stride=2),
-        nn.ReLU(),
-        conv(2 * width, 2 * width, 3, padding=1),
-        nn.ReLU(),
-        pool(1),
-        nn.Flatten(),
-        nn.Linear(2 * width, 128),
-        nn.ReLU(),
-        nn.Linear(128, num_classes),
+    return _named(
+        ("conv1", conv(c, width, 3, padding=1)),
+        ("act1", nn.ReLU()),
+        ("conv2", conv(width, 2 * width, 3, padding=1, stride=2)),
+        ("act2", nn.ReLU()),
+        ("conv3", conv(2 * width, 2 * width, 3, padding=1)),
+        ("act3", nn.ReLU()),
+        ("pool", pool(1)),
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(2 * width, 128)),
+        ("act4", nn.ReLU()),
+        ("head", nn.Linear(128, num_classes)),
     )
+
+
+def _blocks(dim: int, heads: int, depth: int) -> nn.ModuleList:
+    """``depth`` pre-norm encoder blocks named ``blocks.0``, ``blocks.1``, ...
+
+    Like ``nn.TransformerEncoder`` (whose ``blocks.layers.0`` names they shorten) the blocks
+    are copies of one block, so they start from the same weights as before.
+    """
+    block = nn.TransformerEncoderLayer(
+        dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True
+    )
+    return nn.ModuleList(copy.deepcopy(block) for _ in range(depth))
+
+
+def _encode(blocks: nn.ModuleList, tokens: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        tokens = block(tokens)
+    return tokens
 
 
 class ViTTiny(nn.Module):
     """A small vision transformer: patch embedding, a class token, ``depth`` encoder blocks.
 
-    The blocks are ``nn.TransformerEncoderLayer`` so attention is ``nn.MultiheadAttention``.
+    The blocks are ``nn.TransformerEncoderLayer`` so attention is ``nn.MultiheadAttention``;
+    the recorded layers are ``patch_embed``, ``blocks.0.self_attn.in_proj``,
+    ``blocks.0.self_attn.out_proj``, ``blocks.0.linear1``, ``blocks.0.linear2``, ... and ``head``.
     """
 
     def __init__(
@@ -84,10 +112,7 @@ class ViTTiny(nn.Module):
         self.patch_embed = conv(c, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n_tokens + 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.blocks = _blocks(dim, heads, depth)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -95,7 +120,7 @@ class ViTTiny(nn.Module):
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, T, dim)
         cls = self.cls_token.expand(len(x), -1, -1)
         tokens = torch.cat([cls, tokens], dim=1) + self.pos_embed
-        return self.head(self.norm(self.blocks(tokens))[:, 0])
+        return self.head(self.norm(_encode(self.blocks, tokens))[:, 0])
 
 
 class Forecaster(nn.Module):
@@ -135,10 +160,7 @@ class Forecaster(nn.Module):
         length = input_shape[1]
         self.embed = nn.Linear(1, dim)
         self.pos_embed = nn.Parameter(torch.randn(1, length, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.blocks = _blocks(dim, heads, depth)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, horizon)
         with torch.no_grad():  # starts close to the repeat-the-last-value forecast (not at it:
@@ -148,7 +170,7 @@ class Forecaster(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = x[:, 0, -1:]  # (B, 1)
         steps = (x[:, 0] - last).unsqueeze(-1)  # (B, L, 1)
-        tokens = self.blocks(self.embed(steps) + self.pos_embed)
+        tokens = _encode(self.blocks, self.embed(steps) + self.pos_embed)
         return self.head(self.norm(tokens)[:, -1]) + last
 
 
