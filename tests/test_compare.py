@@ -160,7 +160,7 @@ def test_the_same_file_twice_is_compared_once_with_a_note(two_runs):
     ("paths", "fragment"),
     [
         (lambda a, b: [a], "two or more different run files"),
-        (lambda a, b: [a, a], "the same file twice counts once"),
+        (lambda a, b: [a, a], "The same file given twice counts once"),
         (lambda a, b: str(a), "a list of two or more run files"),
     ],
     ids=["one", "same-twice", "a-str"],
@@ -234,7 +234,7 @@ def test_cli_with_fewer_than_two_runs_fails_cleanly(two_runs):
     assert_clean_failure(bstab("compare", two_runs[0]), "two or more different run files")
     assert_clean_failure(bstab("compare"), "two or more")
     twice = bstab("compare", two_runs[0], two_runs[0])
-    assert "the same file twice counts once" in one_error_line(twice)
+    assert "The same file given twice counts once" in one_error_line(twice)
 
 
 # ---------------------------------------------------------------------- the figures

@@ -119,7 +119,7 @@ def check_paths(paths: object) -> tuple[list[Path], list[str]]:
             unique[key] = path
     if len(unique) < 2:
         shown = [str(p) for p in given]
-        why = "the same file twice counts once; " if len(given) > len(unique) else ""
+        why = "The same file given twice counts once. " if len(given) > len(unique) else ""
         raise ConfigError(expected("paths", "two or more different run files", shown, why + fix))
     return list(unique.values()), notes
 
