@@ -62,6 +62,19 @@ class _PositiveFloat(click.ParamType):
         return number
 
 
+def parse_lag(ctx: click.Context, param: click.Parameter, value: str) -> Any:
+    """``--lag`` (a click callback) as a :class:`~basis_stability.analysis.lag.Lag`; a bad one
+    is a usage error spelt in the running command's flags."""
+    from ..analysis.lag import Lag
+    from ._errors import render
+
+    try:
+        return Lag.parse(value)
+    except ConfigError as exc:
+        text = render(str(exc), ctx.command.name, exc.arguments)
+        raise click.BadParameter(text, ctx, param) from None
+
+
 def show_progress(no_progress: bool) -> bool:
     """Progress bars unless ``--no-progress``, and only on a terminal: redirected to a log, a
     bar's every redraw would be a line of it."""

@@ -9,20 +9,10 @@ import click
 
 from ..errors import ConfigError, expected
 from ._errors import clean_errors, render
-from ._options import show_progress
+from ._options import parse_lag, show_progress
 
 if TYPE_CHECKING:
-    from ..analysis.lag import Lag
-
-
-def _lag(ctx: click.Context, param: click.Parameter, value: str) -> Lag:
-    """``--lag`` as a :class:`~basis_stability.analysis.lag.Lag`; a bad one is a usage error."""
-    from ..analysis.lag import Lag
-
-    try:
-        return Lag.parse(value)
-    except ConfigError as exc:
-        raise click.BadParameter(render(str(exc), "analyze", exc.arguments), ctx, param) from None
+    pass
 
 
 @click.command()
@@ -38,7 +28,7 @@ def _lag(ctx: click.Context, param: click.Parameter, value: str) -> Lag:
     "--lag",
     metavar="LAG",
     default="5",
-    callback=_lag,
+    callback=parse_lag,
     show_default=True,
     help="How far apart the lag pairs of the delay rule are: N snapshots, or a time, 5ep "
     "(epochs) or 200steps, pairing each snapshot with the one nearest that long before it.",

@@ -6,19 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError
 from ._errors import clean_errors, render
-from ._options import show_progress
-
-
-def _lag(ctx: click.Context, param: click.Parameter, value: str):
-    """``--lag`` as a Lag; a bad one is a usage error."""
-    from ..analysis.lag import Lag
-
-    try:
-        return Lag.parse(value)
-    except ConfigError as exc:
-        raise click.BadParameter(render(str(exc), "compare", exc.arguments), ctx, param) from None
+from ._options import parse_lag, show_progress
 
 
 @click.command()
@@ -34,7 +23,7 @@ def _lag(ctx: click.Context, param: click.Parameter, value: str):
     "--lag",
     metavar="LAG",
     default="5",
-    callback=_lag,
+    callback=parse_lag,
     show_default=True,
     help="The lag of every run's final S and mean stability, as in bstab analyze.",
 )
