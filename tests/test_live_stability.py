@@ -337,3 +337,16 @@ def test_hf_report_to_loggers_get_the_live_values_at_the_snapshot_steps(tmp_path
     _check(_events(next((tmp_path / "out" / "runs").iterdir())), tmp_path / "run.h5", "train/")
     with bs.open_run(tmp_path / "run.h5") as run:  # the snapshots do not store them as metrics
         assert not any("stability" in name for name in run.metric_names)
+
+
+def test_snapshots_without_a_step_log_at_their_index_not_all_at_one_step(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with bs.record(model, tmp_path / "r.h5", live=bs.LiveStability()) as rec:
+        for epoch in range(1, 4):
+            opt.zero_grad()
+            model(torch.randn(8, 6)).sum().backward()
+            opt.step()
+            rec.snapshot(epoch=epoch)  # no step: the run stores -1
+    assert [step for step, _ in rec.live_metrics(wait=True)] == [1, 2, 3]

@@ -454,16 +454,16 @@ class Recorder:
         index = writer.append(matrices, step=step, epoch=epoch, metrics=metrics, state=state)
         if self._live is not None:
             start = time.perf_counter()
-            self._live.observe(step, matrices, self.config.dtype)
+            self._live.observe(_live_step(step, index), matrices, self.config.dtype)
             self._live.waited(time.perf_counter() - start)
         return index
 
     def _append(self, matrices: list[np.ndarray], *, step: int, **snapshot: Any) -> None:
         """The background writer's operation: write and commit a snapshot, then measure it
         for the live values (from the same host buffers, before the next snapshot reuses them)."""
-        self._writer.append(matrices, step=step, **snapshot)
+        index = self._writer.append(matrices, step=step, **snapshot)
         if self._live is not None:
-            self._live.observe(step, matrices, self.config.dtype)
+            self._live.observe(_live_step(step, index), matrices, self.config.dtype)
 
     def _copy_matrices(self) -> list[np.ndarray]:
         """Every recorded matrix copied into its host buffer, in the storage dtype."""
@@ -747,3 +747,10 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _live_step(step: int, index: int) -> int:
+    """The x of a snapshot's live values: its optimizer step, or its index when the step is
+    unknown (-1: ``snapshot()`` without a step or a schedule), so the values never pile up at
+    one step."""
+    return step if step >= 0 else index
