@@ -30,5 +30,10 @@ def gloo_group(rank: int, folder: str, world: int, name: str = "rendezvous") -> 
     )
     try:
         yield
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # every rank done before any tears down: a rank leaving while another still talks to it
+    # aborted the other now and then ("terminate called without an active exception")
+    dist.barrier()
+    dist.destroy_process_group()
