@@ -60,8 +60,11 @@ RANK_LABELS = {
 
 
 # --------------------------------------------------------------------------- input checks
-def _check_frame(df: object, arg: str, columns: Sequence[str]) -> pd.DataFrame:
-    """Raise a ConfigError unless ``df`` is a non-empty DataFrame holding ``columns``."""
+def check_frame(
+    df: object, arg: str, columns: Sequence[str], *, empty_ok: bool = False
+) -> pd.DataFrame:
+    """Raise a ConfigError unless ``df`` is a DataFrame holding ``columns`` (and, unless
+    ``empty_ok``, at least one row); the check of every plotting function's frame."""
     if not isinstance(df, pd.DataFrame):
         raise ConfigError(
             f"Expected `{arg}` to be a pandas DataFrame but got {type(df).__name__}. "
@@ -74,7 +77,7 @@ def _check_frame(df: object, arg: str, columns: Sequence[str]) -> pd.DataFrame:
             f"frame with columns {list(df.columns)}. Pass the `{arg}` frame from "
             "basis_stability.analysis or rename the column."
         )
-    if df.empty:
+    if df.empty and not empty_ok:
         raise ConfigError(
             f"Expected `{arg}` to hold at least one row but got an empty frame. "
             "Analyse a run with at least two snapshots before plotting it."
@@ -167,7 +170,7 @@ def _layer_order(df: pd.DataFrame) -> list[str]:
     return list(pd.unique(df["layer"]))
 
 
-def _axes(ax: Axes | None, size: tuple[float, float] = (7.0, 4.0)) -> Axes:
+def new_axes(ax: Axes | None, size: tuple[float, float] = (7.0, 4.0)) -> Axes:
     """Return ``ax``, or the axes of a new constrained-layout figure of ``size`` inches."""
     if ax is not None:
         return ax
@@ -421,11 +424,11 @@ def stability_heatmap(
         >>> ax.images[0].get_array().shape  # (layers, epochs)
         (3, 5)
     """
-    _check_frame(stability, "stability", ["layer", "pair", "epoch_b"])
+    check_frame(stability, "stability", ["layer", "pair", "epoch_b"])
     _check_column(stability, "stability", "value", value)
     table = _stability_matrix(stability, pair, value)
     values = table.to_numpy(float)  # (layers, epochs)
-    ax = _axes(ax, _heatmap_size(table))
+    ax = new_axes(ax, _heatmap_size(table))
     norm, ticks, tick_labels = _heatmap_colours(values, value)
     cmap: Colormap = plt.get_cmap("viridis").with_extremes(bad=UNDEFINED_GREY)
     image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
@@ -469,10 +472,10 @@ def mean_stability(
         >>> ax.get_title()
         'Network-level basis stability'
     """
-    _check_frame(network, "network", ["epoch", "mean_S", "weighted_S"])
+    check_frame(network, "network", ["epoch", "mean_S", "weighted_S"])
     df = network.sort_values("epoch")
     own_figure = ax is None
-    ax = _axes(ax, (8.5, 4.0))  # wide enough for the legend at the right
+    ax = new_axes(ax, (8.5, 4.0))  # wide enough for the legend at the right
     ax.plot(df["epoch"], df["mean_S"], marker="o", ms=3, label="mean S over layers")
     ax.plot(df["epoch"], df["weighted_S"], marker="s", ms=3, label="mean S weighted by m·n")
     if tau is not None:
@@ -570,10 +573,10 @@ def spectrum(
         True
     """
     column = "sigma_rel" if relative else "sigma"
-    _check_frame(spectra, "spectra", ["layer", "snapshot", "epoch", "i", column])
+    check_frame(spectra, "spectra", ["layer", "snapshot", "epoch", "i", column])
     _check_layer(spectra, "layer", layer)
     one = spectra[spectra["layer"] == layer]
-    ax = _axes(ax)
+    ax = new_axes(ax)
     colours = _epoch_colours(one["epoch"].to_numpy())
     _draw_spectrum(ax, one, colours, column)
     ax.figure.colorbar(colours, ax=ax, label="epoch")
@@ -632,7 +635,7 @@ def spectra_grid(
         [PosixPath('out/spectra.png'), PosixPath('out/spectra.svg')]
     """
     column = "sigma_rel" if relative else "sigma"
-    _check_frame(spectra, "spectra", ["layer", "snapshot", "epoch", "i", column])
+    check_frame(spectra, "spectra", ["layer", "snapshot", "epoch", "i", column])
     max_layers = positive_int("max_layers", max_layers, "Use e.g. 16.")
     wanted = _layer_order(spectra) if layers is None else list(layers)
     for layer in wanted:
@@ -762,11 +765,11 @@ def rank_trajectories(
         >>> ax.get_ylabel()
         'effective rank exp H(p) (directions)'
     """
-    _check_frame(ranks, "ranks", ["layer", "epoch"])
+    check_frame(ranks, "ranks", ["layer", "epoch"])
     _check_column(ranks, "ranks", "column", column)
     layers = _layer_order(ranks)
     labels = dict(zip(layers, short_names([str(n) for n in layers])))
-    ax = _axes(ax, (7.5, max(4.0, 1.4 + _rows_height(len(layers), 8.0))))
+    ax = new_axes(ax, (7.5, max(4.0, 1.4 + _rows_height(len(layers), 8.0))))
     ends, missing = [], []
     for j, (layer, one) in enumerate(ranks.groupby("layer", sort=False)):
         one = one.sort_values("epoch")
@@ -808,10 +811,10 @@ def beta_curve(beta_curve: pd.DataFrame, beta: float | None = None, ax: Axes | N
         >>> ax.get_xlabel()
         'cut-off β (keep σ_i ≥ β σ₁)'
     """
-    _check_frame(beta_curve, "beta_curve", ["beta", "trainable_share"])
+    check_frame(beta_curve, "beta_curve", ["beta", "trainable_share"])
     df = beta_curve.sort_values("beta")
     own_figure = ax is None
-    ax = _axes(ax, (8.5, 4.0))  # wide enough for the legend at the right
+    ax = new_axes(ax, (8.5, 4.0))  # wide enough for the legend at the right
     ax.plot(df["beta"], df["trainable_share"], marker="o", ms=3, label="trainable share")
     ax.set_ylim(0.0, max(1.05 * df["trainable_share"].max(), 0.05))
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))

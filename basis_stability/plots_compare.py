@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from .errors import ConfigError, Shown, a_or_an, expected
+from .errors import ConfigError, expected
+from .plots import check_frame, new_axes
 
 S_LABEL = "stability S = tr(B_aᵀB_b)/n"
 VALUE_LABELS = {
@@ -47,31 +47,6 @@ RANK_LABELS = {
 }
 _SHARES = ("stable_share", "trainable_share", "factorised_share", "val_acc", "acc")
 _MARKERS = "osD^vP*Xh<>"
-
-
-def _check(df: object, arg: str, columns: Sequence[str]) -> pd.DataFrame:
-    if not isinstance(df, pd.DataFrame):
-        got = Shown(a_or_an(type(df).__name__))
-        raise ConfigError(
-            expected(arg, "a DataFrame of a Comparison", got, "Pass e.g. cmp.network.")
-        )
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ConfigError(
-            expected(
-                arg,
-                f"a frame with columns {', '.join(columns)}",
-                Shown(f"one without {', '.join(missing)}"),
-                "Pass the matching frame of bs.compare(...).",
-            )
-        )
-    return df
-
-
-def _axes(ax: Axes | None, size: tuple[float, float] = (7.0, 4.0)) -> Axes:
-    if ax is None:
-        _, ax = plt.subplots(figsize=size, layout="constrained")
-    return ax
 
 
 def _runs(df: pd.DataFrame, runs: Sequence[str] | None) -> list[str]:
@@ -117,8 +92,8 @@ def stability_over_epochs(
     Example:
         >>> ax = stability_over_epochs(cmp.network)  # doctest: +SKIP
     """
-    _check(network, "network", ["run", x, value])
-    ax = _axes(ax)
+    check_frame(network, "network", ["run", x, value], empty_ok=True)
+    ax = new_axes(ax)
     _lines(ax, network, x, value, _runs(network, runs), value == "stable_share")
     ax.set(xlabel=x, ylabel=VALUE_LABELS.get(value, value) if value != "mean_S" else S_LABEL)
     ax.set_title(f"Network-level basis stability ({VALUE_LABELS.get(value, value)})")
@@ -144,12 +119,12 @@ def metric_over_epochs(
     Example:
         >>> ax = metric_over_epochs(cmp.metrics, "val_loss")  # doctest: +SKIP
     """
-    _check(metrics, "metrics", ["run", "metric", "value", x])
+    check_frame(metrics, "metrics", ["run", "metric", "value", x], empty_ok=True)
     one = metrics[metrics["metric"] == metric]
     if one.empty:
         logged = ", ".join(sorted(set(metrics["metric"]))) or "none"
         raise ConfigError(expected("metric", f"one the runs logged ({logged})", metric, ""))
-    ax = _axes(ax, (6.0, 3.8))
+    ax = new_axes(ax, (6.0, 3.8))
     _lines(ax, one, x, "value", _runs(metrics, runs), metric in _SHARES)
     label = METRIC_LABELS.get(metric, metric)
     ax.set(xlabel=x, ylabel=label, title=label.capitalize())
@@ -193,8 +168,8 @@ def final_stability(
     Example:
         >>> ax = final_stability(cmp.layer_ranks)  # doctest: +SKIP
     """
-    _check(layer_ranks, "layer_ranks", ["layer", "run", "final_S"])
-    ax = _axes(ax)
+    check_frame(layer_ranks, "layer_ranks", ["layer", "run", "final_S"], empty_ok=True)
+    ax = new_axes(ax)
     _by_layer(ax, layer_ranks, "final_S", _runs(layer_ranks, runs))
     ax.set(ylabel=S_LABEL, title="Final basis stability per layer (last lag pair)")
     return ax
@@ -218,8 +193,8 @@ def ranks_by_layer(
     Example:
         >>> ax = ranks_by_layer(cmp.layer_ranks, "energy_rank")  # doctest: +SKIP
     """
-    _check(layer_ranks, "layer_ranks", ["layer", "run", "n", rank])
-    ax = _axes(ax)
+    check_frame(layer_ranks, "layer_ranks", ["layer", "run", "n", rank], empty_ok=True)
+    ax = new_axes(ax)
     full = layer_ranks.drop_duplicates("layer")
     ax.plot(
         range(len(full)),
