@@ -19,6 +19,7 @@ from basis_stability.analysis import engine as engine_mod
 from basis_stability.analysis.engine import default_cache_path
 from basis_stability.errors import ConfigError
 from basis_stability.store import RunWriter, open_run
+from basis_stability.store.h5io import write_digest
 from basis_stability.views import LayerView
 
 # "fc" is a Linear (40, 24); "conv" a Conv2d (6, 2, 2, 2) seen as its (8, 6) transpose
@@ -155,6 +156,7 @@ def test_cache_of_another_run_is_rebuilt_even_when_created_in_the_same_second(tm
     _write(run_b, _snapshots(4, seed=2))
     with h5py.File(run_a, "r") as fa, h5py.File(run_b, "r+") as fb:
         fb.attrs["created"] = fa.attrs["created"]  # same model, layers and creation second
+        write_digest(fb)  # a deliberate edit: re-sealed, so only the cache's check can tell them
     analyze(run_a, CFG)
     shutil.copy(_cache(run_a), _cache(run_b))
     got = analyze(run_b, CFG)
