@@ -199,6 +199,30 @@ def test_a_report_object_and_the_public_verb(mlp_run: Path, tmp_path: Path):
 
 
 # ---------------------------------------------------------------------- bad input
+def test_the_analysis_options_are_those_of_analyze(mlp_run: Path, tmp_path: Path):
+    from basis_stability.analysis import AnalysisConfig
+    from basis_stability.recommend import PlanConfig
+
+    flags = ("--lag", "2", "--tau", "0.5", "--beta-rule", "share", "--target-share", "0.5")
+    page = _report(mlp_run, tmp_path / "r.html", *flags, "--no-cache")
+    plan = bs.analyze(
+        mlp_run,
+        AnalysisConfig(lag=2),
+        NO_CACHE,
+        PlanConfig(tau=0.5, beta_rule="share", target_share=0.5),
+    ).plan
+    default = bs.analyze(mlp_run, engine=NO_CACHE).plan
+    assert (plan.beta, plan.delay_snapshot) != (default.beta, default.delay_snapshot)
+    cells = {row[0]: row[1] for row in page.rows["plan"] if len(row) == 2}
+    assert cells["beta"] == f"{plan.beta:g}"
+    assert plan.rules["beta"]["why"] in cells["beta rule"]
+    assert plan.rules["delay"]["tau"] == 0.5 and plan.rules["delay"]["lag"] == 2
+    if plan.delay_snapshot is not None:
+        assert f"snapshot {plan.delay_snapshot}" in cells["delay"]
+    line = one_error_line(bstab("report", mlp_run, "--tau", "2", "-o", tmp_path / "x.html"))
+    assert "--tau" in line and "2" in line and not (tmp_path / "x.html").exists()
+
+
 def test_a_one_snapshot_run_says_there_are_no_pairs(tmp_path: Path):
     run = tmp_path / "one.h5"
     small_run(run, count=1)

@@ -198,3 +198,118 @@ _TRAINING_OPTIONS = [
         "recipe, with --warmup).",
     ),
 ]
+
+
+def analysis_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options shared by `analyze` and `report`: the measurement, the plan's rules and the
+    decompositions; :func:`analysis_configs` turns them into configs."""
+    for option in reversed(_ANALYSIS_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def analysis_configs(opts: dict[str, Any]):
+    """The analysis, engine and plan configs that :func:`analysis_options` (and
+    ``--no-cache``) describe."""
+    from ..analysis import AnalysisConfig, EngineConfig
+    from ..recommend import PlanConfig
+
+    engine = ("svd", "method", "svd_dtype", "chunk_mb", "device", "jobs")
+    plan = ("tau", "share", "beta_rule", "min_energy", "target_share")
+    return (
+        AnalysisConfig(lag=opts["lag"], k=opts["k"]),
+        EngineConfig(**{n: opts[n] for n in engine}, cache=not opts["no_cache"]),
+        PlanConfig(**{n: opts[n] for n in plan}),
+    )
+
+
+_ANALYSIS_OPTIONS = [
+    click.option(
+        "--lag",
+        metavar="LAG",
+        default="5",
+        callback=parse_lag,
+        show_default=True,
+        help="How far apart the lag pairs of the delay rule are: N snapshots, or a time, 5ep "
+        "(epochs) or 200steps, pairing each snapshot with the one nearest that long before it.",
+    ),
+    click.option(
+        "--k",
+        "k",
+        type=click.IntRange(min=1),
+        default=8,
+        show_default=True,
+        help="Top-k of the singular-subspace overlap O_k.",
+    ),
+    click.option(
+        "--tau",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=0.99,
+        show_default=True,
+        help="A layer is stable when S >= tau.",
+    ),
+    click.option(
+        "--share",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=0.9,
+        show_default=True,
+        help="Parameter share of stable layers the delay needs.",
+    ),
+    click.option(
+        "--beta-rule",
+        type=click.Choice(["energy", "share"]),
+        default="energy",
+        show_default=True,
+        help="Pick beta by kept energy or by a trainable-share target.",
+    ),
+    click.option(
+        "--min-energy",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=0.9,
+        show_default=True,
+        help="energy rule: spectral energy every layer must keep.",
+    ),
+    click.option(
+        "--target-share",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=0.25,
+        show_default=True,
+        help="share rule: trainable share of the recorded layers.",
+    ),
+    click.option(
+        "--svd",
+        type=click.Choice(["exact", "approx"]),
+        default="exact",
+        show_default=True,
+        help="approx: randomised top-k (no S, fast on big layers).",
+    ),
+    click.option(
+        "--method",
+        type=click.Choice(["gram", "svd"]),
+        default="gram",
+        show_default=True,
+        help="exact mode: float64 Gram eigendecomposition (SVD above cond 1e4), or an SVD each.",
+    ),
+    click.option(
+        "--svd-dtype",
+        type=click.Choice(["float32", "float64"]),
+        default="float32",
+        show_default=True,
+        help="precision of the cached vectors (and of --method svd).",
+    ),
+    click.option(
+        "--chunk-mb",
+        type=click.IntRange(min=1),
+        default=512,
+        show_default=True,
+        help="memory one batched decomposition of a layer's snapshots may take.",
+    ),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+    click.option(
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Worker processes over layers.",
+    ),
+]

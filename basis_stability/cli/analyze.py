@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from ..errors import ConfigError, expected
 from ._errors import clean_errors, render
-from ._options import parse_lag, show_progress
-
-if TYPE_CHECKING:
-    pass
+from ._options import analysis_configs, analysis_options, show_progress
 
 
 @click.command()
@@ -24,94 +21,7 @@ if TYPE_CHECKING:
     default=None,
     help="Folder for tables, plots and plan.json. Default: RUN-analysis/ beside RUN.",
 )
-@click.option(
-    "--lag",
-    metavar="LAG",
-    default="5",
-    callback=parse_lag,
-    show_default=True,
-    help="How far apart the lag pairs of the delay rule are: N snapshots, or a time, 5ep "
-    "(epochs) or 200steps, pairing each snapshot with the one nearest that long before it.",
-)
-@click.option(
-    "--k",
-    "k",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Top-k of the singular-subspace overlap O_k.",
-)
-@click.option(
-    "--tau",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.99,
-    show_default=True,
-    help="A layer is stable when S >= tau.",
-)
-@click.option(
-    "--share",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.9,
-    show_default=True,
-    help="Parameter share of stable layers the delay needs.",
-)
-@click.option(
-    "--beta-rule",
-    type=click.Choice(["energy", "share"]),
-    default="energy",
-    show_default=True,
-    help="Pick beta by kept energy or by a trainable-share target.",
-)
-@click.option(
-    "--min-energy",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.9,
-    show_default=True,
-    help="energy rule: spectral energy every layer must keep.",
-)
-@click.option(
-    "--target-share",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.25,
-    show_default=True,
-    help="share rule: trainable share of the recorded layers.",
-)
-@click.option(
-    "--svd",
-    type=click.Choice(["exact", "approx"]),
-    default="exact",
-    show_default=True,
-    help="approx: randomised top-k (no S, fast on big layers).",
-)
-@click.option(
-    "--method",
-    type=click.Choice(["gram", "svd"]),
-    default="gram",
-    show_default=True,
-    help="exact mode: float64 Gram eigendecomposition (SVD above cond 1e4), or an SVD each.",
-)
-@click.option(
-    "--svd-dtype",
-    type=click.Choice(["float32", "float64"]),
-    default="float32",
-    show_default=True,
-    help="precision of the cached vectors (and of --method svd).",
-)
-@click.option(
-    "--chunk-mb",
-    type=click.IntRange(min=1),
-    default=512,
-    show_default=True,
-    help="memory one batched decomposition of a layer's snapshots may take.",
-)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Worker processes over layers.",
-)
+@analysis_options
 @click.option("--no-cache", is_flag=True, help="Do not read or write the SVD sidecar cache.")
 @click.option("--no-plots", is_flag=True, help="Tables and plan.json only.")
 @click.option(
@@ -166,7 +76,7 @@ def analyze(run_path: Path, **opts: Any) -> None:
     from ..analysis.follow import follow_analysis
 
     _setup_torchrun(opts["follow"], opts["jobs"])
-    config, engine, plan = _configs(opts)
+    config, engine, plan = analysis_configs(opts)
     out = opts["output"] or run_path.with_name(run_path.stem + "-analysis")
 
     def analyze_once():
@@ -203,17 +113,3 @@ def _setup_torchrun(follow: bool, jobs: int) -> None:
             expected("--jobs", "1 under torchrun", jobs, "The ranks are the workers.")
         )
     distributed.init_from_env()
-
-
-def _configs(opts: dict[str, Any]):
-    """The analysis, engine and plan configs the options describe."""
-    from ..analysis import AnalysisConfig, EngineConfig
-    from ..recommend import PlanConfig
-
-    engine = ("svd", "method", "svd_dtype", "chunk_mb", "device", "jobs")
-    plan = ("tau", "share", "beta_rule", "min_energy", "target_share")
-    return (
-        AnalysisConfig(lag=opts["lag"], k=opts["k"]),
-        EngineConfig(**{n: opts[n] for n in engine}, cache=not opts["no_cache"]),
-        PlanConfig(**{n: opts[n] for n in plan}),
-    )
