@@ -233,8 +233,10 @@ def test_cli_names_a_missing_or_damaged_run_in_one_line(two_runs, tmp_path):
 def test_cli_with_fewer_than_two_runs_fails_cleanly(two_runs):
     assert_clean_failure(bstab("compare", two_runs[0]), "two or more different run files")
     assert_clean_failure(bstab("compare"), "two or more")
-    twice = bstab("compare", two_runs[0], two_runs[0])
-    assert "The same file given twice counts once" in one_error_line(twice)
+    twice = one_error_line(bstab("compare", two_runs[0], two_runs[0]))
+    assert "the same file given twice counts once" in twice
+    assert "bstab compare runs/full.h5 runs/oialr.h5" in twice  # the fix in the CLI's terms
+    assert "[" not in twice and "`paths`" not in twice  # not the Python list of bs.compare
 
 
 # ---------------------------------------------------------------------- the figures

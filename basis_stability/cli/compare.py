@@ -51,10 +51,13 @@ def compare(run_paths: tuple[Path, ...], output: Path | None, lag, force: bool, 
     from ..analysis import AnalysisConfig
     from ..analysis.compare import check_paths, default_out_dir, short_labels
 
-    if len(run_paths) < 2:
+    if len({p.resolve() for p in run_paths}) < 2:
+        given = " ".join(str(p) for p in run_paths) or "none"
+        twice = " (the same file given twice counts once)" if len(run_paths) > 1 else ""
         raise click.UsageError(
             f"Expected two or more different run files (RUN.h5 RUN.h5 ...) but got "
-            f"{len(run_paths)}. Name every run to compare."
+            f"{given}{twice}. Name every run to compare, e.g. bstab compare runs/full.h5 "
+            "runs/oialr.h5."
         )
     runs, _ = check_paths(list(run_paths))  # a missing file, or the same file twice
     out = output or default_out_dir(runs, short_labels(runs))
