@@ -22,7 +22,6 @@ from basis_stability.jobs import (
     at_free_path,
     auto_mode,
     build,
-    check_seed,
     default_run_path,
     headline,
     oialr_config,
@@ -30,7 +29,7 @@ from basis_stability.jobs import (
     run_record_job,
     run_train_job,
 )
-from basis_stability.training.loop import TrainConfig, fit, make_optimizer
+from basis_stability.training.loop import TrainConfig, check_seed, fit, make_optimizer
 from basis_stability.zoo import build_model
 
 TINY = TrainConfig(epochs=2, batch_size=512)  # 1438 digits: 3 steps per epoch
@@ -110,17 +109,20 @@ def test_at_free_path_gives_up_with_a_clear_error_and_passes_other_errors(
 
 
 # ---------------------------------------------------------------------- seeds and the headline
-@pytest.mark.parametrize("seed", [0, 2**32 - 1])
-def test_seeds_numpy_and_torch_take_are_accepted(seed: int):
-    assert check_seed(seed) == seed
+@pytest.mark.parametrize("seed", [0, 2**32 - 1, np.int64(7), np.uint32(2**32 - 1)])
+def test_seeds_numpy_and_torch_take_are_accepted(seed):
+    assert check_seed(seed) == seed and type(check_seed(seed)) is int
+    assert TrainConfig(seed=seed).seed == seed and type(TrainConfig(seed=seed).seed) is int
     np.random.default_rng(seed)
     torch.manual_seed(seed)
 
 
-@pytest.mark.parametrize("seed", [-1, 2**32, True, 1.0, "1", None])
+@pytest.mark.parametrize("seed", [-1, 2**32, True, 1.0, "1", None, np.int64(-1)])
 def test_other_seeds_are_config_errors(seed):
     with pytest.raises(ConfigError, match="`seed`"):
         check_seed(seed)
+    with pytest.raises(ConfigError, match="`seed`"):  # refused when the config is made
+        TrainConfig(seed=seed)
 
 
 def test_headline_formats_the_last_epochs_metric():
@@ -142,8 +144,8 @@ def test_build_refuses_a_model_of_another_task_before_loading_anything(monkeypat
     monkeypatch.setattr(jobs, "load_dataset", never)
     with pytest.raises(ConfigError, match="forecaster"):
         build(RecordJob(model="forecaster", dataset="digits"))
-    with pytest.raises(ConfigError, match="`seed`"):
-        build(RecordJob(model="mlp", train=TrainConfig(seed=-1)))
+    with pytest.raises(ConfigError, match="`seed`"):  # the config refuses it, before a job
+        RecordJob(model="mlp", train=TrainConfig(seed=-1))
 
 
 def test_build_gives_the_zoo_model_of_the_seed_and_its_data():

@@ -9,6 +9,7 @@ in the targets' original units (``sqrt(val_mse) * data.scale``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,35 @@ from ..zoo.datasets import CLASSIFICATION, REGRESSION, Dataset
 
 _OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
+
+SEED_LIMIT = 2**32  # numpy's seeding and torch.manual_seed both take 0 <= seed < 2**32
+
+
+def check_seed(seed: object) -> int:
+    """The seed as an ``int``, if numpy and torch accept it: an integer (Python or numpy, not a
+    bool) with ``0 <= seed < 2**32``.
+
+    Raises:
+        ConfigError: naming ``seed``, the value and the range.
+
+    Example:
+        >>> check_seed(7)
+        7
+    """
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, numbers.Integral)
+        or not (0 <= seed < SEED_LIMIT)
+    ):
+        raise ConfigError(
+            expected(
+                "seed",
+                f"an integer from 0 to {SEED_LIMIT - 1}",
+                seed,
+                "numpy and torch take seeds in [0, 2**32); use e.g. 0.",
+            )
+        )
+    return int(seed)
 
 
 @dataclass(frozen=True)
@@ -45,6 +75,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):  # epochs first: the warm-up is checked against it
             object.__setattr__(self, name, positive_int(name, getattr(self, name), "Use e.g. 30."))
+        object.__setattr__(self, "seed", check_seed(self.seed))
         if (
             isinstance(self.warmup, bool)
             or not isinstance(self.warmup, (int, float))
