@@ -221,6 +221,9 @@ def test_the_analysis_options_are_those_of_analyze(mlp_run: Path, tmp_path: Path
         assert f"snapshot {plan.delay_snapshot}" in cells["delay"]
     line = one_error_line(bstab("report", mlp_run, "--tau", "2", "-o", tmp_path / "x.html"))
     assert "--tau" in line and "2" in line and not (tmp_path / "x.html").exists()
+    line = one_error_line(bstab("report", mlp_run, "--device", "tpu", "-o", tmp_path / "x.html"))
+    assert "`--device`" in line and "`--device cpu`" in line and "device=" not in line
+    assert not (tmp_path / "x.html").exists()
 
 
 def test_a_one_snapshot_run_says_there_are_no_pairs(tmp_path: Path):

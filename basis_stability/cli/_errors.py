@@ -51,6 +51,24 @@ _TRAINING: dict[str, str | None] = {
     "progress=False": "--no-progress",
 }
 
+# the options analyze and report share (_options.analysis_options), and --no-cache
+_ANALYSIS: dict[str, str | None] = {
+    "lag": "--lag",
+    "k": "--k",
+    "tau": "--tau",
+    "share": "--share",
+    "beta_rule": "--beta-rule",
+    "min_energy": "--min-energy",
+    "target_share": "--target-share",
+    "svd": "--svd",
+    "method": "--method",
+    "svd_dtype": "--svd-dtype",
+    "chunk_mb": "--chunk-mb",
+    "device": "--device",
+    "jobs": "--jobs",
+    "cache=False": "--no-cache",
+}
+
 #: ``{command: {python_argument: flag}}``. A key ``name=value`` is that one value (looked up
 #: first, quotes dropped; None: the command has no flag for it, keep the Python spelling); a
 #: flag ``--on/--off`` is a boolean pair (``name=True`` is ``--on``, ``name=False`` is
@@ -85,21 +103,8 @@ FLAGS: dict[str, dict[str, str | None]] = {
         "export_path": "--output",
     },
     "analyze": {
+        **_ANALYSIS,
         "out_dir": "--output",
-        "lag": "--lag",
-        "k": "--k",
-        "tau": "--tau",
-        "share": "--share",
-        "beta_rule": "--beta-rule",
-        "min_energy": "--min-energy",
-        "target_share": "--target-share",
-        "svd": "--svd",
-        "method": "--method",
-        "svd_dtype": "--svd-dtype",
-        "chunk_mb": "--chunk-mb",
-        "device": "--device",
-        "jobs": "--jobs",
-        "cache=False": "--no-cache",
         "plots=False": "--no-plots",
         "force": "--force",
         "follow": "--follow",
@@ -108,9 +113,9 @@ FLAGS: dict[str, dict[str, str | None]] = {
         "progress=False": "--no-progress",
     },
     "report": {
+        **_ANALYSIS,
         "out": "--output",
         "force": "--force",
-        "cache=False": "--no-cache",
         "progress=False": "--no-progress",
     },
     "compare": {
