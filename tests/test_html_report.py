@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.cli import bstab, one_error_line
-from helpers.runs import small_run
+from helpers.runs import SMALL_LAYERS, small_run, small_snapshots
 
 import basis_stability as bs
 from basis_stability.analysis import EngineConfig
@@ -233,6 +233,18 @@ def test_a_one_snapshot_run_says_there_are_no_pairs(tmp_path: Path):
     assert "Only 1 snapshot: there are no snapshot pairs" in page.text
     assert "No stability pairs" in page.text
     assert len(page.rows["summary"]) == 2
+
+
+def test_steps_known_at_only_some_snapshots_say_so(tmp_path: Path):
+    """A loop that passes epochs but no steps: the recorder knows step 0 (the initial weights)
+    and nothing after; '0 → 0' alone would read as every snapshot at step 0."""
+    run = tmp_path / "nosteps.h5"
+    with RunWriter.create(run, SMALL_LAYERS, model_class="Toy") as writer:
+        for t, mats in enumerate(small_snapshots(4)):
+            writer.append(iter(mats), step=0 if t == 0 else -1, epoch=float(t))
+    meta = dict(_report(run, tmp_path / "r.html", "--no-cache").rows["run"])
+    assert meta["steps"] == "0 → 0 (recorded at 1 of 4 snapshots)"
+    assert meta["epochs"] == "0 → 3"
 
 
 def _nan_layer_run(path: Path) -> Path:

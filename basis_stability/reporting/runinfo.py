@@ -83,7 +83,10 @@ def _span(values: np.ndarray, fmt: str = "g") -> str:
     known = values[np.isfinite(values)] if values.dtype.kind == "f" else values[values >= 0]
     if not len(known):
         return "not recorded"
-    return f"{known[0]:{fmt}} → {known[-1]:{fmt}}"
+    span = f"{known[0]:{fmt}} → {known[-1]:{fmt}}"
+    if len(known) < len(values):  # '0 → 0' alone would read as every snapshot at step 0
+        span += f" (recorded at {len(known)} of {len(values)} snapshots)"
+    return span
 
 
 def metadata_rows(run: Run) -> list[tuple[str, str]]:
