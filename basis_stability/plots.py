@@ -147,7 +147,7 @@ def short_names(names: Sequence[str]) -> list[str]:
     return [str(n)[cut:] for n in names]
 
 
-def _layer_axis_label(names: Sequence[str], what: str = "layer (model order)") -> str:
+def layer_axis_label(names: Sequence[str], what: str = "layer (model order)") -> str:
     """``what``, plus the prefix :func:`short_names` dropped, if any."""
     prefix = common_prefix(names)
     return f"{what}; prefix {prefix} dropped" if prefix else what
@@ -234,7 +234,7 @@ def _label_rows(ax: Axes, names: Sequence[str]) -> None:
     shown = np.arange(0, len(labels), step)
     ax.set_yticks(shown, [labels[i] for i in shown], fontsize=font)
     ax.set_yticks(np.arange(len(labels)), minor=True)
-    ax.set_ylabel(_layer_axis_label(names, what))
+    ax.set_ylabel(layer_axis_label(names, what))
 
 
 def _plain_log(ax: Axes) -> None:

@@ -4,7 +4,9 @@ Every function takes one of the tidy frames of a
 :class:`~basis_stability.analysis.compare.Comparison` (each has a ``run`` column), draws on an
 optional matplotlib ``ax`` and returns the ``Axes``. Runs are drawn in the order they first
 appear in the frame, with the same colour in every figure, and the legend is read off the
-``run`` column. Nothing here reads a file or computes an SVD. Kept apart from
+``run`` column and placed outside the axes, at their right, so it never covers a point. Layers
+are labelled as in :mod:`basis_stability.plots`: without the prefix all their names share (the
+axis label says which). Nothing here reads a file or computes an SVD. Kept apart from
 :mod:`basis_stability.plots` (one run's figures); like it, it imports matplotlib.
 
 Example:
@@ -22,7 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from .errors import ConfigError, expected
-from .plots import check_frame, new_axes
+from .plots import check_frame, layer_axis_label, new_axes, short_names
 
 S_LABEL = "stability S = tr(B_aᵀB_b)/n"
 VALUE_LABELS = {
@@ -54,6 +56,12 @@ def _runs(df: pd.DataFrame, runs: Sequence[str] | None) -> list[str]:
     return list(runs) if runs is not None else list(dict.fromkeys(df["run"]))
 
 
+def _legend(ax: Axes) -> None:
+    """The runs' legend outside the axes, at their right: off the data whatever it shows (a
+    constrained-layout figure makes room for it)."""
+    ax.legend(title="run", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def _style(j: int) -> dict[str, object]:
     return {"color": f"C{j}", "marker": _MARKERS[j % len(_MARKERS)], "ms": 4}
 
@@ -68,7 +76,7 @@ def _lines(ax: Axes, df: pd.DataFrame, x: str, y: str, runs: list[str], share: b
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if share:
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    ax.legend(title="run")
+    _legend(ax)
     ax.grid(alpha=0.3)
 
 
@@ -144,14 +152,15 @@ def _by_layer(ax: Axes, df: pd.DataFrame, column: str, runs: list[str]) -> None:
         ax.plot(xs, one[column].to_numpy(dtype=float), ls="none", label=str(run), **_style(j))
     ax.set_xticks(
         range(len(layers)),
-        [str(n) for n in layers],
+        short_names([str(n) for n in layers]),
         rotation=45 if len(layers) > 6 else 0,
         ha="right" if len(layers) > 6 else "center",
+        rotation_mode="anchor",
     )
     ax.set_xlim(-0.6, len(layers) - 0.4)
-    ax.set_xlabel("layer (model order)")
+    ax.set_xlabel(layer_axis_label([str(n) for n in layers]))
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(title="run")
+    _legend(ax)
 
 
 def final_stability(

@@ -254,6 +254,56 @@ def test_the_figures_keep_one_colour_per_run_and_read_the_legend_off_the_data(tw
     assert ax.get_lines()[0].get_color() == "C1"  # seed1's colour, though it is drawn alone
     for ax in (pc.final_stability(cmp.layer_ranks), pc.ranks_by_layer(cmp.layer_ranks)):
         assert [t.get_text() for t in ax.get_xticklabels()] == list(cmp.layers["layer"])
+        assert ax.get_xlabel() == "layer (model order)"  # no prefix shared: nothing dropped
     with pytest.raises(bs.BstabError, match="`metric`"):
         pc.metric_over_epochs(cmp.metrics, "accuracy")
+    matplotlib.pyplot.close("all")
+
+
+DOTTED = [
+    LayerView.of("bert.encoder.layer.0.attention.self.query", "q.weight", "linear", (12, 6)),
+    LayerView.of("bert.encoder.layer.0.output.dense", "o.weight", "linear", (3, 8)),
+    LayerView.of("bert.encoder.layer.1.attention.self.query", "q1.weight", "linear", (10, 5)),
+]
+
+
+def _points_px(ax) -> np.ndarray:
+    """Every drawn data point of ``ax`` in display pixels (lines' vertices, markers)."""
+    points = [
+        line.get_transform().transform(np.column_stack(line.get_data()).astype(float))
+        for line in ax.get_lines()
+    ]
+    points = np.concatenate(points) if points else np.empty((0, 2))
+    return points[np.isfinite(points).all(axis=1)]
+
+
+def test_compare_figures_drop_the_shared_prefix_and_keep_legends_off_every_point(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from basis_stability.analysis.compare_output import draw_figures
+
+    runs = [_run(tmp_path / f"bert-lr{k}.h5", layers=DOTTED, count=6, seed=k)[0] for k in (1, 3)]
+    figs = draw_figures(bs.compare(runs))
+    assert {"mean_stability", "final_S", "ranks", "metrics"} <= set(figs)
+    short = ["0.attention.self.query", "0.output.dense", "1.attention.self.query"]
+    for name, fig in figs.items():
+        fig.canvas.draw()
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert len(legends) == 1, name  # panels side by side share one legend
+        box = legends[0].get_window_extent()
+        for ax in fig.axes:
+            points = _points_px(ax)
+            assert len(points), (name, ax.get_title())
+            inside = (
+                (points[:, 0] >= box.x0)
+                & (points[:, 0] <= box.x1)
+                & (points[:, 1] >= box.y0)
+                & (points[:, 1] <= box.y1)
+            )
+            assert not inside.any(), (name, ax.get_title(), points[inside])
+            if name in ("final_S", "ranks"):
+                assert [t.get_text() for t in ax.get_xticklabels()] == short
+                assert ax.get_xlabel().endswith("prefix bert.encoder.layer. dropped")
     matplotlib.pyplot.close("all")

@@ -117,6 +117,7 @@ def draw_figures(comparison: Comparison) -> dict:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
         for ax, rank in zip(axes, ("stable_rank", "effective_rank", "energy_rank")):
             pc.ranks_by_layer(c.layer_ranks, rank=rank, runs=runs, ax=ax)
+        _one_legend(axes)
         figs["ranks"] = fig
     shown = [m for m in SHOWN_METRICS if (c.metrics["metric"] == m).any()]
     if shown:
@@ -125,5 +126,13 @@ def draw_figures(comparison: Comparison) -> dict:
         )
         for ax, metric in zip(axes[0], shown):
             pc.metric_over_epochs(c.metrics, metric=metric, x=c.x, runs=runs, ax=ax)
+        _one_legend(axes[0])
         figs["metrics"] = fig
     return figs
+
+
+def _one_legend(axes) -> None:
+    """Panels side by side share their colours: the last keeps its legend (at its right)."""
+    for ax in list(axes)[:-1]:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
