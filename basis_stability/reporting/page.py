@@ -63,7 +63,8 @@ nav.toc ol { margin: 4px 0; padding-left: 20px; }
 table { border-collapse: collapse; margin: 6px 0 12px; }
 table.data th, table.data td { border: 1px solid #d9dee7; padding: 3px 8px;
   text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-table.data th { background: #f2f4f8; }
+table.data { font-size: 14px; }
+table.data th { background: #f2f4f8; white-space: normal; vertical-align: bottom; }
 table.data td:first-child, table.data th:first-child { text-align: left; }
 table.data td:first-child { font-weight: 600; }
 table.data td:last-child, table.data th:last-child { text-align: left; }
@@ -84,7 +85,8 @@ figcaption { color: #5b6474; font-size: 14px; }
 pre { background: #f2f4f8; border: 1px solid #d9dee7; padding: 10px; overflow-x: auto;
   font-size: 13px; }
 footer { margin-top: 40px; color: #5b6474; font-size: 13px; }
-@media print { nav.toc { display: none; } figure { break-inside: avoid; } }
+@media print { nav.toc { display: none; } figure { break-inside: avoid; }
+  .scroll { overflow: visible; } table.data { font-size: 11px; } }
 """
 
 
