@@ -247,6 +247,20 @@ def test_steps_known_at_only_some_snapshots_say_so(tmp_path: Path):
     assert meta["epochs"] == "0 → 3"
 
 
+def test_long_dotted_layer_names_may_wrap_only_between_components(tmp_path: Path):
+    name = "bert.encoder.layer.0.attention.self.query"
+    layers = [LayerView.of(name, "q.weight", "linear", (12, 6)), SMALL_LAYERS[1]]
+    run = tmp_path / "dotted.h5"
+    with RunWriter.create(run, layers, model_class="Bert") as writer:
+        for t, mats in enumerate(small_snapshots(4)):
+            writer.append(iter(mats), step=t, epoch=float(t))
+    out = tmp_path / "dotted.html"
+    page = _report(run, out, "--no-cache")
+    assert [row[0] for row in page.rows["summary"]] == [name, "head"]  # no character lost
+    raw = out.read_text(encoding="utf-8")
+    assert "<td>bert.<wbr>encoder.<wbr>layer.<wbr>0.<wbr>attention.<wbr>self.<wbr>query</td>" in raw
+
+
 def _nan_layer_run(path: Path) -> Path:
     """Two layers over six snapshots: ``good`` settles, ``singular`` has a zero column (an
     exact zero singular value: its basis is not unique, so S is NaN throughout)."""

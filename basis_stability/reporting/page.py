@@ -66,7 +66,7 @@ table.data th, table.data td { border: 1px solid #d9dee7; padding: 3px 8px;
 table.data { font-size: 14px; }
 table.data th { background: #f2f4f8; white-space: normal; vertical-align: bottom; }
 table.data td:first-child, table.data th:first-child { text-align: left; }
-table.data td:first-child { font-weight: 600; }
+table.data td:first-child { font-weight: 600; white-space: normal; }
 table.data td:last-child, table.data th:last-child { text-align: left; }
 table.data td:last-child { white-space: normal; min-width: 12em; }
 table.data tbody tr:nth-child(even) { background: #fafbfd; }

@@ -51,11 +51,18 @@ def table(
     for i, row in enumerate(rows):
         cls = row_classes[i] if row_classes else ""
         attr = f' class="{esc(cls)}"' if cls else ""
-        body.append(f"<tr{attr}>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
+        cells = [_breakable(esc(row[0]))] + [esc(c) for c in row[1:]] if len(row) else []
+        body.append(f"<tr{attr}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return (
         f'<div class="scroll"><table class="{css}"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></div>"
     )
+
+
+def _breakable(name: str) -> str:
+    """A (layer) name that may wrap after each '.' or '/' where the table needs the room, and
+    nowhere else: ``bert.encoder.layer.0.attention.self.query`` never loses characters."""
+    return name.replace(".", ".<wbr>").replace("/", "/<wbr>")
 
 
 def key_values(rows: Sequence[tuple[str, object]]) -> str:
