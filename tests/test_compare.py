@@ -199,6 +199,27 @@ def test_cli_prints_the_tables_and_writes_csvs_and_figures(two_runs, tmp_path):
     np.testing.assert_allclose(layers["diff[seed1]"], cmp.layers["diff[seed1]"], rtol=1e-12)
 
 
+def test_cli_takes_the_analysis_options_of_analyze_for_every_run(two_runs, tmp_path):
+    from basis_stability.analysis import AnalysisConfig
+    from basis_stability.recommend import PlanConfig
+
+    out = tmp_path / "cmp"
+    result = bstab("compare", *two_runs, "-o", out, "--lag", "2", "--tau", "0.5", "--no-cache")
+    assert result.exit_code == 0, result.output
+    runs = pd.read_csv(out / "runs.csv").set_index("run")
+    default = bs.compare(list(two_runs)).runs.set_index("run")
+    for label, path in zip(("seed0", "seed1"), two_runs):
+        own = bs.analyze(path, AnalysisConfig(lag=2), plan=PlanConfig(tau=0.5))
+        got = runs.loc[label]
+        assert got["lag_snapshots"] == 2 and default.loc[label, "lag_snapshots"] == 4
+        assert got["delay_epoch"] == own.plan.delay_epoch  # default tau 0.99: no delay
+        assert np.isnan(default.loc[label, "delay_epoch"])
+        assert got["final_stable_share"] == pytest.approx(own.network["stable_share"].iloc[-1])
+        assert got["final_stable_share"] != pytest.approx(default.loc[label, "final_stable_share"])
+    line = one_error_line(bstab("compare", *two_runs, "--device", "tpu", "-o", tmp_path / "x"))
+    assert "`--device`" in line and "device=" not in line and not (tmp_path / "x").exists()
+
+
 def test_cli_writes_beside_the_first_run_by_default(two_runs):
     result = bstab("compare", *two_runs)
     assert result.exit_code == 0, result.output

@@ -51,7 +51,7 @@ _TRAINING: dict[str, str | None] = {
     "progress=False": "--no-progress",
 }
 
-# the options analyze and report share (_options.analysis_options), and --no-cache
+# the options analyze, report and compare share (_options.analysis_options), and --no-cache
 _ANALYSIS: dict[str, str | None] = {
     "lag": "--lag",
     "k": "--k",
@@ -119,8 +119,8 @@ FLAGS: dict[str, dict[str, str | None]] = {
         "progress=False": "--no-progress",
     },
     "compare": {
+        **_ANALYSIS,
         "out_dir": "--output",
-        "lag": "--lag",
         "force": "--force",
         "progress=False": "--no-progress",
     },

@@ -201,8 +201,8 @@ _TRAINING_OPTIONS = [
 
 
 def analysis_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options shared by `analyze` and `report`: the measurement, the plan's rules and the
-    decompositions; :func:`analysis_configs` turns them into configs."""
+    """The options shared by `analyze`, `report` and `compare`: the measurement, the plan's
+    rules and the decompositions; :func:`analysis_configs` turns them into configs."""
     for option in reversed(_ANALYSIS_OPTIONS):
         fn = option(fn)
     return fn

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ._errors import clean_errors, render
-from ._options import parse_lag, show_progress
+from ._options import analysis_configs, analysis_options, show_progress
 
 
 @click.command()
@@ -19,18 +20,12 @@ from ._options import parse_lag, show_progress
     default=None,
     help="Folder for the tables and plots. Default: compare-A-vs-B/ beside the first run.",
 )
-@click.option(
-    "--lag",
-    metavar="LAG",
-    default="5",
-    callback=parse_lag,
-    show_default=True,
-    help="The lag of every run's final S and mean stability, as in bstab analyze.",
-)
+@analysis_options
+@click.option("--no-cache", is_flag=True, help="Do not read or write the SVD sidecar caches.")
 @click.option("--force", is_flag=True, help="Overwrite output files that already exist.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (shown only on a terminal).")
 @clean_errors
-def compare(run_paths: tuple[Path, ...], output: Path | None, lag, force: bool, no_progress: bool):
+def compare(run_paths: tuple[Path, ...], output: Path | None, **opts: Any) -> None:
     """Overlay two or more runs: mean stability over epochs, final S, ranks and metrics
     (val_acc, val_loss, trainable share) per run, and a table of their differences to the
     first run.
@@ -40,7 +35,8 @@ def compare(run_paths: tuple[Path, ...], output: Path | None, lag, force: bool, 
     without the parts all of them share, aligned by epoch (runs of different lengths overlay),
     and compared on the layers they have in common (the others are listed). A file given twice
     is compared once. Existing output files are never replaced without --force. Each run is
-    analysed as bstab analyze does, with its SVDs cached beside it.
+    analysed as bstab analyze does, with the same analysis options (one set for every run) and
+    its SVDs cached beside it.
 
     \b
     Examples:
@@ -48,7 +44,6 @@ def compare(run_paths: tuple[Path, ...], output: Path | None, lag, force: bool, 
       bstab compare runs/full.h5 runs/oialr.h5 -o out/full-vs-oialr --force
     """
     from .. import api
-    from ..analysis import AnalysisConfig
     from ..analysis.compare import check_paths, default_out_dir, short_labels
 
     if len({p.resolve() for p in run_paths}) < 2:
@@ -61,9 +56,15 @@ def compare(run_paths: tuple[Path, ...], output: Path | None, lag, force: bool, 
         )
     runs, _ = check_paths(list(run_paths))  # a missing file, or the same file twice
     out = output or default_out_dir(runs, short_labels(runs))
-    progress = show_progress(no_progress)
+    config, engine, plan = analysis_configs(opts)
     comparison = api.compare(
-        list(run_paths), out, config=AnalysisConfig(lag=lag), force=force, progress=progress
+        list(run_paths),
+        out,
+        config=config,
+        engine=engine,
+        plan=plan,
+        force=opts["force"],
+        progress=show_progress(opts["no_progress"]),
     )
     click.echo(render(comparison.text(), "compare"))
     click.echo(f"Tables and figures in {out}/")
