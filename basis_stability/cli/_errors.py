@@ -51,7 +51,7 @@ _TRAINING: dict[str, str | None] = {
     "progress=False": "--no-progress",
 }
 
-# the options analyze, report and compare share (_options.analysis_options), and --no-cache
+# the options analyze, report and compare share (_options.analysis_options)
 _ANALYSIS: dict[str, str | None] = {
     "lag": "--lag",
     "k": "--k",

@@ -202,15 +202,15 @@ _TRAINING_OPTIONS = [
 
 def analysis_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by `analyze`, `report` and `compare`: the measurement, the plan's
-    rules and the decompositions; :func:`analysis_configs` turns them into configs."""
+    rules, the decompositions and their cache; :func:`analysis_configs` turns them into
+    configs."""
     for option in reversed(_ANALYSIS_OPTIONS):
         fn = option(fn)
     return fn
 
 
 def analysis_configs(opts: dict[str, Any]):
-    """The analysis, engine and plan configs that :func:`analysis_options` (and
-    ``--no-cache``) describe."""
+    """The analysis, engine and plan configs that :func:`analysis_options` describe."""
     from ..analysis import AnalysisConfig, EngineConfig
     from ..recommend import PlanConfig
 
@@ -311,5 +311,8 @@ _ANALYSIS_OPTIONS = [
         default=1,
         show_default=True,
         help="Worker processes over layers.",
+    ),
+    click.option(
+        "--no-cache", is_flag=True, help="Do not read or write the SVD sidecar cache of a run."
     ),
 ]

@@ -22,7 +22,6 @@ from ._options import analysis_configs, analysis_options, show_progress
     help="Folder for tables, plots and plan.json. Default: RUN-analysis/ beside RUN.",
 )
 @analysis_options
-@click.option("--no-cache", is_flag=True, help="Do not read or write the SVD sidecar cache.")
 @click.option("--no-plots", is_flag=True, help="Tables and plan.json only.")
 @click.option(
     "--force",

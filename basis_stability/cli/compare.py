@@ -21,7 +21,6 @@ from ._options import analysis_configs, analysis_options, show_progress
     help="Folder for the tables and plots. Default: compare-A-vs-B/ beside the first run.",
 )
 @analysis_options
-@click.option("--no-cache", is_flag=True, help="Do not read or write the SVD sidecar caches.")
 @click.option("--force", is_flag=True, help="Overwrite output files that already exist.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (shown only on a terminal).")
 @clean_errors

@@ -22,7 +22,6 @@ from ._options import analysis_configs, analysis_options, check_output, show_pro
 )
 @analysis_options
 @click.option("--force", is_flag=True, help="Overwrite an existing --output.")
-@click.option("--no-cache", is_flag=True, help="Do not read or write the SVD sidecar cache.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (shown only on a terminal).")
 @clean_errors
 def report(run_path: Path, output: Path | None, **opts: Any) -> None:
