@@ -5,6 +5,7 @@ runs, a missing or damaged run, existing outputs) handled as documented."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from helpers.cli import assert_clean_failure, bstab, one_error_line
 
 import basis_stability as bs
+from basis_stability.analysis import EngineConfig
 from basis_stability.analysis.compare import short_labels
 from basis_stability.analysis.compare_output import output_names
 from basis_stability.store import RunWriter
@@ -328,3 +330,29 @@ def test_compare_figures_drop_the_shared_prefix_and_keep_legends_off_every_point
                 assert [t.get_text() for t in ax.get_xticklabels()] == short
                 assert ax.get_xlabel().endswith("prefix bert.encoder.layer. dropped")
     matplotlib.pyplot.close("all")
+
+
+def test_a_run_still_being_recorded_is_named_by_analyze_and_compare(two_runs, tmp_path):
+    sys.path.insert(0, str(Path(__file__).with_name("helpers")))
+    from crash_trial import Writer
+
+    run = tmp_path / "live.h5"
+    writer = Writer(run, "--sizes", "24,16,8", "--count", "2", "--interval", "0.05", "--hold")
+    try:
+        writer.wait_for("holding")
+        report = bs.analyze(run, engine=EngineConfig(cache=False))
+        cmp = bs.compare([two_runs[0], run], engine=EngineConfig(cache=False))
+        writer.release()
+        assert writer.finish() == 0, writer.output()
+    finally:
+        writer.stop()
+    assert report.live.startswith("still being recorded by process")
+    assert report.notes[0].startswith("the run is still being recorded by process")
+    assert "covers only what it had committed when it was read" in report.notes[0]
+    live = "snapshots committed when it was read"
+    assert any(
+        n.startswith("live is still being recorded") and f"the {report.n_snapshots} {live}" in n
+        for n in cmp.notes
+    ), cmp.notes
+    done = bs.analyze(run, engine=EngineConfig(cache=False))  # the writer closed it
+    assert done.live is None and not any("being recorded" in n for n in done.notes)

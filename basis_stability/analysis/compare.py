@@ -325,6 +325,11 @@ def _run_notes(inputs: Sequence[RunInput], layer_ranks: pd.DataFrame, x: str) ->
         )
     notes += _lag_notes(inputs)
     for run in inputs:
+        if run.report.live is not None:
+            notes.append(
+                f"{run.label} is {run.report.live}: its numbers cover the "
+                f"{run.report.n_snapshots} snapshots committed when it was read"
+            )
         if run.report.n_snapshots == 1:
             notes.append(
                 f"{run.label} has one snapshot: no stability pairs, so no final S or mean "

@@ -24,6 +24,7 @@ import torch
 
 from .. import _dist
 from ..errors import ConfigError, RunFileError, check_config, expected, positive_int
+from ..store.lock import live_status
 from ..store.reader import LayerInfo, Run, open_run
 from .cache import CacheDamagedError, SVDCache
 from .config import EngineConfig
@@ -116,6 +117,7 @@ class Report:
     n_snapshots: int
     computed: int = 0
     notes: list[str] = field(default_factory=list)
+    live: str | None = None  # why the run may still change (store.lock.live_status), or None
     inputs: PlanInputs | None = field(default=None, repr=False, compare=False)
 
     def text(self) -> str:
@@ -291,6 +293,7 @@ def measure(
     check_config("config", config, AnalysisConfig)
     check_config("engine", engine, EngineConfig)
     config, engine = config or AnalysisConfig(), engine or EngineConfig()
+    live = live_status(path)  # before the open, which may wait for a live writer's flush
     with open_run(path) as run:
         if _dist.world_size() > 1:  # every rank works on rank 0's view of a run that may grow
             seen = _dist.broadcast_object(run.n_snapshots)
@@ -310,6 +313,13 @@ def measure(
         finally:
             cache.close()
     report.computed = computed if recomputed is None else recomputed
+    report.live = live
+    if live is not None:
+        notes.insert(
+            0,
+            f"the run is {live}: this covers only what it had committed when it was read; "
+            "analyse it again once it is complete",
+        )
     report.notes = notes + cache.notes + report.notes
     return report
 

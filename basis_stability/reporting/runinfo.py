@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store.h5io import writer_flagged
-from ..store.lock import holder_of
+from ..store.lock import live_status
 from ..store.reader import Run, open_run
 from ..store.summary import human_size, summarize
 
@@ -56,22 +55,6 @@ def read_run_info(path: str | os.PathLike) -> RunInfo:
         rows, count = metadata_rows(run), run.n_snapshots
         skipped = [(str(n), str(r)) for n, r in run.config.get("skipped") or []]
     return RunInfo(path, rows, count, live, skipped, summarize(path, scan=False))
-
-
-def live_status(path: Path) -> str | None:
-    """Why the run may still change: a writer holds its lock (it is being recorded), or its
-    file was left open (a writer died, or writes without the lock); None when closed cleanly."""
-    if not path.is_file():
-        return None  # open_run names the problem
-    holder = holder_of(path)
-    if holder is not None:
-        since = holder.get("since")
-        when = f" since {_date(since)}" if isinstance(since, (int, float)) else ""
-        who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}{when}"
-        return f"still being recorded by {who}"
-    if writer_flagged(path):
-        return "not closed cleanly: its writer still has it open, or died while writing"
-    return None
 
 
 def _date(unix: float) -> str:

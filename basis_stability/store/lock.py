@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunFileError, RunLockedError
+from .h5io import writer_flagged
 
 try:
     import fcntl
@@ -164,6 +166,31 @@ def holder_of(run_path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     finally:
         os.close(fd)
+
+
+def live_status(run_path: str | os.PathLike) -> str | None:
+    """Why a run may still change: a writer holds its lock (it is being recorded), or its file
+    was left open (a writer died, or writes without the lock); None when closed cleanly (or
+    missing: opening it names that problem).
+
+    Example:
+        >>> live_status("runs/cnn-digits-seed0.h5")  # doctest: +SKIP
+        'still being recorded by process 4242 on node7 since 2026-12-02 18:50:48 UTC'
+    """
+    if not Path(run_path).is_file():
+        return None
+    holder = holder_of(run_path)
+    if holder is not None:
+        since = holder.get("since")
+        when = ""
+        if isinstance(since, (int, float)):
+            stamp = dt.datetime.fromtimestamp(since, dt.timezone.utc)
+            when = f" since {stamp:%Y-%m-%d %H:%M:%S} UTC"
+        who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}{when}"
+        return f"still being recorded by {who}"
+    if writer_flagged(run_path):
+        return "not closed cleanly: its writer still has it open, or died while writing"
+    return None
 
 
 def other_openers(path: str | os.PathLike) -> list[int]:
