@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import RunFileError, RunLockedError
 from .h5io import writer_flagged
+from .paths import as_path
 
 try:
     import fcntl
@@ -173,11 +174,15 @@ def live_status(run_path: str | os.PathLike) -> str | None:
     was left open (a writer died, or writes without the lock); None when closed cleanly (or
     missing: opening it names that problem).
 
+    Raises:
+        ConfigError: ``run_path`` is not a path (naming `path`, as :func:`open_run` does).
+
     Example:
         >>> live_status("runs/cnn-digits-seed0.h5")  # doctest: +SKIP
         'still being recorded by process 4242 on node7 since 2026-12-02 18:50:48 UTC'
     """
-    if not Path(run_path).is_file():
+    run_path = as_path(run_path)  # a number or None: the ConfigError open_run gives
+    if not run_path.is_file():
         return None
     holder = holder_of(run_path)
     if holder is not None:
